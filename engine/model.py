@@ -1,0 +1,108 @@
+"""The BitNet b1.58 forward pass over a ragged batch of tokens with a slotted KV cache.
+
+One call of `BitNetModel.forward` takes N tokens from any number of
+sequences: each token carries its cache slot and position, so prefill
+chunks of new prompts and single decode tokens of running ones share one
+pass (continuous batching). Per layer (pre-norm, residual):
+
+    h = x + o_proj(attn_sub_norm(attention(input_layernorm(x))))
+    x = h + down_proj(ffn_sub_norm(relu(gate_proj(y))**2 * up_proj(y)))   y = post_attention_layernorm(h)
+    logits = embed_tokens @ norm(x)                                       tied head, bf16 weights
+
+Every operation is per token, so a token's logits do not depend on what
+else is in the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ternpool.kernels import attention, bf16_matmul, bf16_to_f32, quantize_rows, ternary_linear
+
+from .config import ModelConfig
+from .weights import ModelWeights, TernaryLinear
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x (N, C) float32 -> (N, C); fp32, weight without +1 offset."""
+    var = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)  # (N, 1)
+    return weight * (x * (np.float32(1.0) / np.sqrt(var + np.float32(eps))))
+
+
+def rope_tables(cfg: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (length, head_dim // 2) float32, computed like transformers (fp32 angles)."""
+    d = cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]  # (L, d/2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x (N, heads, D); cos/sin (N, D/2) -> rotated (N, heads, D), rotate_half convention."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate((x1 * c - x2 * s, x2 * c + x1 * s), axis=-1)
+
+
+class Quantized:
+    """Activations quantized once and shared by every linear that reads them."""
+
+    def __init__(self, x: np.ndarray):
+        self.q, self.qsum, self.inv_scale = quantize_rows(x)
+
+    def __call__(self, lin: TernaryLinear) -> np.ndarray:
+        return ternary_linear(lin.packed, self.q, self.qsum, self.inv_scale, lin.scale)
+
+
+class BitNetModel:
+    """Weights plus a KV cache of `slots` sequences x `max_context` positions."""
+
+    def __init__(self, weights: ModelWeights, slots: int, max_context: int):
+        cfg = weights.config
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if not 1 <= max_context <= cfg.max_position_embeddings:
+            raise ValueError(f"max_context must be in 1..{cfg.max_position_embeddings}, got {max_context}")
+        self.weights, self.config = weights, cfg
+        self.slots, self.max_context = slots, max_context
+        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_context, cfg.head_dim)
+        # np.zeros maps lazily: untouched cache pages cost no memory.
+        self.k_cache = np.zeros(shape, dtype=np.float32)  # (L, S, KVH, C, D)
+        self.v_cache = np.zeros(shape, dtype=np.float32)
+        self.cos, self.sin = rope_tables(cfg, max_context)
+        self.scale = np.float32(cfg.head_dim ** -0.5)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+
+    def forward(self, tokens: np.ndarray, pos: np.ndarray, slots: np.ndarray,
+                logit_rows: np.ndarray | None = None) -> np.ndarray:
+        """tokens, pos, slots (N,) -> logits (M, vocab) for the rows `logit_rows` (default: all)."""
+        cfg, w = self.config, self.weights
+        tokens = np.asarray(tokens, dtype=np.int64)
+        pos = np.asarray(pos, dtype=np.int64)
+        slots = np.asarray(slots, dtype=np.int64)
+        N, D = tokens.shape[0], cfg.head_dim
+        cos, sin = self.cos[pos], self.sin[pos]  # (N, D/2)
+        x = bf16_to_f32(w.embed[tokens])  # (N, hidden)
+        for li, layer in enumerate(w.layers):
+            a = Quantized(rms_norm(x, layer.input_norm, cfg.rms_norm_eps))
+            q = apply_rope(a(layer.q_proj).reshape(N, -1, D), cos, sin)  # (N, H, D)
+            k = apply_rope(a(layer.k_proj).reshape(N, -1, D), cos, sin)  # (N, KVH, D)
+            v = a(layer.v_proj).reshape(N, -1, D)  # (N, KVH, D)
+            kc, vc = self.k_cache[li], self.v_cache[li]  # (S, KVH, C, D)
+            kc[slots, :, pos, :] = k
+            vc[slots, :, pos, :] = v
+            att = attention(q, kc, vc, slots, pos, self.scale).reshape(N, -1)  # (N, H*D)
+            att = rms_norm(att, layer.attn_sub_norm, cfg.rms_norm_eps)
+            x = x + Quantized(att)(layer.o_proj)  # (N, hidden)
+            m = Quantized(rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps))
+            g = np.maximum(m(layer.gate_proj), np.float32(0.0))  # (N, intermediate)
+            u = rms_norm(np.square(g) * m(layer.up_proj), layer.ffn_sub_norm, cfg.rms_norm_eps)
+            x = x + Quantized(u)(layer.down_proj)  # (N, hidden)
+        if logit_rows is not None:
+            x = x[np.asarray(logit_rows, dtype=np.int64)]
+        return bf16_matmul(w.embed, rms_norm(x, w.norm, cfg.rms_norm_eps))  # (M, vocab)

@@ -1,0 +1,160 @@
+"""Reading and writing safetensors files without the safetensors NumPy API.
+
+The NumPy API cannot read bfloat16, and copies every tensor. Here the header
+(8-byte little-endian length + JSON) is parsed directly and each tensor is
+memory-mapped read-only, so pages are shared through the page cache by every
+process on a node. bf16 tensors come back as uint16 bit patterns.
+Writing streams tensor by tensor, so files larger than RAM can be made.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .config import ModelFormatError
+
+# safetensors dtype -> (numpy storage dtype, bytes per element)
+DTYPES: dict[str, np.dtype] = {
+    "BF16": np.dtype(np.uint16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "I32": np.dtype(np.int32),
+    "I64": np.dtype(np.int64),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    path: Path
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+
+    def load(self) -> np.ndarray:
+        """Read-only memory map of the tensor (bf16 as uint16)."""
+        dt = DTYPES[self.dtype]
+        count = int(np.prod(self.shape, dtype=np.int64))
+        if count == 0:
+            return np.zeros(self.shape, dtype=dt)
+        return np.memmap(self.path, dtype=dt, mode="r", offset=self.offset, shape=self.shape)
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header; errors name the file and tensor."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelFormatError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise ModelFormatError(f"{path}: header length {n} does not fit a file of {size} bytes "
+                                       "(truncated or not a safetensors file)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise ModelFormatError(f"{path}: file not found") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path}: header is not a JSON object")
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}") from None
+        if dtype not in DTYPES:
+            raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        expect = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        if end - start != expect:
+            raise ModelFormatError(f"{path}: tensor {name!r} {dtype}{list(shape)} needs {expect} bytes, "
+                                   f"header gives {end - start}")
+        if base + end > size:
+            raise ModelFormatError(f"{path}: tensor {name!r} ends at byte {base + end} but the file has "
+                                   f"{size} bytes (truncated file)")
+        out[name] = TensorInfo(name, path, dtype, shape, base + start)
+    return out
+
+
+def index_model(model_dir: str | Path) -> dict[str, TensorInfo]:
+    """All tensors of a model directory: `model.safetensors`, or shards listed in the index file."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelFormatError(f"{index}: expected a JSON object with a 'weight_map' ({e})") from None
+        tensors: dict[str, TensorInfo] = {}
+        for file in sorted(set(weight_map.values())):
+            for name, info in read_header(model_dir / file).items():
+                if weight_map.get(name) != file:
+                    raise ModelFormatError(f"{model_dir / file}: tensor {name!r} is not listed for this file "
+                                           f"in {INDEX_FILE}")
+                tensors[name] = info
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ModelFormatError(f"{index}: tensors listed but not found in their files: {missing[:5]}")
+        return tensors
+    single = model_dir / SINGLE_FILE
+    if single.exists():
+        return read_header(single)
+    raise ModelFormatError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+
+
+def write_safetensors(path: str | Path, specs: Iterable[TensorSpec],
+                      produce: Callable[[TensorSpec], np.ndarray]) -> int:
+    """Stream tensors into a safetensors file, calling `produce(spec)` one tensor at a time.
+
+    Written to `path + '.tmp'` and renamed when complete. Returns the file size.
+    """
+    path = Path(path)
+    specs = list(specs)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align tensor data to 8 bytes
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for s in specs:
+            arr = np.ascontiguousarray(produce(s), dtype=DTYPES[s.dtype])
+            if arr.shape != s.shape:
+                raise ValueError(f"tensor {s.name}: produced shape {arr.shape}, declared {s.shape}")
+            f.write(arr.tobytes())
+    tmp.replace(path)
+    return 8 + len(raw) + offset

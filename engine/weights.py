@@ -1,0 +1,171 @@
+"""Loading BitNet b1.58 weights from a Hugging Face directory into ternpool's layout.
+
+Linears stay ternary and 2-bit packed in the Hugging Face layout (see
+`ternpool.kernels.ternary`), memory-mapped straight from the file when it is
+already packed (`quantization_mode: offline`), or ternarized once at load
+from bf16 (`online`) with transformers' rule: effective weight
+`round(W / mean|W|).clamp(-1, 1) * mean|W|`. The embedding stays bf16 and
+doubles as the output head. Errors name the file and tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ternpool.kernels import bf16_to_f32, pack_ternary
+
+from .config import ModelConfig, ModelFormatError
+from .safetensors_io import TensorInfo, index_model
+
+log = logging.getLogger(__name__)
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TernaryLinear:
+    packed: np.ndarray  # uint8 (out // 4, in), HF layout
+    scale: float  # multiplies the dequantized output
+
+    @property
+    def out_features(self) -> int:
+        return 4 * self.packed.shape[0]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    input_norm: np.ndarray  # (hidden,) float32
+    post_attention_norm: np.ndarray  # (hidden,)
+    attn_sub_norm: np.ndarray  # (hidden,)
+    ffn_sub_norm: np.ndarray  # (intermediate,)
+    q_proj: TernaryLinear
+    k_proj: TernaryLinear
+    v_proj: TernaryLinear
+    o_proj: TernaryLinear
+    gate_proj: TernaryLinear
+    up_proj: TernaryLinear
+    down_proj: TernaryLinear
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    config: ModelConfig
+    embed: np.ndarray  # uint16 bf16 (vocab, hidden); also the tied output head
+    norm: np.ndarray  # (hidden,) float32
+    layers: tuple[LayerWeights, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.embed.nbytes + self.norm.nbytes
+        for layer in self.layers:
+            for name in LINEARS:
+                n += getattr(layer, name).packed.nbytes
+        return n
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear of a layer."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def _module(name: str) -> str:
+    return "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Checkpoint tensor name -> (shape, accepted dtypes): the table from HF names to ours."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    floats = ("BF16", "F32", "F16")
+    out: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
+        "model.embed_tokens.weight": ((cfg.vocab_size, h), ("BF16",)),
+        "model.norm.weight": ((h,), floats),
+    }
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        out[p + "input_layernorm.weight"] = ((h,), floats)
+        out[p + "post_attention_layernorm.weight"] = ((h,), floats)
+        out[p + "self_attn.attn_sub_norm.weight"] = ((h,), floats)
+        out[p + "mlp.ffn_sub_norm.weight"] = ((i,), floats)
+        for name, (o, k) in linear_shapes(cfg).items():
+            base = f"{p}{_module(name)}.{name}."
+            if cfg.quantization_mode == "online":
+                out[base + "weight"] = ((o, k), floats)
+            else:
+                if o % 4:
+                    raise ModelFormatError(f"{base}weight: packed linears need an output size that is a "
+                                           f"multiple of 4, the config gives {o}")
+                out[base + "weight"] = ((o // 4, k), ("U8",))
+                out[base + "weight_scale"] = ((1,), floats)
+    return out
+
+
+def _as_f32(info: TensorInfo) -> np.ndarray:
+    a = info.load()
+    if info.dtype == "BF16":
+        return bf16_to_f32(a)
+    return np.asarray(a, dtype=np.float32)
+
+
+def ternarize(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """transformers' online rule for a float (out, in) weight: (ternary int8, effective scale)."""
+    w = np.asarray(w, dtype=np.float32)
+    mean = np.float32(max(np.float32(np.abs(w).mean(dtype=np.float64)), np.float32(1e-5)))
+    s = np.float32(1.0) / mean
+    t = np.clip(np.round(w * s), -1, 1).astype(np.int8)
+    return t, float(np.float32(1.0) / s)
+
+
+def _linear(tensors: dict[str, TensorInfo], base: str, cfg: ModelConfig) -> TernaryLinear:
+    weight = tensors[base + "weight"]
+    if cfg.quantization_mode == "online":
+        t, scale = ternarize(_as_f32(weight))
+        return TernaryLinear(pack_ternary(t), scale)
+    ws = float(_as_f32(tensors[base + "weight_scale"])[0])
+    if not np.isfinite(ws) or ws == 0.0:
+        raise ModelFormatError(f"{weight.path}: tensor {base}weight_scale is {ws}, expected a finite non-zero scale")
+    return TernaryLinear(weight.load(), 1.0 / ws if cfg.scale_divides else ws)
+
+
+def load_weights(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
+    """Check every tensor against the config, then map/convert them."""
+    model_dir = Path(model_dir)
+    tensors = index_model(model_dir)
+    expected = expected_tensors(cfg)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise ModelFormatError(f"{model_dir}: missing tensor(s) {missing[:5]}"
+                               f"{' and %d more' % (len(missing) - 5) if len(missing) > 5 else ''}")
+    unknown = [n for n in tensors if n not in expected]
+    if unknown:
+        t = tensors[unknown[0]]
+        hint = " (lm_head.weight: ternpool needs tied embeddings)" if "lm_head.weight" in unknown else ""
+        raise ModelFormatError(f"{t.path}: unexpected tensor(s) {unknown[:5]} for this config{hint}")
+    for name, (shape, dtypes) in expected.items():
+        t = tensors[name]
+        if t.dtype not in dtypes or t.shape != shape:
+            raise ModelFormatError(f"{t.path}: tensor {name} is {t.dtype}{list(t.shape)}, expected "
+                                   f"{'/'.join(dtypes)}{list(shape)}")
+    layers = []
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        lin = {name: _linear(tensors, f"{p}{_module(name)}.{name}.", cfg) for name in LINEARS}
+        layers.append(LayerWeights(
+            input_norm=_as_f32(tensors[p + "input_layernorm.weight"]).copy(),
+            post_attention_norm=_as_f32(tensors[p + "post_attention_layernorm.weight"]).copy(),
+            attn_sub_norm=_as_f32(tensors[p + "self_attn.attn_sub_norm.weight"]).copy(),
+            ffn_sub_norm=_as_f32(tensors[p + "mlp.ffn_sub_norm.weight"]).copy(),
+            **lin,
+        ))
+    embed = tensors["model.embed_tokens.weight"].load()
+    norm = _as_f32(tensors["model.norm.weight"]).copy()
+    w = ModelWeights(cfg, embed, norm, tuple(layers))
+    log.info("loaded %d layers from %s (%.1f MB of weights, %s)", cfg.num_hidden_layers, model_dir,
+             w.nbytes / 1e6, cfg.quantization_mode)
+    return w

@@ -1,0 +1,1 @@
+"""ternpool.jobs."""

@@ -1,0 +1,20 @@
+"""ternpool.kernels: Numba kernels with NumPy references. Knows arrays, not models."""
+
+from .attention import attention, attention_ref
+from .bf16 import bf16_matmul, bf16_matmul_ref, bf16_to_f32, f32_to_bf16
+from .config import set_threads
+from .quantize import quantize_rows, quantize_rows_ref
+from .ternary import (
+    pack_ternary,
+    ternary_linear,
+    ternary_linear_ref,
+    ternary_matmul,
+    ternary_matmul_ref,
+    unpack_ternary,
+)
+
+__all__ = [
+    "attention", "attention_ref", "bf16_matmul", "bf16_matmul_ref", "bf16_to_f32", "f32_to_bf16",
+    "set_threads", "quantize_rows", "quantize_rows_ref", "pack_ternary", "ternary_linear",
+    "ternary_linear_ref", "ternary_matmul", "ternary_matmul_ref", "unpack_ternary",
+]

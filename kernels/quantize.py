@@ -1,0 +1,65 @@
+"""Per-token absmax int8 activation quantization (BitNet b1.58).
+
+For each row x (one token): s = 127 / max(max|x|, 1e-5) in float32,
+q = clamp(round_half_even(x * s), -128, 127). The ternary matmul needs q, the
+row sums of q (codes are stored as w + 1, so the kernel subtracts sum(q)) and
+1 / s to dequantize.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .config import NJIT_PARALLEL
+
+_EPS = np.float32(1e-5)
+
+
+def quantize_rows_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NumPy reference. x (T, K) float32 -> q (T, K) int8, qsum (T,) int32, inv_scale (T,) float32."""
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.maximum(np.abs(x).max(axis=-1), _EPS)  # (T,)
+    s = (np.float32(127.0) / amax).astype(np.float32)
+    q = np.clip(np.round(x * s[:, None]), -128, 127).astype(np.int8)  # np.round: half to even
+    qsum = q.astype(np.int32).sum(axis=-1).astype(np.int32)
+    return q, qsum, (np.float32(1.0) / s).astype(np.float32)
+
+
+@njit(**NJIT_PARALLEL)
+def _quantize_rows(x, q, qsum, inv_scale):  # pragma: no cover - compiled
+    T, K = x.shape
+    for t in prange(T):
+        amax = np.float32(0.0)
+        for k in range(K):
+            a = abs(x[t, k])
+            if a > amax:
+                amax = a
+        if amax < _EPS:
+            amax = _EPS
+        s = np.float32(127.0) / amax
+        acc = 0
+        for k in range(K):
+            v = np.rint(x[t, k] * s)
+            if v > 127.0:
+                v = np.float32(127.0)
+            elif v < -128.0:
+                v = np.float32(-128.0)
+            iv = np.int8(v)
+            q[t, k] = iv
+            acc += np.int32(iv)
+        qsum[t] = np.int32(acc)
+        inv_scale[t] = np.float32(1.0) / s
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize each row of x (T, K) float32; same results as `quantize_rows_ref`."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D (tokens, features) array, got shape {x.shape}")
+    T, K = x.shape
+    q = np.empty((T, K), dtype=np.int8)
+    qsum = np.empty(T, dtype=np.int32)
+    inv_scale = np.empty(T, dtype=np.float32)
+    _quantize_rows(x, q, qsum, inv_scale)
+    return q, qsum, inv_scale

@@ -1,0 +1,130 @@
+"""Ternary x int8 matrix products on 2-bit packed weights.
+
+Layout (Hugging Face BitNet, `quantization_mode: offline`): a linear with
+`out` rows and `K` inputs is stored as uint8 `packed` of shape (R, K) with
+R = out // 4. Ternary w in {-1, 0, 1} is stored as the code w + 1 in two bits;
+output row `i * R + r` (i in 0..3) sits in bits 2i..2i+1 of `packed[r, c]`.
+One packed row therefore feeds four output rows.
+
+The kernel multiplies codes (0, 1, 2) by int8 activations and subtracts the
+activation row sum (sum((w + 1) * x) - sum(x) = sum(w * x)), as bitnet.cpp's
+I2_S does, then dequantizes: y = acc * inv_scale[t] * weight_scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .config import NJIT, NJIT_PARALLEL
+
+_M3 = np.int32(3)
+_S2 = np.int32(2)
+_S4 = np.int32(4)
+_S6 = np.int32(6)
+
+
+def pack_ternary(w: np.ndarray) -> np.ndarray:
+    """Pack ternary w (out, K) in {-1, 0, 1} into uint8 (out // 4, K), Hugging Face layout."""
+    w = np.asarray(w)
+    out, K = w.shape
+    if out % 4:
+        raise ValueError(f"packed ternary weights need a row count that is a multiple of 4, got {out}")
+    if w.size and (w.min() < -1 or w.max() > 1):
+        raise ValueError("ternary weights must be in {-1, 0, 1}")
+    R = out // 4
+    codes = (w.astype(np.int16) + 1).astype(np.uint8).reshape(4, R, K)  # (4, R, K)
+    packed = codes[0] | (codes[1] << 2) | (codes[2] << 4) | (codes[3] << 6)
+    return np.ascontiguousarray(packed, dtype=np.uint8)
+
+
+def unpack_ternary(packed: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_ternary`: uint8 (R, K) -> int8 (4R, K) in {-1, 0, 1} (code 3 reads as 2)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1, 1)
+    codes = (packed[None, :, :] >> shifts) & 3  # (4, R, K)
+    return (codes.astype(np.int8) - 1).reshape(-1, packed.shape[1])
+
+
+def ternary_matmul_ref(packed: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """NumPy reference: int32 (T, 4R) = q (T, K) int8 @ unpack(packed).T."""
+    w = unpack_ternary(packed).astype(np.int64)
+    return (np.asarray(q, dtype=np.int64) @ w.T).astype(np.int32)
+
+
+@njit(**NJIT)
+def _dot4(packed, r, q, t):  # pragma: no cover - compiled
+    """Four int32 sums of codes * q[t] over packed row r: output rows r, R + r, 2R + r, 3R + r."""
+    a0 = np.int32(0)
+    a1 = np.int32(0)
+    a2 = np.int32(0)
+    a3 = np.int32(0)
+    for c in range(packed.shape[1]):
+        b = np.int32(packed[r, c])
+        x = np.int32(q[t, c])
+        a0 = np.int32(a0 + np.int32(b & _M3) * x)
+        a1 = np.int32(a1 + np.int32((b >> _S2) & _M3) * x)
+        a2 = np.int32(a2 + np.int32((b >> _S4) & _M3) * x)
+        a3 = np.int32(a3 + np.int32(b >> _S6) * x)
+    return a0, a1, a2, a3
+
+
+@njit(**NJIT_PARALLEL)
+def _ternary_matmul_i32(packed, q, qsum, out):  # pragma: no cover - compiled
+    R = packed.shape[0]
+    for r in prange(R):
+        for t in range(q.shape[0]):
+            a0, a1, a2, a3 = _dot4(packed, r, q, t)
+            s = qsum[t]
+            out[t, r] = a0 - s
+            out[t, R + r] = a1 - s
+            out[t, 2 * R + r] = a2 - s
+            out[t, 3 * R + r] = a3 - s
+
+
+@njit(**NJIT_PARALLEL)
+def _ternary_linear_f32(packed, q, qsum, inv_scale, wscale, out):  # pragma: no cover - compiled
+    R = packed.shape[0]
+    for r in prange(R):
+        for t in range(q.shape[0]):
+            a0, a1, a2, a3 = _dot4(packed, r, q, t)
+            s = qsum[t]
+            f = inv_scale[t] * wscale
+            out[t, r] = np.float32(a0 - s) * f
+            out[t, R + r] = np.float32(a1 - s) * f
+            out[t, 2 * R + r] = np.float32(a2 - s) * f
+            out[t, 3 * R + r] = np.float32(a3 - s) * f
+
+
+def _check(packed: np.ndarray, q: np.ndarray) -> None:
+    if packed.dtype != np.uint8 or packed.ndim != 2:
+        raise ValueError(f"packed weights must be 2-D uint8, got {packed.dtype} {packed.shape}")
+    if q.dtype != np.int8 or q.ndim != 2 or q.shape[1] != packed.shape[1]:
+        raise ValueError(f"activations must be int8 (T, {packed.shape[1]}), got {q.dtype} {q.shape}")
+
+
+def ternary_matmul(packed: np.ndarray, q: np.ndarray, qsum: np.ndarray | None = None) -> np.ndarray:
+    """Exact int32 (T, 4R) = q @ unpack(packed).T with the Numba kernel."""
+    q = np.ascontiguousarray(q)
+    _check(packed, q)
+    if qsum is None:
+        qsum = q.astype(np.int32).sum(axis=1).astype(np.int32)
+    out = np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.int32)
+    _ternary_matmul_i32(packed, q, qsum, out)
+    return out
+
+
+def ternary_linear(packed, q, qsum, inv_scale, weight_scale: float, out=None) -> np.ndarray:
+    """Dequantized float32 (T, 4R): (q @ W.T) * inv_scale[:, None] * weight_scale."""
+    _check(packed, q)
+    if out is None:
+        out = np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.float32)
+    _ternary_linear_f32(packed, q, qsum, inv_scale, np.float32(weight_scale), out)
+    return out
+
+
+def ternary_linear_ref(packed, q, inv_scale, weight_scale: float) -> np.ndarray:
+    """NumPy reference for `ternary_linear` (same float32 operation order)."""
+    acc = ternary_matmul_ref(packed, q).astype(np.float32)
+    f = (np.asarray(inv_scale, np.float32) * np.float32(weight_scale)).astype(np.float32)
+    return (acc * f[:, None]).astype(np.float32)
