@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+import transformers
 
 from ternpool.engine import tokenizer_files
 from ternpool.engine.tokenizer_files import (
@@ -17,8 +18,6 @@ from ternpool.engine.tokenizer_files import (
     write_llama3_tokenizer,
     write_small_tokenizer,
 )
-
-transformers = pytest.importorskip("transformers")
 
 UNICODE_TEXT = "Ça va? Größe — naïve café, Ελληνικά, русский, 東京の桜, 서울, 😀👍 👩‍💻 🇫🇷"
 CHAT = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi"}]
@@ -40,6 +39,11 @@ def llama3_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Tokenize
     pytest.importorskip("llama_models")
     out = tmp_path_factory.mktemp("llama3_tok")
     return out, write_llama3_tokenizer(out)
+
+
+@pytest.fixture(scope="module")
+def llama3_tok(llama3_dir: tuple[Path, TokenizerInfo]):
+    return _load(llama3_dir[0])
 
 
 @pytest.mark.unit
@@ -182,12 +186,12 @@ def test_llama3_missing_package_says_what_to_install(tmp_path: Path, monkeypatch
 
 
 @pytest.mark.unit
-def test_llama3_tokenizer_ids(llama3_dir: tuple[Path, TokenizerInfo]) -> None:
+def test_llama3_tokenizer_ids(llama3_dir: tuple[Path, TokenizerInfo], llama3_tok) -> None:
     out, info = llama3_dir
     assert info == TokenizerInfo(vocab_size=128256, bos_token_id=128000, eos_token_id=128001,
                                  eot_token_id=128009)
     assert {p.name for p in out.iterdir()} == WRITTEN_FILES
-    tok = _load(out)
+    tok = llama3_tok
     assert len(tok) == 128256
     assert tok.bos_token_id == 128000
     assert tok.eos_token_id == 128001
@@ -199,16 +203,16 @@ def test_llama3_tokenizer_ids(llama3_dir: tuple[Path, TokenizerInfo]) -> None:
 
 
 @pytest.mark.unit
-def test_llama3_tokenizer_unicode_round_trip(llama3_dir: tuple[Path, TokenizerInfo]) -> None:
-    tok = _load(llama3_dir[0])
+def test_llama3_tokenizer_unicode_round_trip(llama3_tok) -> None:
+    tok = llama3_tok
     ids = tok.encode(UNICODE_TEXT, add_special_tokens=False)
     assert all(0 <= i < 128000 for i in ids)
     assert tok.decode(ids) == UNICODE_TEXT
 
 
 @pytest.mark.unit
-def test_llama3_tokenizer_chat_template(llama3_dir: tuple[Path, TokenizerInfo]) -> None:
-    tok = _load(llama3_dir[0])
+def test_llama3_tokenizer_chat_template(llama3_tok) -> None:
+    tok = llama3_tok
     assert tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == CHAT_TEXT
     ids = _chat_ids(tok)
     assert ids[0] == 128000

@@ -1,0 +1,111 @@
+"""The `ternpool` command line: parses arguments and calls the layers below."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+log = logging.getLogger("ternpool")
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from ternpool.engine.modelgen import make_model
+
+    t0 = time.perf_counter()
+    out = make_model(args.out, args.shape, layers=args.layers, vocab=args.vocab, seed=args.seed,
+                     fmt=args.format, linear_class=args.linear_class, shards=args.shards)
+    print(f"wrote {out} ({args.shape}, {args.format}, {args.linear_class}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ternpool.engine import Engine, Request, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+    engine = Engine.load(args.model, threads=args.threads, slots=1, max_context=args.max_context)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        req = Request("cli", messages=messages, params=params)
+    else:
+        if args.system:
+            raise SystemExit("--system needs --chat")
+        req = Request("cli", prompt=args.prompt, params=params)
+    t0 = time.perf_counter()
+    (res,) = engine.generate([req])
+    dt = time.perf_counter() - t0
+    if res.error:
+        print(f"error: {res.error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"prompt_ids": list(res.prompt_token_ids), "output_ids": list(res.token_ids),
+                          "text": res.text, "finish_reason": res.finish_reason}, ensure_ascii=False))
+    else:
+        print(res.text)
+        log.info("%d prompt + %d generated tokens in %.2f s (%s)", res.prompt_tokens, res.completion_tokens,
+                 dt, res.finish_reason)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ternpool.engine.modelgen import FORMATS, SHAPES
+
+    p = argparse.ArgumentParser(prog="ternpool", description="Batch inference of ternary (BitNet b1.58) "
+                                "language models on CPU node pools.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and timings")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("make-model", help="write a random BitNet model in the exact Hugging Face format",
+                       description="Write a random ternary model (config, safetensors, tokenizer) for tests "
+                       "and benchmarks. Shapes other than 'tiny' use Llama-3's tokenizer, which needs "
+                       "`pip install 'ternpool[llama3]'`.")
+    m.add_argument("--shape", default="tiny", choices=list(SHAPES), help="model shape (default: tiny)")
+    m.add_argument("--out", required=True, help="output directory")
+    m.add_argument("--layers", type=int, help="override the number of layers")
+    m.add_argument("--vocab", type=int, help="override the vocabulary size (a small BPE is trained)")
+    m.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    m.add_argument("--format", default="packed", choices=FORMATS,
+                   help="packed: uint8 2-bit weights (like bitnet-b1.58-2B-4T); bf16: unpacked, "
+                   "quantized at load (like the -bf16 repo)")
+    m.add_argument("--linear-class", default="autobitlinear", choices=["autobitlinear", "bitlinear"],
+                   help="weight_scale convention: autobitlinear multiplies, bitlinear divides")
+    m.add_argument("--shards", type=int, default=1, help="number of safetensors files (default: 1)")
+    m.set_defaults(func=_make_model)
+
+    g = sub.add_parser("generate", help="generate text for one prompt",
+                       description="Load a model directory (or Hub id) and generate for one prompt.")
+    g.add_argument("--model", required=True, help="model directory or Hugging Face Hub id")
+    g.add_argument("--prompt", required=True, help="the prompt text (the user turn with --chat)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", help="system message (with --chat)")
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+    g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the text")
+    g.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
+    g.add_argument("--max-context", type=int, help="context length to allocate (default: 2048)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object: prompt_ids, output_ids, text, finish_reason")
+    g.set_defaults(func=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, ImportError, OSError) as e:
+        print(f"ternpool {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

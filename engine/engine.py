@@ -1,0 +1,198 @@
+"""`Engine`: continuous batching of many requests over one model in one process.
+
+A fixed number of cache slots; each step feeds one token of every decoding
+sequence plus prefill chunks of newly admitted prompts through a single
+forward pass. When a sequence finishes its slot is freed and the next
+request is pulled from the caller's iterable, so short and long prompts do
+not wait for each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ternpool.kernels import set_threads
+
+from .config import ModelConfig
+from .hub import resolve_model_dir
+from .model import BitNetModel
+from .requests import Request, Result, SamplingParams
+from .sampling import make_rng, sample
+from .tokenizer import Tokenizer
+from .weights import load_weights
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLOTS = 8
+DEFAULT_MAX_CONTEXT = 2048
+DEFAULT_STEP_TOKENS = 512
+
+
+@dataclass
+class _Seq:
+    request: Request
+    slot: int
+    prompt_ids: list[int]
+    rng: np.random.Generator
+    fed: int = 0  # tokens already written to the cache
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+
+    @property
+    def pending(self) -> list[int]:
+        """Tokens not yet fed: the rest of the prompt, or the last sampled token."""
+        if self.fed < len(self.prompt_ids):
+            return self.prompt_ids[self.fed:]
+        return self.generated[-1:]
+
+
+class Engine:
+    """One model, its tokenizer and a KV cache of `slots` sequences."""
+
+    def __init__(self, model: BitNetModel, tokenizer: Tokenizer, threads: int,
+                 step_tokens: int = DEFAULT_STEP_TOKENS):
+        self.model, self.tokenizer, self.threads = model, tokenizer, threads
+        self.config: ModelConfig = model.config
+        self.step_tokens = step_tokens
+        self.stop_ids = frozenset(self.config.eos_token_ids)
+
+    @classmethod
+    def load(cls, model: str | Path, threads: int | None = None, slots: int = DEFAULT_SLOTS,
+             max_context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS) -> "Engine":
+        """Load a model directory (or Hub id) and allocate the cache."""
+        t0 = time.perf_counter()
+        threads = set_threads(threads)
+        model_dir = resolve_model_dir(model)
+        cfg = ModelConfig.from_dir(model_dir)
+        weights = load_weights(model_dir, cfg)
+        tokenizer = Tokenizer(model_dir)
+        if len(tokenizer) > cfg.vocab_size:
+            raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer)} ids but vocab_size is {cfg.vocab_size}")
+        ctx = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
+        engine = cls(BitNetModel(weights, slots, ctx), tokenizer, threads, step_tokens)
+        log.info("engine ready in %.2f s: %s, %d slots x %d tokens, %d threads", time.perf_counter() - t0,
+                 model_dir, slots, ctx, threads)
+        return engine
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _prompt_ids(self, req: Request) -> list[int]:
+        if (req.prompt is None) == (req.messages is None):
+            raise ValueError("a request needs exactly one of 'prompt' or 'messages'")
+        if req.prompt is not None:
+            if not isinstance(req.prompt, str) or not req.prompt:
+                raise ValueError(f"prompt must be a non-empty string, got {req.prompt!r}")
+            return self.tokenizer.encode(req.prompt)
+        if not req.messages:
+            raise ValueError("messages must be a non-empty list of {role, content}")
+        return self.tokenizer.encode_chat(req.messages)
+
+    def _admit(self, req: Request, slot: int) -> _Seq | Result:
+        try:
+            if not isinstance(req.params, SamplingParams):
+                raise ValueError(f"params must be SamplingParams, got {type(req.params).__name__}")
+            ids = self._prompt_ids(req)
+        except ValueError as e:
+            return Result.failed(req.key, str(e))
+        if len(ids) >= self.model.max_context:
+            return Result.failed(req.key, f"prompt has {len(ids)} tokens; the context holds "
+                                          f"{self.model.max_context} including at least one generated token",
+                                 prompt_tokens=len(ids))
+        return _Seq(req, slot, ids, make_rng(req.params.seed))
+
+    def _result(self, s: _Seq) -> Result:
+        return Result(s.request.key, s.text, tuple(s.generated), len(s.prompt_ids), len(s.generated),
+                      s.finish or "length", None, tuple(s.prompt_ids))
+
+    def _accept(self, s: _Seq, token: int) -> None:
+        """Record a sampled token and decide whether the sequence is finished."""
+        p = s.request.params
+        s.generated.append(token)
+        if token in self.stop_ids:
+            s.finish = "stop"
+            s.text = self.tokenizer.decode(s.generated[:-1])
+            return
+        s.text = self.tokenizer.decode(s.generated)
+        if p.stop:
+            cut = min((i for i in (s.text.find(x) for x in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                s.text, s.finish = s.text[:cut], "stop"
+                return
+        if len(s.generated) >= p.max_tokens or len(s.prompt_ids) + len(s.generated) >= self.model.max_context:
+            s.finish = "length"
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def stream(self, requests: Iterable[Request]) -> Iterator[Result]:
+        """Yield a `Result` for every request, in the order they finish."""
+        set_threads(self.threads)  # Numba's thread count is per calling thread
+        source = iter(requests)
+        free = deque(range(self.model.slots))
+        active: list[_Seq] = []
+        exhausted = False
+        while True:
+            while free and not exhausted:
+                req = next(source, None)
+                if req is None:
+                    exhausted = True
+                    break
+                seq = self._admit(req, free[0])
+                if isinstance(seq, Result):
+                    yield seq
+                    continue
+                free.popleft()
+                active.append(seq)
+            if not active:
+                return
+            for s in self._step(active):
+                active.remove(s)
+                free.append(s.slot)
+                yield self._result(s)
+
+    def _step(self, active: list[_Seq]) -> list[_Seq]:
+        """One forward pass; returns the sequences that finished in it."""
+        tokens: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sampled: list[tuple[_Seq, int]] = []  # sequences that get a next token, and their logit row
+        budget = self.step_tokens
+        # decoding sequences first (one token each), then prefill chunks in arrival order
+        for s in sorted(active, key=lambda s: s.fed < len(s.prompt_ids)):
+            chunk = s.pending
+            if len(chunk) > 1:
+                if budget <= 0:
+                    continue
+                chunk = chunk[:budget]
+            tokens.extend(chunk)
+            pos.extend(range(s.fed, s.fed + len(chunk)))
+            slots.extend([s.slot] * len(chunk))
+            s.fed += len(chunk)
+            budget -= len(chunk)
+            if s.fed >= len(s.prompt_ids):
+                sampled.append((s, len(tokens) - 1))
+        logits = self.model.forward(np.array(tokens), np.array(pos), np.array(slots),
+                                    np.array([row for _, row in sampled]))
+        done = []
+        for (s, _), row in zip(sampled, logits):
+            self._accept(s, sample(row, s.request.params, s.rng))
+            if s.finish:
+                done.append(s)
+        return done
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Blocking: results in the order of `requests`."""
+        by_key = {}
+        for r in self.stream(requests):
+            by_key.setdefault(r.key, []).append(r)
+        out = []
+        for req in requests:
+            out.append(by_key[req.key].pop(0))
+        return out
