@@ -85,8 +85,14 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
 
     def _prompt_ids(self, req: Request) -> list[int]:
-        if (req.prompt is None) == (req.messages is None):
-            raise ValueError("a request needs exactly one of 'prompt' or 'messages'")
+        given = [x is not None for x in (req.prompt, req.messages, req.prompt_token_ids)]
+        if sum(given) != 1:
+            raise ValueError("a request needs exactly one of 'prompt', 'messages' or 'prompt_token_ids'")
+        if req.prompt_token_ids is not None:
+            ids = [int(t) for t in req.prompt_token_ids]
+            if not ids or min(ids) < 0 or max(ids) >= self.config.vocab_size:
+                raise ValueError(f"prompt_token_ids must be a non-empty list of ids in 0..{self.config.vocab_size - 1}")
+            return ids
         if req.prompt is not None:
             if not isinstance(req.prompt, str) or not req.prompt:
                 raise ValueError(f"prompt must be a non-empty string, got {req.prompt!r}")

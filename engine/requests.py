@@ -44,12 +44,14 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt: plain text (`prompt`) or chat turns (`messages`), exactly one of them."""
+    """One prompt: plain text (`prompt`), chat turns (`messages`) or token ids
+    (`prompt_token_ids`, used as given), exactly one of them."""
 
     key: Hashable
     prompt: str | None = None
     messages: Sequence[dict[str, Any]] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    prompt_token_ids: Sequence[int] | None = None
 
 
 @dataclass(frozen=True)
