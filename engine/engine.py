@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -194,11 +194,8 @@ class Engine:
         return done
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Blocking: results in the order of `requests`."""
-        by_key = {}
-        for r in self.stream(requests):
-            by_key.setdefault(r.key, []).append(r)
-        out = []
-        for req in requests:
-            out.append(by_key[req.key].pop(0))
-        return out
+        """Blocking: results in the order of `requests` (keys need not be unique)."""
+        out: list[Result | None] = [None] * len(requests)
+        for r in self.stream(replace(req, key=i) for i, req in enumerate(requests)):
+            out[r.key] = replace(r, key=requests[r.key].key)
+        return out  # type: ignore[return-value]

@@ -1,0 +1,137 @@
+"""The engine's batching, sampling, stopping and per-request errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ternpool.engine import Engine, Request, SamplingParams
+from ternpool.engine.model import BitNetModel
+
+pytestmark = pytest.mark.unit
+
+PROMPTS = ["Hello world", "The cat sat on the mat because", "x", "Once upon a time there was a king",
+           "Ünïcödé 日本語 🙂", "A B C D E F G H I J K L M N O P", "Why?"]
+
+
+def _engine(base: Engine, slots: int, max_context: int = 512, step_tokens: int = 512) -> Engine:
+    model = BitNetModel(base.model.weights, slots=slots, max_context=max_context)
+    return Engine(model, base.tokenizer, base.threads, step_tokens=step_tokens)
+
+
+def _reqs(params=SamplingParams(max_tokens=24)):
+    reqs = [Request(i, prompt=p, params=params) for i, p in enumerate(PROMPTS)]
+    reqs.append(Request("chat", messages=[{"role": "user", "content": "hi"}], params=params))
+    return reqs
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_engine):
+    batched = tiny_engine.generate(_reqs())
+    single = [tiny_engine.generate([r])[0] for r in _reqs()]
+    assert [r.key for r in batched] == [r.key for r in _reqs()]
+    for a, b in zip(batched, single):
+        assert a.error is None and a.token_ids == b.token_ids and a.text == b.text
+        assert a.completion_tokens == len(a.token_ids) and a.prompt_tokens == len(a.prompt_token_ids)
+    assert len({r.token_ids for r in batched}) > 1  # different prompts, different text
+
+
+def test_chunked_prefill_and_slot_count_do_not_change_tokens(tiny_engine):
+    ref = tiny_engine.generate(_reqs())
+    for slots, step in [(1, 512), (3, 5), (8, 1)]:
+        got = _engine(tiny_engine, slots, step_tokens=step).generate(_reqs())
+        assert [r.token_ids for r in got] == [r.token_ids for r in ref], (slots, step)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_engine):
+    p = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, top_k=40, seed=1234)
+    alone = tiny_engine.generate([Request("s", prompt="The cat", params=p)])[0]
+    crowd = tiny_engine.generate(_reqs(SamplingParams(max_tokens=30, temperature=1.0, seed=5))
+                                 + [Request("s", prompt="The cat", params=p)])[-1]
+    assert alone.token_ids == crowd.token_ids
+    other = tiny_engine.generate([Request("s", prompt="The cat", params=SamplingParams(
+        max_tokens=20, temperature=0.9, top_p=0.9, top_k=40, seed=1235))])[0]
+    assert other.token_ids != alone.token_ids
+
+
+def test_stop_strings_cut_the_text_exactly(tiny_engine):
+    full = tiny_engine.generate([Request(0, prompt="Once upon a time", params=SamplingParams(max_tokens=40))])[0]
+    stop = full.text[10:13]
+    assert len(stop) == 3
+    cut = tiny_engine.generate([Request(0, prompt="Once upon a time", params=SamplingParams(
+        max_tokens=40, stop=("never appears \u2603", stop)))])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert stop not in cut.text
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
+
+
+def test_end_of_sequence_token_stops_and_is_not_in_the_text(tiny_engine):
+    full = tiny_engine.generate([Request(0, prompt="Hello world", params=SamplingParams(max_tokens=12))])[0]
+    assert full.finish_reason == "length" and full.completion_tokens == 12
+    eos = full.token_ids[5]
+    engine = _engine(tiny_engine, 2)
+    engine.stop_ids = frozenset({eos})
+    res = engine.generate([Request(0, prompt="Hello world", params=SamplingParams(max_tokens=12))])[0]
+    first = full.token_ids.index(eos)
+    assert res.finish_reason == "stop" and res.token_ids == full.token_ids[: first + 1]
+    assert res.text == tiny_engine.tokenizer.decode(full.token_ids[:first])
+
+
+def test_context_end_finishes_with_length(tiny_engine):
+    engine = _engine(tiny_engine, 2, max_context=16)
+    res = engine.generate([Request(0, prompt="Hello world", params=SamplingParams(max_tokens=100))])[0]
+    assert res.finish_reason == "length" and res.prompt_tokens + res.completion_tokens == 16
+
+
+def test_bad_requests_fail_alone(tiny_engine):
+    engine = _engine(tiny_engine, 2, max_context=32)
+    reqs = [
+        Request("ok1", prompt="Hello", params=SamplingParams(max_tokens=4)),
+        Request("long", prompt="word " * 100),
+        Request("empty", prompt=""),
+        Request("none"),
+        Request("both", prompt="a", messages=[{"role": "user", "content": "b"}]),
+        Request("badmsg", messages=[{"role": "user"}]),
+        Request("badids", prompt_token_ids=[10 ** 9]),
+        Request("ok2", prompt="World", params=SamplingParams(max_tokens=4)),
+    ]
+    res = {r.key: r for r in engine.stream(reqs)}
+    assert res["ok1"].error is None and res["ok2"].error is None
+    assert res["ok1"].finish_reason == "length"
+    for key, match in [("long", r"prompt has \d+ tokens; the context holds 32"), ("empty", "non-empty"),
+                       ("none", "exactly one of"), ("both", "exactly one of"), ("badmsg", "string 'role' and 'content'"),
+                       ("badids", "prompt_token_ids")]:
+        r = res[key]
+        assert r.finish_reason == "error" and r.text == "" and r.token_ids == ()
+        assert re.search(match, r.error), (key, r.error)
+
+
+def test_stream_pulls_requests_only_when_a_slot_is_free(tiny_engine):
+    engine = _engine(tiny_engine, 2)
+    pulled = []
+
+    def source():
+        for i in range(6):
+            pulled.append(i)
+            yield Request(i, prompt=PROMPTS[i], params=SamplingParams(max_tokens=3 + 5 * i))
+
+    it = engine.stream(source())
+    first = next(it)
+    assert len(pulled) <= 3  # two slots filled, at most one more pulled when the first finished
+    rest = list(it)
+    assert sorted([first.key] + [r.key for r in rest]) == list(range(6))
+    # shorter requests finish first: continuous batching does not wait for the batch
+    assert first.key == 0
+
+
+def test_generate_keeps_input_order_with_repeated_keys(tiny_engine):
+    reqs = [Request("k", prompt=p, params=SamplingParams(max_tokens=30 - 5 * i)) for i, p in enumerate(PROMPTS[:4])]
+    res = tiny_engine.generate(reqs)
+    assert [r.completion_tokens for r in res] == [30, 25, 20, 15]
+
+
+def test_load_with_threads_and_slots(tiny_model):
+    e = Engine.load(tiny_model, threads=1, slots=3, max_context=64)
+    assert e.threads == 1 and e.model.slots == 3 and e.model.max_context == 64
+    assert e.generate([Request(0, prompt="hi", params=SamplingParams(max_tokens=2))])[0].completion_tokens == 2

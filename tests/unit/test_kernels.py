@@ -1,0 +1,163 @@
+"""Every Numba kernel against its NumPy reference: exact for integer paths, odd sizes included."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from ternpool.kernels import (
+    attention,
+    attention_ref,
+    bf16_matmul,
+    bf16_matmul_ref,
+    bf16_to_f32,
+    f32_to_bf16,
+    pack_ternary,
+    quantize_rows,
+    quantize_rows_ref,
+    set_threads,
+    ternary_linear,
+    ternary_linear_ref,
+    ternary_matmul,
+    ternary_matmul_ref,
+    unpack_ternary,
+)
+
+pytestmark = pytest.mark.unit
+
+ODD = [1, 3, 127, 129]
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.setflags(write=False)
+    return a
+
+
+@pytest.mark.parametrize("rows", [4, 12, 508, 516])
+@pytest.mark.parametrize("cols", ODD)
+def test_pack_roundtrip_and_hf_layout(rows, cols):
+    rng = np.random.default_rng(rows * 1000 + cols)
+    w = rng.integers(-1, 2, size=(rows, cols)).astype(np.int8)
+    packed = pack_ternary(w)
+    assert packed.shape == (rows // 4, cols) and packed.dtype == np.uint8
+    assert np.array_equal(unpack_ternary(packed), w)
+    # HF layout: row i*R + r sits in bits 2i..2i+1 of packed[r]
+    R = rows // 4
+    for i in range(4):
+        assert np.array_equal(((packed >> (2 * i)) & 3).astype(np.int8) - 1, w[i * R:(i + 1) * R])
+
+
+def test_pack_rejects_bad_shapes_and_values():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pack_ternary(np.zeros((6, 3), np.int8))
+    with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
+        pack_ternary(np.full((4, 3), 2, np.int8))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 64])
+@pytest.mark.parametrize("cols", ODD + [2560])
+def test_quantize_matches_reference_exactly(tokens, cols):
+    rng = np.random.default_rng(cols)
+    x = (rng.standard_normal((tokens, cols)) * rng.uniform(0.01, 100, (tokens, 1))).astype(np.float32)
+    x[0, 0] = 0.0
+    got, ref = quantize_rows(_readonly(x)), quantize_rows_ref(x)
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype and np.array_equal(g, r)
+    q, qsum, inv = got
+    assert q.min() >= -128 and q.max() <= 127 and np.array_equal(qsum, q.astype(np.int32).sum(1))
+    nonzero = np.abs(x).max(axis=1) > 0
+    assert np.all(np.abs(q[nonzero]).max(axis=1) == 127)  # the absmax element maps to +-127
+
+
+def test_quantize_rounds_half_to_even_and_handles_zero_rows():
+    # amax 127 -> scale exactly 1, so x*s is x: halves round to even like torch.round
+    x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49]], np.float32)
+    q, _, inv = quantize_rows(x)
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 3]]
+    assert inv[0] == np.float32(1.0)
+    zq, zsum, zinv = quantize_rows(np.zeros((2, 5), np.float32))
+    assert not zq.any() and not zsum.any() and np.all(zinv == np.float32(1e-5) / np.float32(127.0))
+
+
+@pytest.mark.parametrize("rows", [4, 12, 508, 516])
+@pytest.mark.parametrize("cols", ODD)
+@pytest.mark.parametrize("tokens", [1, 3, 33])
+def test_ternary_matmul_is_exact(rows, cols, tokens):
+    rng = np.random.default_rng(rows + 7 * cols + 13 * tokens)
+    packed = pack_ternary(rng.integers(-1, 2, size=(rows, cols)))
+    q = rng.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
+    q[0, :] = -128  # extremes: codes 2 x -128 must not overflow
+    assert np.array_equal(ternary_matmul(_readonly(packed), _readonly(q)), ternary_matmul_ref(packed, q))
+
+
+@pytest.mark.parametrize("rows,cols,tokens", [(4, 1, 1), (516, 129, 3), (640, 2560, 8)])
+def test_ternary_linear_matches_reference(rows, cols, tokens):
+    rng = np.random.default_rng(rows)
+    packed = pack_ternary(rng.integers(-1, 2, size=(rows, cols)))
+    q, qsum, inv = quantize_rows(rng.standard_normal((tokens, cols)).astype(np.float32))
+    got = ternary_linear(packed, q, qsum, inv, 0.0371)
+    assert np.array_equal(got, ternary_linear_ref(packed, q, inv, 0.0371))
+
+
+def test_code_three_reads_as_plus_two_like_the_reference():
+    # code 3 never appears in valid checkpoints; kernel and reference must still agree on it
+    packed = np.full((1, 5), 0xFF, np.uint8)
+    q = np.arange(-2, 3, dtype=np.int8)[None, :] * 3
+    assert np.array_equal(ternary_matmul(packed, q), ternary_matmul_ref(packed, q))
+
+
+def test_results_do_not_depend_on_thread_count():
+    rng = np.random.default_rng(5)
+    packed = pack_ternary(rng.integers(-1, 2, size=(256, 300)))
+    q = rng.integers(-128, 128, size=(5, 300)).astype(np.int8)
+    before = numba.get_num_threads()
+    try:
+        set_threads(1)
+        one = ternary_matmul(packed, q)
+        set_threads(None)
+        assert np.array_equal(one, ternary_matmul(packed, q))
+    finally:
+        numba.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be between"):
+        set_threads(0)
+
+
+def test_bf16_conversion_round_trip_and_rounding():
+    exact = np.array([1.0, -2.5, 3.140625, 0.0, -0.0078125], np.float32)  # representable in bf16
+    assert np.array_equal(bf16_to_f32(f32_to_bf16(exact)), exact)
+    # round to nearest even at the 16-bit boundary
+    assert f32_to_bf16(np.array([np.float32(1.0) + np.float32(2 ** -8)]))[0] == 0x3F80  # tie -> even
+    assert f32_to_bf16(np.array([np.float32(1.0) + np.float32(3 * 2 ** -8)]))[0] == 0x3F82
+    assert np.isnan(bf16_to_f32(f32_to_bf16(np.array([np.nan], np.float32))))[0]
+
+
+@pytest.mark.parametrize("vocab,hidden,tokens", [(1, 1, 1), (129, 67, 3), (1000, 256, 2)])
+def test_bf16_head_matches_reference(vocab, hidden, tokens):
+    rng = np.random.default_rng(vocab)
+    w = f32_to_bf16(rng.standard_normal((vocab, hidden)).astype(np.float32))
+    h = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    np.testing.assert_allclose(bf16_matmul(_readonly(w), h), bf16_matmul_ref(w, h), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_head_is_batch_invariant():
+    rng = np.random.default_rng(1)
+    w = f32_to_bf16(rng.standard_normal((300, 130)).astype(np.float32))
+    h = rng.standard_normal((7, 130)).astype(np.float32)
+    full = bf16_matmul(w, h)
+    for t in range(7):
+        assert np.array_equal(bf16_matmul(w, h[t:t + 1])[0], full[t])
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (5, 1, 12), (6, 3, 10)])
+def test_attention_matches_reference(heads, kv_heads, dim):
+    rng = np.random.default_rng(heads)
+    kc = rng.standard_normal((3, kv_heads, 40, dim)).astype(np.float32)
+    vc = rng.standard_normal((3, kv_heads, 40, dim)).astype(np.float32)
+    q = rng.standard_normal((6, heads, dim)).astype(np.float32)
+    slots, pos = np.array([0, 2, 2, 1, 0, 1]), np.array([0, 39, 3, 5, 9, 1])
+    np.testing.assert_allclose(attention(q, _readonly(kc), _readonly(vc), slots, pos, dim ** -0.5),
+                               attention_ref(q, kc, vc, slots, pos, dim ** -0.5), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="past the cache length"):
+        attention(q, kc, vc, slots, np.full(6, 40), 1.0)
