@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ternpool.kernels import attention, bf16_matmul, bf16_to_f32, quantize_rows, ternary_linear
+from ternpool.kernels import attention, bf16_matmul, bf16_to_f32, dequant_factors, quantize_rows, ternary_linear
 
 from .config import ModelConfig
 from .weights import ModelWeights, TernaryLinear
@@ -49,10 +49,11 @@ class Quantized:
     """Activations quantized once and shared by every linear that reads them."""
 
     def __init__(self, x: np.ndarray):
-        self.q, self.qsum, self.inv_scale = quantize_rows(x)
+        self.q, self.qsum, self.scale = quantize_rows(x)
 
     def __call__(self, lin: TernaryLinear) -> np.ndarray:
-        return ternary_linear(lin.packed, self.q, self.qsum, self.inv_scale, lin.scale)
+        div, mul = dequant_factors(self.scale, lin.weight_scale, lin.divides)
+        return ternary_linear(lin.packed, self.q, self.qsum, div, mul)
 
 
 class BitNetModel:

@@ -29,7 +29,13 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @dataclass(frozen=True)
 class TernaryLinear:
     packed: np.ndarray  # uint8 (out // 4, in), HF layout
-    scale: float  # multiplies the dequantized output
+    weight_scale: float  # as stored (or mean|W| for bf16 weights)
+    divides: bool = False  # BitLinear: y = acc / (s * weight_scale); else y = acc / s * weight_scale
+
+    @property
+    def scale(self) -> float:
+        """The factor that multiplies the output."""
+        return 1.0 / self.weight_scale if self.divides else self.weight_scale
 
     @property
     def out_features(self) -> int:
@@ -130,7 +136,7 @@ def _linear(tensors: dict[str, TensorInfo], base: str, cfg: ModelConfig) -> Tern
     ws = float(_as_f32(tensors[base + "weight_scale"])[0])
     if not np.isfinite(ws) or ws == 0.0:
         raise ModelFormatError(f"{weight.path}: tensor {base}weight_scale is {ws}, expected a finite non-zero scale")
-    return TernaryLinear(weight.load(), 1.0 / ws if cfg.scale_divides else ws)
+    return TernaryLinear(weight.load(), ws, cfg.scale_divides)
 
 
 def load_weights(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:

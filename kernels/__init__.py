@@ -5,6 +5,7 @@ from .bf16 import bf16_matmul, bf16_matmul_ref, bf16_to_f32, f32_to_bf16
 from .config import set_threads
 from .quantize import quantize_rows, quantize_rows_ref
 from .ternary import (
+    dequant_factors,
     pack_ternary,
     ternary_linear,
     ternary_linear_ref,
@@ -15,6 +16,6 @@ from .ternary import (
 
 __all__ = [
     "attention", "attention_ref", "bf16_matmul", "bf16_matmul_ref", "bf16_to_f32", "f32_to_bf16",
-    "set_threads", "quantize_rows", "quantize_rows_ref", "pack_ternary", "ternary_linear",
+    "dequant_factors", "set_threads", "quantize_rows", "quantize_rows_ref", "pack_ternary", "ternary_linear",
     "ternary_linear_ref", "ternary_matmul", "ternary_matmul_ref", "unpack_ternary",
 ]

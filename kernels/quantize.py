@@ -3,7 +3,7 @@
 For each row x (one token): s = 127 / max(max|x|, 1e-5) in float32,
 q = clamp(round_half_even(x * s), -128, 127). The ternary matmul needs q, the
 row sums of q (codes are stored as w + 1, so the kernel subtracts sum(q)) and
-1 / s to dequantize.
+s to dequantize.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ _EPS = np.float32(1e-5)
 
 
 def quantize_rows_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NumPy reference. x (T, K) float32 -> q (T, K) int8, qsum (T,) int32, inv_scale (T,) float32."""
+    """NumPy reference. x (T, K) float32 -> q (T, K) int8, qsum (T,) int32, scale (T,) float32."""
     x = np.asarray(x, dtype=np.float32)
     amax = np.maximum(np.abs(x).max(axis=-1), _EPS)  # (T,)
     s = (np.float32(127.0) / amax).astype(np.float32)
     q = np.clip(np.round(x * s[:, None]), -128, 127).astype(np.int8)  # np.round: half to even
     qsum = q.astype(np.int32).sum(axis=-1).astype(np.int32)
-    return q, qsum, (np.float32(1.0) / s).astype(np.float32)
+    return q, qsum, s
 
 
 @njit(**NJIT_PARALLEL)
-def _quantize_rows(x, q, qsum, inv_scale):  # pragma: no cover - compiled
+def _quantize_rows(x, q, qsum, scale):  # pragma: no cover - compiled
     T, K = x.shape
     for t in prange(T):
         amax = np.float32(0.0)
@@ -49,7 +49,7 @@ def _quantize_rows(x, q, qsum, inv_scale):  # pragma: no cover - compiled
             q[t, k] = iv
             acc += np.int32(iv)
         qsum[t] = np.int32(acc)
-        inv_scale[t] = np.float32(1.0) / s
+        scale[t] = s
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -60,6 +60,6 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     T, K = x.shape
     q = np.empty((T, K), dtype=np.int8)
     qsum = np.empty(T, dtype=np.int32)
-    inv_scale = np.empty(T, dtype=np.float32)
-    _quantize_rows(x, q, qsum, inv_scale)
-    return q, qsum, inv_scale
+    scale = np.empty(T, dtype=np.float32)
+    _quantize_rows(x, q, qsum, scale)
+    return q, qsum, scale

@@ -8,7 +8,10 @@ One packed row therefore feeds four output rows.
 
 The kernel multiplies codes (0, 1, 2) by int8 activations and subtracts the
 activation row sum (sum((w + 1) * x) - sum(x) = sum(w * x)), as bitnet.cpp's
-I2_S does, then dequantizes: y = acc * inv_scale[t] * weight_scale.
+I2_S does, then dequantizes: y = acc / div[t] * mul, in that order. With
+div = activation scale s and mul = weight_scale this is transformers'
+AutoBitLinear; with div = s * weight_scale and mul = 1 it is, bit for bit,
+transformers' BitLinear (`acc / (s * weight_scale)`).
 """
 
 from __future__ import annotations
@@ -83,17 +86,17 @@ def _ternary_matmul_i32(packed, q, qsum, out):  # pragma: no cover - compiled
 
 
 @njit(**NJIT_PARALLEL)
-def _ternary_linear_f32(packed, q, qsum, inv_scale, wscale, out):  # pragma: no cover - compiled
+def _ternary_linear_f32(packed, q, qsum, div, mul, out):  # pragma: no cover - compiled
     R = packed.shape[0]
     for r in prange(R):
         for t in range(q.shape[0]):
             a0, a1, a2, a3 = _dot4(packed, r, q, t)
             s = qsum[t]
-            f = inv_scale[t] * wscale
-            out[t, r] = np.float32(a0 - s) * f
-            out[t, R + r] = np.float32(a1 - s) * f
-            out[t, 2 * R + r] = np.float32(a2 - s) * f
-            out[t, 3 * R + r] = np.float32(a3 - s) * f
+            d = div[t]
+            out[t, r] = np.float32(a0 - s) / d * mul
+            out[t, R + r] = np.float32(a1 - s) / d * mul
+            out[t, 2 * R + r] = np.float32(a2 - s) / d * mul
+            out[t, 3 * R + r] = np.float32(a3 - s) / d * mul
 
 
 def _check(packed: np.ndarray, q: np.ndarray) -> None:
@@ -114,17 +117,28 @@ def ternary_matmul(packed: np.ndarray, q: np.ndarray, qsum: np.ndarray | None = 
     return out
 
 
-def ternary_linear(packed, q, qsum, inv_scale, weight_scale: float, out=None) -> np.ndarray:
-    """Dequantized float32 (T, 4R): (q @ W.T) * inv_scale[:, None] * weight_scale."""
+def dequant_factors(scale: np.ndarray, weight_scale: float, divides: bool) -> tuple[np.ndarray, np.float32]:
+    """Per-token divisor and common multiplier for `ternary_linear`.
+
+    divides=False (AutoBitLinear): y = acc / s * weight_scale.
+    divides=True (BitLinear):      y = acc / (s * weight_scale).
+    """
+    ws = np.float32(weight_scale)
+    if divides:
+        return (np.asarray(scale, np.float32) * ws).astype(np.float32), np.float32(1.0)
+    return np.asarray(scale, np.float32), ws
+
+
+def ternary_linear(packed, q, qsum, div, mul, out=None) -> np.ndarray:
+    """Dequantized float32 (T, 4R): (q @ W.T) / div[:, None] * mul."""
     _check(packed, q)
     if out is None:
         out = np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.float32)
-    _ternary_linear_f32(packed, q, qsum, inv_scale, np.float32(weight_scale), out)
+    _ternary_linear_f32(packed, q, qsum, np.asarray(div, np.float32), np.float32(mul), out)
     return out
 
 
-def ternary_linear_ref(packed, q, inv_scale, weight_scale: float) -> np.ndarray:
+def ternary_linear_ref(packed, q, div, mul) -> np.ndarray:
     """NumPy reference for `ternary_linear` (same float32 operation order)."""
     acc = ternary_matmul_ref(packed, q).astype(np.float32)
-    f = (np.asarray(inv_scale, np.float32) * np.float32(weight_scale)).astype(np.float32)
-    return (acc * f[:, None]).astype(np.float32)
+    return ((acc / np.asarray(div, np.float32)[:, None]) * np.float32(mul)).astype(np.float32)

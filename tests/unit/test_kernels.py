@@ -12,6 +12,7 @@ from ternpool.kernels import (
     bf16_matmul,
     bf16_matmul_ref,
     bf16_to_f32,
+    dequant_factors,
     f32_to_bf16,
     pack_ternary,
     quantize_rows,
@@ -65,7 +66,7 @@ def test_quantize_matches_reference_exactly(tokens, cols):
     got, ref = quantize_rows(_readonly(x)), quantize_rows_ref(x)
     for g, r in zip(got, ref):
         assert g.dtype == r.dtype and np.array_equal(g, r)
-    q, qsum, inv = got
+    q, qsum, scale = got
     assert q.min() >= -128 and q.max() <= 127 and np.array_equal(qsum, q.astype(np.int32).sum(1))
     nonzero = np.abs(x).max(axis=1) > 0
     assert np.all(np.abs(q[nonzero]).max(axis=1) == 127)  # the absmax element maps to +-127
@@ -74,11 +75,11 @@ def test_quantize_matches_reference_exactly(tokens, cols):
 def test_quantize_rounds_half_to_even_and_handles_zero_rows():
     # amax 127 -> scale exactly 1, so x*s is x: halves round to even like torch.round
     x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49]], np.float32)
-    q, _, inv = quantize_rows(x)
+    q, _, scale = quantize_rows(x)
     assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 3]]
-    assert inv[0] == np.float32(1.0)
-    zq, zsum, zinv = quantize_rows(np.zeros((2, 5), np.float32))
-    assert not zq.any() and not zsum.any() and np.all(zinv == np.float32(1e-5) / np.float32(127.0))
+    assert scale[0] == np.float32(1.0)
+    zq, zsum, zscale = quantize_rows(np.zeros((2, 5), np.float32))
+    assert not zq.any() and not zsum.any() and np.all(zscale == np.float32(127.0) / np.float32(1e-5))
 
 
 @pytest.mark.parametrize("rows", [4, 12, 508, 516])
@@ -96,9 +97,13 @@ def test_ternary_matmul_is_exact(rows, cols, tokens):
 def test_ternary_linear_matches_reference(rows, cols, tokens):
     rng = np.random.default_rng(rows)
     packed = pack_ternary(rng.integers(-1, 2, size=(rows, cols)))
-    q, qsum, inv = quantize_rows(rng.standard_normal((tokens, cols)).astype(np.float32))
-    got = ternary_linear(packed, q, qsum, inv, 0.0371)
-    assert np.array_equal(got, ternary_linear_ref(packed, q, inv, 0.0371))
+    q, qsum, scale = quantize_rows(rng.standard_normal((tokens, cols)).astype(np.float32))
+    for divides in (False, True):
+        div, mul = dequant_factors(scale, 0.0371, divides)
+        got = ternary_linear(packed, q, qsum, div, mul)
+        assert np.array_equal(got, ternary_linear_ref(packed, q, div, mul))
+        effective = 1 / 0.0371 if divides else 0.0371
+        np.testing.assert_allclose(got, ternary_matmul_ref(packed, q) / scale[:, None] * effective, rtol=1e-6)
 
 
 def test_code_three_reads_as_plus_two_like_the_reference():
