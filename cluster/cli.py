@@ -35,9 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
         if args.system:
             raise SystemExit("--system needs --chat")
         req = Request("cli", prompt=args.prompt, params=params)
-    t0 = time.perf_counter()
     (res,) = engine.generate([req])
-    dt = time.perf_counter() - t0
     if res.error:
         print(f"error: {res.error}", file=sys.stderr)
         return 1
@@ -46,9 +44,18 @@ def _generate(args: argparse.Namespace) -> int:
                           "text": res.text, "finish_reason": res.finish_reason}, ensure_ascii=False))
     else:
         print(res.text)
-        log.info("%d prompt + %d generated tokens in %.2f s (%s)", res.prompt_tokens, res.completion_tokens,
-                 dt, res.finish_reason)
+    decode = res.completion_tokens - 1
+    rate = decode / (res.latency - res.time_to_first_token) if decode > 0 else float("nan")
+    log.info("%d prompt tokens, first token after %.3f s (%.1f prompt tokens/s), %d more tokens at %.2f "
+             "tokens/s, %s; peak RSS %.2f GB", res.prompt_tokens, res.time_to_first_token,
+             res.prompt_tokens / res.time_to_first_token, decode, rate, res.finish_reason, _peak_rss() / 1e9)
     return 0
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,8 @@ class _Seq:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     finish: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
 
     @property
     def pending(self) -> list[int]:
@@ -115,12 +117,16 @@ class Engine:
         return _Seq(req, slot, ids, make_rng(req.params.seed))
 
     def _result(self, s: _Seq) -> Result:
+        now = time.perf_counter()
+        ttft = None if s.first_token_at is None else s.first_token_at - s.started
         return Result(s.request.key, s.text, tuple(s.generated), len(s.prompt_ids), len(s.generated),
-                      s.finish or "length", None, tuple(s.prompt_ids))
+                      s.finish or "length", None, tuple(s.prompt_ids), ttft, now - s.started)
 
     def _accept(self, s: _Seq, token: int) -> None:
         """Record a sampled token and decide whether the sequence is finished."""
         p = s.request.params
+        if s.first_token_at is None:
+            s.first_token_at = time.perf_counter()
         s.generated.append(token)
         if token in self.stop_ids:
             s.finish = "stop"

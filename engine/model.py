@@ -15,12 +15,27 @@ else is in the batch.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from ternpool.kernels import attention, bf16_matmul, bf16_to_f32, dequant_factors, quantize_rows, ternary_linear
 
 from .config import ModelConfig
 from .weights import ModelWeights, TernaryLinear
+
+
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros whose memory is committed page by page as it is written.
+
+    np.zeros is lazy too, but with transparent huge pages one written
+    position commits 2 MB; the cache would then cost its full size at once.
+    """
+    size = int(np.prod(shape)) * 4
+    buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -68,9 +83,8 @@ class BitNetModel:
         self.weights, self.config = weights, cfg
         self.slots, self.max_context = slots, max_context
         shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_context, cfg.head_dim)
-        # np.zeros maps lazily: untouched cache pages cost no memory.
-        self.k_cache = np.zeros(shape, dtype=np.float32)  # (L, S, KVH, C, D)
-        self.v_cache = np.zeros(shape, dtype=np.float32)
+        self.k_cache = lazy_zeros(shape)  # (L, S, KVH, C, D)
+        self.v_cache = lazy_zeros(shape)
         self.cos, self.sin = rope_tables(cfg, max_context)
         self.scale = np.float32(cfg.head_dim ** -0.5)
 

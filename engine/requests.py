@@ -67,6 +67,8 @@ class Result:
     finish_reason: str  # "stop" | "length" | "error"
     error: str | None = None
     prompt_token_ids: tuple[int, ...] = ()
+    time_to_first_token: float | None = None  # seconds from admission to the first generated token
+    latency: float | None = None  # seconds from admission to the result
 
     @classmethod
     def failed(cls, key: Hashable, error: str, prompt_tokens: int = 0) -> "Result":

@@ -135,3 +135,18 @@ def test_load_with_threads_and_slots(tiny_model):
     e = Engine.load(tiny_model, threads=1, slots=3, max_context=64)
     assert e.threads == 1 and e.model.slots == 3 and e.model.max_context == 64
     assert e.generate([Request(0, prompt="hi", params=SamplingParams(max_tokens=2))])[0].completion_tokens == 2
+
+
+def test_kv_cache_commits_memory_only_as_it_is_used(tiny_engine):
+    import re as _re
+
+    def anon_bytes():
+        with open("/proc/self/smaps_rollup") as f:
+            return int(_re.search(r"Anonymous:\s+(\d+)", f.read()).group(1)) * 1024
+
+    before = anon_bytes()
+    model = BitNetModel(tiny_engine.model.weights, slots=64, max_context=2048)  # 2 x 67 MB of cache
+    engine = Engine(model, tiny_engine.tokenizer, tiny_engine.threads)
+    engine.generate([Request(i, prompt="Hello", params=SamplingParams(max_tokens=4)) for i in range(8)])
+    assert model.k_cache.nbytes == 2 * 64 * 2 * 2048 * 16 * 4
+    assert anon_bytes() - before < 20e6
