@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: prompt_ids, output_ids, text, finish_reason")
     g.set_defaults(func=_generate)
+
+    from .jobcli import add_commands
+
+    add_commands(sub)
     return p
 
 
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        return 130
     except (ValueError, ImportError, OSError) as e:
         print(f"ternpool {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -29,10 +29,12 @@ from .tokenizer import Tokenizer
 from .weights import load_weights
 
 log = logging.getLogger(__name__)
+_END = object()
 
 DEFAULT_SLOTS = 8
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_STEP_TOKENS = 512
+TRUNCATE_MODES = ("error", "left")
 
 
 @dataclass
@@ -60,16 +62,24 @@ class Engine:
     """One model, its tokenizer and a KV cache of `slots` sequences."""
 
     def __init__(self, model: BitNetModel, tokenizer: Tokenizer, threads: int,
-                 step_tokens: int = DEFAULT_STEP_TOKENS):
+                 step_tokens: int = DEFAULT_STEP_TOKENS, truncate: str = "error"):
+        if truncate not in TRUNCATE_MODES:
+            raise ValueError(f"truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
         self.model, self.tokenizer, self.threads = model, tokenizer, threads
         self.config: ModelConfig = model.config
         self.step_tokens = step_tokens
+        self.truncate = truncate
         self.stop_ids = frozenset(self.config.eos_token_ids)
+        self.running = 0  # sequences in the cache right now
 
     @classmethod
     def load(cls, model: str | Path, threads: int | None = None, slots: int = DEFAULT_SLOTS,
-             max_context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS) -> "Engine":
-        """Load a model directory (or Hub id) and allocate the cache."""
+             max_context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
+             truncate: str = "error") -> "Engine":
+        """Load a model directory (or Hub id) and allocate the cache.
+
+        truncate: "error" fails a prompt that does not fit the context; "left" keeps its end.
+        """
         t0 = time.perf_counter()
         threads = set_threads(threads)
         model_dir = resolve_model_dir(model)
@@ -79,7 +89,7 @@ class Engine:
         if len(tokenizer) > cfg.vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer)} ids but vocab_size is {cfg.vocab_size}")
         ctx = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
-        engine = cls(BitNetModel(weights, slots, ctx), tokenizer, threads, step_tokens)
+        engine = cls(BitNetModel(weights, slots, ctx), tokenizer, threads, step_tokens, truncate)
         log.info("engine ready in %.2f s: %s, %d slots x %d tokens, %d threads", time.perf_counter() - t0,
                  model_dir, slots, ctx, threads)
         return engine
@@ -110,11 +120,20 @@ class Engine:
             ids = self._prompt_ids(req)
         except ValueError as e:
             return Result.failed(req.key, str(e))
+        if len(ids) >= self.model.max_context and self.truncate == "left":
+            ids = self._truncate_left(ids, req.params.max_tokens)
         if len(ids) >= self.model.max_context:
             return Result.failed(req.key, f"prompt has {len(ids)} tokens; the context holds "
                                           f"{self.model.max_context} including at least one generated token",
                                  prompt_tokens=len(ids))
         return _Seq(req, slot, ids, make_rng(req.params.seed))
+
+    def _truncate_left(self, ids: list[int], max_tokens: int) -> list[int]:
+        """Keep the end of a prompt, leaving room for min(max_tokens, context / 2) new tokens."""
+        keep = self.model.max_context - min(max_tokens, self.model.max_context // 2)
+        if ids[0] == self.config.bos_token_id:
+            return [ids[0]] + ids[len(ids) - keep + 1:]
+        return ids[len(ids) - keep:]
 
     def _result(self, s: _Seq) -> Result:
         now = time.perf_counter()
@@ -143,34 +162,52 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def stream(self, requests: Iterable[Request]) -> Iterator[Result]:
-        """Yield a `Result` for every request, in the order they finish."""
+    def stream(self, requests: Iterable[Request | None],
+               on_step: Callable[[int], None] | None = None) -> Iterator[Result]:
+        """Yield a `Result` for every request, in the order they finish.
+
+        The next request is pulled whenever a slot is free. The iterable may
+        yield None for "nothing ready yet": the engine goes on with its
+        running sequences and asks again after the next step (at once when
+        nothing runs, so such a source should wait a little itself).
+        `on_step(tokens)` is called after every forward pass.
+        """
         set_threads(self.threads)  # Numba's thread count is per calling thread
         source = iter(requests)
         free = deque(range(self.model.slots))
         active: list[_Seq] = []
         exhausted = False
+        self.running = 0
         while True:
             while free and not exhausted:
-                req = next(source, None)
-                if req is None:
+                req = next(source, _END)
+                if req is _END:
                     exhausted = True
-                    break
-                seq = self._admit(req, free[0])
-                if isinstance(seq, Result):
-                    yield seq
+                elif req is not None:
+                    seq = self._admit(req, free[0])
+                    if isinstance(seq, Result):
+                        yield seq
+                        continue
+                    free.popleft()
+                    active.append(seq)
+                    self.running = len(active)
                     continue
-                free.popleft()
-                active.append(seq)
+                break
             if not active:
-                return
-            for s in self._step(active):
+                if exhausted:
+                    return
+                continue
+            finished, tokens = self._step(active)
+            if on_step is not None:
+                on_step(tokens)
+            for s in finished:
                 active.remove(s)
                 free.append(s.slot)
+                self.running = len(active)
                 yield self._result(s)
 
-    def _step(self, active: list[_Seq]) -> list[_Seq]:
-        """One forward pass; returns the sequences that finished in it."""
+    def _step(self, active: list[_Seq]) -> tuple[list[_Seq], int]:
+        """One forward pass; returns the sequences that finished in it and the tokens it fed."""
         tokens: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -197,7 +234,7 @@ class Engine:
             self._accept(s, sample(row, s.request.params, s.rng))
             if s.finish:
                 done.append(s)
-        return done
+        return done, len(tokens)
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Blocking: results in the order of `requests` (keys need not be unique)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,6 +12,7 @@ log = logging.getLogger(__name__)
 
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no advice about PyTorch on import
         from transformers import AutoTokenizer
 
         try:

@@ -150,3 +150,29 @@ def test_kv_cache_commits_memory_only_as_it_is_used(tiny_engine):
     engine.generate([Request(i, prompt="Hello", params=SamplingParams(max_tokens=4)) for i in range(8)])
     assert model.k_cache.nbytes == 2 * 64 * 2 * 2048 * 16 * 4
     assert anon_bytes() - before < 20e6
+
+
+def test_truncate_left_keeps_the_end_of_the_prompt(tiny_engine):
+    long = "alpha beta gamma " * 30
+    keep = _engine(tiny_engine, 2, max_context=32)
+    keep.truncate = "left"
+    res = keep.generate([Request(0, prompt=long, params=SamplingParams(max_tokens=8))])[0]
+    assert res.error is None and res.completion_tokens == 8
+    ids = tiny_engine.tokenizer.encode(long)
+    assert res.prompt_token_ids == (ids[0],) + tuple(ids[-23:])  # bos + the end: 32 - 8 - 1 tokens
+    with pytest.raises(ValueError, match="truncate must be one of"):
+        Engine(keep.model, keep.tokenizer, 1, truncate="middle")
+
+
+def test_source_may_say_nothing_is_ready_yet(tiny_engine):
+    steps = []
+
+    def source():
+        yield Request(0, prompt="Hello", params=SamplingParams(max_tokens=5))
+        for _ in range(3):
+            yield None  # nothing ready: the engine keeps decoding request 0
+        yield Request(1, prompt="World", params=SamplingParams(max_tokens=5))
+
+    res = list(tiny_engine.stream(source(), on_step=steps.append))
+    assert sorted(r.key for r in res) == [0, 1] and all(r.completion_tokens == 5 for r in res)
+    assert len(steps) >= 5 and all(n >= 1 for n in steps)

@@ -1,0 +1,216 @@
+"""The coordinator actor: owns the shard queue, leases work to workers, writes finished shards.
+
+Workers pull (`lease`) when they have room; a lease is a piece of a shard
+(the whole shard at first) with its rows as an Arrow table, so prompts and
+results travel through Ray and workers need no shared file system. When
+every row of a shard has a result, the coordinator writes its part file
+(temporary name, then rename) and records it in the manifest: a shard is
+written exactly once, whatever was lost on the way.
+
+Recovery: a piece whose worker is lost goes back to the queue. The first
+loss is retried as is; after that a piece with several rows is split in
+halves, so a row that keeps killing its worker ends up alone and, after
+`max_retries` more losses, is written with an error while the rest of its
+shard succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import ray
+
+from ternpool.engine.requests import Result
+from ternpool.jobs.manifest import Manifest
+from ternpool.jobs.output import error_results, result_table, write_part
+from ternpool.jobs.plan import Shard, split_shard
+from ternpool.jobs.progress import write_progress
+from ternpool.jobs.rows import read_shard
+
+log = logging.getLogger(__name__)
+
+DONE, WAIT = "done", "wait"
+
+
+@dataclass
+class _Piece:
+    shard: Shard  # a contiguous range of one planned shard (same shard_id)
+    losses: int = 0  # times a worker holding it was lost
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.shard.shard_id, self.shard.row_start)
+
+
+@dataclass
+class _WorkerState:
+    node: str
+    leased: dict = field(default_factory=dict)  # piece key -> _Piece
+    last_seen: float = field(default_factory=time.monotonic)
+    rows: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    busy_since: float | None = None
+
+
+class Coordinator:
+    """Plain class; `CoordinatorActor` is its Ray actor."""
+
+    def __init__(self, spec, inputs, shards: list[Shard], manifest: Manifest, max_retries: int):
+        self.spec, self.inputs, self.manifest = spec, inputs, manifest
+        self.max_retries = max_retries
+        self.lock = threading.RLock()
+        self.queue: deque[_Piece] = deque(_Piece(s) for s in shards if not manifest.is_done(s.shard_id))
+        self.shards = {s.shard_id: s for s in shards}
+        self.partial: dict[int, dict[int, Result]] = {}  # shard_id -> row_index -> result
+        self.workers: dict[str, _WorkerState] = {}
+        self.cancelled = False
+        self.retries = 0
+        self.rows_done = sum(v["rows"] for v in manifest.completed.values())
+        self.failed_rows = sum(v.get("failed_rows", 0) for v in manifest.completed.values())
+        self.rows_at_start = self.rows_done
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.started = time.time()
+        self.remaining = {s.shard_id for s in shards if not manifest.is_done(s.shard_id)}
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    def register(self, worker_id: str, node: str) -> None:
+        with self.lock:
+            self.workers.setdefault(worker_id, _WorkerState(node))
+
+    def lease(self, worker_id: str):
+        """The next piece for this worker: (key, Arrow table), WAIT (nothing queued now) or DONE."""
+        with self.lock:
+            w = self.workers.setdefault(worker_id, _WorkerState("?"))
+            w.last_seen = time.monotonic()
+            if self.cancelled or not self.remaining:
+                return DONE
+            if not self.queue:
+                return WAIT
+            piece = self.queue.popleft()
+            w.leased[piece.key] = piece
+            w.busy_since = w.busy_since or time.monotonic()
+        return piece.key, read_shard(self.inputs, piece.shard)
+
+    def heartbeat(self, worker_id: str) -> None:
+        with self.lock:
+            if worker_id in self.workers:
+                self.workers[worker_id].last_seen = time.monotonic()
+
+    def complete(self, worker_id: str, key: tuple[int, int], results: list[Result]) -> bool:
+        """A worker finished a piece. Returns False when the lease was no longer its own."""
+        with self.lock:
+            w = self.workers.get(worker_id)
+            piece = w.leased.pop(tuple(key), None) if w else None
+            if piece is None:
+                return False  # lost and requeued meanwhile: the requeued copy will be written
+            w.last_seen = time.monotonic()
+            if not w.leased:
+                w.busy_since = None
+            w.rows += len(results)
+            for r in results:
+                w.prompt_tokens += r.prompt_tokens
+                w.generated_tokens += r.completion_tokens
+            self._add_results(piece.shard.shard_id, {int(r.key): r for r in results})
+        return True
+
+    def worker_lost(self, worker_id: str, reason: str) -> int:
+        """Requeue what a lost worker held; returns the number of pieces requeued."""
+        with self.lock:
+            w = self.workers.pop(worker_id, None)
+            if w is None:
+                return 0
+            for piece in w.leased.values():
+                self._requeue(piece, reason)
+            return len(w.leased)
+
+    def stale_workers(self, timeout: float) -> list[str]:
+        """Workers holding work that have not made progress for `timeout` seconds."""
+        now = time.monotonic()
+        with self.lock:
+            return [wid for wid, w in self.workers.items() if w.leased and now - w.last_seen > timeout]
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            self.queue.clear()
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def _requeue(self, piece: _Piece, reason: str) -> None:
+        self.retries += 1
+        piece.losses += 1
+        rows = piece.shard.num_rows
+        if piece.losses > 1 and rows > 1:
+            for half in split_shard(piece.shard, 2):
+                self.queue.appendleft(_Piece(half, losses=1))
+            log.warning("shard %d rows %d..%d lost %d times (%s): split to isolate the failing row",
+                        piece.shard.shard_id, piece.shard.first_row_index,
+                        piece.shard.first_row_index + rows - 1, piece.losses, reason)
+        elif rows == 1 and piece.losses > self.max_retries + 1:
+            row = piece.shard.first_row_index
+            log.error("row %d lost its worker %d times: written with an error", row, piece.losses)
+            self._add_results(piece.shard.shard_id, error_results(
+                [row], f"row {row}: its worker was lost {piece.losses} times ({reason}); giving up"))
+        else:
+            self.queue.appendleft(piece)
+
+    def _add_results(self, shard_id: int, results: dict[int, Result]) -> None:
+        got = self.partial.setdefault(shard_id, {})
+        got.update(results)
+        shard = self.shards[shard_id]
+        if len(got) < shard.num_rows or shard_id not in self.remaining:
+            return
+        table = result_table(read_shard(self.inputs, shard), got, self.inputs.passthrough)
+        write_part(self.manifest.output, shard_id, table)
+        failed = sum(1 for r in got.values() if r.error is not None)
+        self.manifest.record(shard_id, rows=shard.num_rows, failed_rows=failed)
+        self.remaining.discard(shard_id)
+        del self.partial[shard_id]
+        self.rows_done += shard.num_rows
+        self.failed_rows += failed
+        self.prompt_tokens += sum(r.prompt_tokens for r in got.values())
+        self.generated_tokens += sum(r.completion_tokens for r in got.values())
+
+    def stats(self) -> dict:
+        with self.lock:
+            elapsed = max(time.time() - self.started, 1e-9)
+            in_flight = sum(len(w.leased) for w in self.workers.values())
+            return {
+                "job_id": self.manifest.job_id,
+                "rows_total": self.manifest.num_rows,
+                "rows_done": self.rows_done,
+                "rows_done_this_run": self.rows_done - self.rows_at_start,
+                "failed_rows": self.failed_rows,
+                "shards_total": self.manifest.num_shards,
+                "shards_done": self.manifest.num_shards - len(self.remaining),
+                "queued": len(self.queue),
+                "in_flight": in_flight,
+                "retries": self.retries,
+                "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.generated_tokens,
+                "tokens_per_s": self.generated_tokens / elapsed,
+                "elapsed_s": elapsed,
+                "done": not self.remaining,
+                "cancelled": self.cancelled,
+                "workers": {wid: {"node": w.node, "rows": w.rows, "prompt_tokens": w.prompt_tokens,
+                                  "generated_tokens": w.generated_tokens, "leased": len(w.leased)}
+                            for wid, w in self.workers.items()},
+            }
+
+    def write_progress(self, state: str) -> dict:
+        s = self.stats()
+        if state == "finished" and self.manifest.finished is None:
+            self.manifest.finished = time.time()
+            self.manifest.save()
+        write_progress(self.manifest.output, dict(s, state=state, updated=time.time()))
+        return s
+
+
+CoordinatorActor = ray.remote(num_cpus=0, max_concurrency=16)(Coordinator)

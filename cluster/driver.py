@@ -1,0 +1,239 @@
+"""Submitting a batch job: validate, plan, start the coordinator and one worker per node, supervise.
+
+Everything that can be checked is checked before any compute: the input
+schema, the model, and (when OUT already has a manifest) that the job is the
+same one, so that rerunning the same command resumes it. Supervision runs
+in a background thread of the submitting process: it replaces workers that
+die, kills workers that stop making progress (their work is requeued), starts
+workers on nodes that join, and watches `OUT/_cancel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ternpool.engine import ModelConfig
+from ternpool.engine.hub import resolve_model_dir
+from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
+from ternpool.jobs.progress import cancel_requested, clear_cancel, request_cancel
+
+from .coordinator import CoordinatorActor
+from .ray_env import alive_nodes, connect
+from .worker import WorkerActor, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    address: str | None = None  # None: embedded local cluster (or the one this process already joined)
+    workers: int | None = None  # None: one per node
+    threads_per_worker: int | None = None  # None: all CPUs of the node
+    slots: int = 8
+    max_context: int | None = None
+    hang_timeout: float = 300.0  # seconds without progress before a worker is declared hung
+    max_worker_restarts: int = 20
+    object_store_memory: int | None = None
+    faults: dict = field(default_factory=dict)  # test hooks, see WorkerConfig
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    output: str
+    job_id: str
+    state: str  # finished | cancelled | failed
+    rows: int
+    failed_rows: int
+    prompt_tokens: int
+    generated_tokens: int
+    wall_s: float
+    retries: int
+    worker_restarts: int
+    per_worker: dict
+    error: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: JobSpec
+    inputs: object
+    shards: list
+    manifest: Manifest
+    model_dir: str
+    config: ModelConfig
+
+    @property
+    def todo(self) -> list:
+        return [s for s in self.shards if not self.manifest.is_done(s.shard_id)]
+
+
+def prepare(spec: JobSpec) -> Plan:
+    """All checks before compute; creates or resumes OUT/_manifest.json."""
+    inputs = open_inputs(spec.inputs)
+    model_dir = str(resolve_model_dir(spec.model))
+    cfg = ModelConfig.from_dir(model_dir)
+    shards = plan_shards(inputs, spec.shard_rows)
+    manifest = Manifest.open(spec.output, spec, inputs, shards, model_fingerprint(model_dir))
+    return Plan(spec, inputs, shards, manifest, model_dir, cfg)
+
+
+class JobHandle:
+    """A running job: `progress()`, `wait()`, `cancel()`, `output`."""
+
+    def __init__(self, plan: Plan, pool: PoolConfig):
+        self.plan, self.pool, self.output = plan, pool, plan.spec.output
+        self.job_id = plan.manifest.job_id
+        self._owns_ray = connect(pool.address, pool.object_store_memory)
+        self._started = time.time()
+        self._summary: JobSummary | None = None
+        self._error: BaseException | None = None
+        self._workers: dict[str, tuple] = {}  # worker_id -> (actor, run ref, node)
+        self._restarts = 0
+        self._cancel = threading.Event()
+        clear_cancel(self.output)
+        here = ray.get_runtime_context().get_node_id()
+        self.coordinator = CoordinatorActor.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
+            plan.spec, plan.inputs, plan.shards, plan.manifest, plan.spec.max_retries)
+        self._thread = threading.Thread(target=self._supervise, name="ternpool-supervisor", daemon=True)
+        self._thread.start()
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def progress(self) -> dict:
+        return ray.get(self.coordinator.stats.remote(), timeout=30)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> JobSummary:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"job {self.job_id} still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._summary
+
+    @property
+    def workers(self) -> dict:
+        """worker_id -> actor handle (for inspection and fault tests)."""
+        return {wid: w[0] for wid, w in self._workers.items()}
+
+    # -- supervision -----------------------------------------------------------------------------
+
+    def _start_worker(self, node: str) -> None:
+        wid = f"w-{node[:8]}-{uuid.uuid4().hex[:6]}"
+        cpus = self.pool.threads_per_worker or alive_nodes().get(node, 1.0)
+        cfg = WorkerConfig(self.plan.model_dir, threads=self.pool.threads_per_worker, slots=self.pool.slots,
+                           max_context=self.pool.max_context, truncate=self.plan.spec.truncate,
+                           faults=self.pool.faults)
+        actor = WorkerActor.options(
+            num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            name=None).remote(wid, cfg, self.coordinator, self.plan.spec, self.plan.inputs.text_column)
+        self._workers[wid] = (actor, actor.run.remote(), node)
+        log.info("started worker %s on node %s (%d CPUs)", wid, node[:8], int(cpus))
+
+    def _fill_nodes(self) -> None:
+        nodes = alive_nodes()
+        busy = {w[2] for w in self._workers.values()}
+        for node in nodes:
+            if self.pool.workers is not None and len(self._workers) >= self.pool.workers:
+                return
+            if node not in busy:
+                self._start_worker(node)
+
+    def _reap(self) -> None:
+        refs = {w[1]: wid for wid, w in self._workers.items()}
+        if not refs:
+            return
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        for ref in ready:
+            wid = refs[ref]
+            actor, _, node = self._workers.pop(wid)
+            try:
+                rows = ray.get(ref, timeout=10)
+                log.info("worker %s finished after %d rows", wid, rows)
+            except (RayActorError, GetTimeoutError) as e:
+                n = ray.get(self.coordinator.worker_lost.remote(wid, type(e).__name__), timeout=30)
+                log.warning("worker %s on node %s was lost (%s); %d piece(s) requeued", wid, node[:8],
+                            type(e).__name__, n)
+                self._restarts += 1
+                if self._restarts > self.pool.max_worker_restarts:
+                    raise RuntimeError(f"{self._restarts} worker losses: giving up (see the worker logs)") from e
+
+    def _kill_hung(self) -> None:
+        for wid in ray.get(self.coordinator.stale_workers.remote(self.pool.hang_timeout), timeout=30):
+            if wid in self._workers:
+                log.warning("worker %s made no progress for %.0f s: killing it, its work is requeued",
+                            wid, self.pool.hang_timeout)
+                ray.kill(self._workers[wid][0], no_restart=True)
+
+    def _supervise(self) -> None:
+        state = "failed"
+        try:
+            last_progress = 0.0
+            while True:
+                if self._cancel.is_set() or cancel_requested(self.output):
+                    ray.get(self.coordinator.cancel.remote(), timeout=30)
+                    state = "cancelled"
+                    break
+                self._reap()
+                stats = ray.get(self.coordinator.stats.remote(), timeout=30)
+                if stats["done"]:
+                    state = "finished"
+                    break
+                self._kill_hung()
+                self._fill_nodes()
+                if time.monotonic() - last_progress > 1.0:
+                    ray.get(self.coordinator.write_progress.remote("running"), timeout=30)
+                    last_progress = time.monotonic()
+                time.sleep(_POLL_S)
+        except BaseException as e:  # surfaced by wait()
+            self._error = e
+        finally:
+            self._finish(state)
+
+    def _finish(self, state: str) -> None:
+        try:
+            stats = ray.get(self.coordinator.write_progress.remote(state), timeout=30)
+            for actor, _, _ in self._workers.values():
+                ray.kill(actor, no_restart=True)
+            self._workers.clear()
+            if state == "cancelled":
+                clear_cancel(self.output)
+            self._summary = JobSummary(
+                self.output, self.job_id, state, stats["rows_done"], stats["failed_rows"], stats["prompt_tokens"],
+                stats["generated_tokens"], time.time() - self._started, stats["retries"], self._restarts,
+                stats["workers"], None if self._error is None else str(self._error))
+        finally:
+            if self._owns_ray:
+                ray.shutdown()
+
+
+def submit(inputs: str, model: str, output: str, *, pool: PoolConfig | None = None, **job) -> JobHandle:
+    """Validate and start a batch job; returns at once with a `JobHandle`.
+
+    `job` takes the `JobSpec` fields: max_tokens, temperature, top_p, top_k, seed, stop,
+    shard_rows, max_retries, truncate.
+    """
+    plan = prepare(JobSpec(inputs=inputs, output=output, model=model, **job))
+    return JobHandle(plan, pool or PoolConfig())
+
+
+def request_job_cancel(output: str) -> None:
+    """What `ternpool cancel OUT` does: the driver polls OUT/_cancel."""
+    request_cancel(output)

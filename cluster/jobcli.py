@@ -1,0 +1,205 @@
+"""`ternpool submit | status | cancel | demo`: argument parsing and printing for batch jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("ternpool")
+
+
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", required=True, help="output directory (part files + _manifest.json)")
+    p.add_argument("--address", help="Ray cluster to join ('auto' for the one this node belongs to); "
+                   "default: start an embedded local cluster")
+    p.add_argument("--workers", type=int, help="number of worker actors (default: one per node)")
+    p.add_argument("--threads-per-worker", type=int, help="Numba threads (CPUs) per worker (default: all of the node's)")
+    p.add_argument("--slots", type=int, default=8, help="sequences each worker decodes at once (default: 8)")
+    p.add_argument("--max-context", type=int, help="context length per slot (default: 2048 or the model's)")
+    p.add_argument("--max-tokens", type=int, default=128, help="default tokens to generate per row (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="default temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="default nucleus mass (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="default top-k (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="job seed: rows without a seed get one derived from it "
+                   "and their row_index (default: 0)")
+    p.add_argument("--stop", action="append", help="default stop string (repeatable)")
+    p.add_argument("--shard-rows", type=int, default=64, help="rows per shard at most (default: 64)")
+    p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose worker is lost (default: 3)")
+    p.add_argument("--truncate", choices=["error", "left"], default="error",
+                   help="a prompt longer than the context: an error row (default), or keep its end")
+    p.add_argument("--hang-timeout", type=float, default=300.0,
+                   help="seconds without progress before a worker is declared hung (default: 300)")
+    p.add_argument("--dry-run", action="store_true", help="validate input and model, print the plan, do not run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _job_kwargs(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                seed=args.seed, stop=tuple(args.stop or ()), shard_rows=args.shard_rows,
+                max_retries=args.max_retries, truncate=args.truncate)
+
+
+def _pool(args):
+    from .driver import PoolConfig
+
+    return PoolConfig(address=args.address, workers=args.workers, threads_per_worker=args.threads_per_worker,
+                      slots=args.slots, max_context=args.max_context, hang_timeout=args.hang_timeout)
+
+
+def _print_plan(plan, pool) -> None:
+    cfg = plan.config
+    ctx = min(pool.max_context or 2048, cfg.max_position_embeddings)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * ctx * pool.slots
+    weights = sum(f.stat().st_size for f in Path(plan.model_dir).glob("*.safetensors"))
+    todo = plan.todo
+    print(f"input:   {plan.inputs.uri}: {len(plan.inputs.files)} file(s), {plan.inputs.num_rows} rows, "
+          f"text column '{plan.inputs.text_column}', passthrough {list(plan.inputs.passthrough)}")
+    print(f"shards:  {len(plan.shards)} of <= {plan.spec.shard_rows} rows; {len(todo)} to run "
+          f"({sum(s.num_rows for s in todo)} rows), {len(plan.shards) - len(todo)} already done")
+    print(f"model:   {plan.model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.quantization_mode})")
+    print(f"workers: {pool.workers or 'one per node'}, {pool.slots} slots x {ctx} tokens each; memory per "
+          f"worker ~{(weights + kv) / 1e9:.2f} GB (weights {weights / 1e9:.2f} GB mapped, shared per node; "
+          f"KV cache up to {kv / 1e9:.2f} GB)")
+    print(f"output:  {plan.spec.output}")
+
+
+def _run(handle, show_progress: bool):
+    from tqdm import tqdm
+
+    total = handle.plan.manifest.num_rows
+    bar = tqdm(total=total, unit="row", disable=not show_progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        while True:
+            try:
+                return handle.wait(timeout=0.5)
+            except TimeoutError:
+                pass
+            try:
+                s = handle.progress()
+            except Exception:  # the coordinator may be gone while the job winds down
+                continue
+            bar.n = s["rows_done"]
+            bar.set_postfix(tok_s=f"{s['tokens_per_s']:.1f}", workers=len(s["workers"]), failed=s["failed_rows"],
+                            refresh=False)
+            bar.refresh()
+    except KeyboardInterrupt:
+        bar.write("interrupted: cancelling (completed shards are kept; rerun the same command to resume)")
+        handle.cancel()
+        return handle.wait()
+    finally:
+        bar.close()
+
+
+def print_summary(summary) -> None:
+    print(f"job {summary.job_id}: {summary.state}; {summary.rows} rows ({summary.failed_rows} failed), "
+          f"{summary.prompt_tokens} prompt + {summary.generated_tokens} generated tokens in {summary.wall_s:.1f} s "
+          f"= {summary.tokens_per_s:.1f} tokens/s; {summary.retries} retries, {summary.worker_restarts} worker losses")
+    for wid, w in sorted(summary.per_worker.items()):
+        rate = w["generated_tokens"] / summary.wall_s if summary.wall_s else 0.0
+        print(f"  {wid}: {w['rows']} rows, {w['generated_tokens']} tokens, {rate:.1f} tokens/s")
+    print(f"output: {summary.output} (read with ternpool.jobs.read_output)")
+
+
+def cmd_submit(args) -> int:
+    from .driver import JobHandle, prepare
+    from ternpool.jobs import JobSpec
+
+    spec = JobSpec(inputs=args.input, output=args.output, model=args.model, **_job_kwargs(args))
+    plan = prepare(spec)
+    pool = _pool(args)
+    if args.dry_run:
+        _print_plan(plan, pool)
+        return 0
+    if not plan.todo:
+        print(f"nothing to do: all {len(plan.shards)} shards of {args.output} are complete")
+        return 0
+    summary = _run(JobHandle(plan, pool), show_progress=not args.no_progress and sys.stderr.isatty())
+    print_summary(summary)
+    if summary.error:
+        print(f"error: {summary.error}", file=sys.stderr)
+        return 1
+    return 0 if summary.state == "finished" else 130
+
+
+def cmd_status(args) -> int:
+    from ternpool.jobs import status
+
+    s = status(args.output)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"job {s.get('job_id')}: {s['state']}; {s['rows_done']}/{s['rows_total']} rows, "
+          f"{s['shards_done']}/{s['shards_total']} shards, {s.get('failed_rows', 0)} failed rows"
+          + (f", {s['tokens_per_s']:.1f} tokens/s" if s.get("tokens_per_s") else ""))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from .driver import request_job_cancel
+
+    request_job_cancel(args.output)
+    print(f"cancel requested: the job writing {args.output} stops at its next check (within a second)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .driver import JobHandle, PoolConfig, prepare
+    from ternpool.engine.modelgen import make_model
+    from ternpool.jobs import JobSpec
+    from ternpool.jobs.demo import write_demo_prompts
+
+    root = Path(args.dir)
+    model = root / "model"
+    if not (model / "config.json").exists():
+        make_model(model, "tiny")
+        print(f"made a tiny random model in {model}")
+    prompts = root / "prompts.parquet"
+    if not prompts.exists():
+        write_demo_prompts(prompts, rows=args.rows)
+        print(f"wrote {args.rows} example prompts to {prompts}")
+    output = root / "output"
+    plan = prepare(JobSpec(inputs=str(prompts), output=str(output), model=str(model), max_tokens=32,
+                           shard_rows=32))
+    summary = _run(JobHandle(plan, PoolConfig(slots=8)), show_progress=sys.stderr.isatty())
+    print_summary(summary)
+    from ternpool.jobs import read_output
+
+    table = read_output(str(output))
+    print(f"first rows of {output}:")
+    for row in table.slice(0, 5).to_pylist():
+        text = (row["generated_text"] or "").replace("\n", " ")
+        print(f"  row {row['row_index']} id={row.get('id')!r} {row['finish_reason']:<6} "
+              f"{row['completion_tokens']:>3} tokens  {text[:40]!r}" + (f" error: {row['error']}" if row["error"] else ""))
+    return 0 if summary.state == "finished" else 1
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("submit", help="run a batch job over Parquet prompts on a Ray worker pool",
+                       description="Generate for every row of INPUT (a Parquet file, directory, glob or URI with a "
+                       "'prompt' or 'messages' column) and write OUT/part-*.parquet + OUT/_manifest.json, one "
+                       "output row per input row. Rerunning the same command resumes.")
+    s.add_argument("input", help="Parquet file, directory, glob or URI")
+    s.add_argument("--model", "-m", required=True, help="model directory (on every node) or Hub id")
+    add_job_options(s)
+    s.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", help="progress of a running or finished job (reads OUT)")
+    st.add_argument("output", help="the job's output directory")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("cancel", help="stop a running job, keeping its completed shards")
+    c.add_argument("output", help="the job's output directory")
+    c.set_defaults(func=cmd_cancel)
+
+    d = sub.add_parser("demo", help="make a tiny model and example prompts, run a job on the embedded cluster",
+                       description="Everything in DIR: a tiny random model, an example prompts Parquet, and the "
+                       "job's output. Rerunning reuses them (and resumes the job).")
+    d.add_argument("--dir", default="ternpool-demo", help="working directory (default: ./ternpool-demo)")
+    d.add_argument("--rows", type=int, default=200, help="example prompts to write (default: 200)")
+    d.set_defaults(func=cmd_demo)

@@ -1,0 +1,120 @@
+"""The worker actor: one per node, owning that node's CPUs for Numba threads.
+
+`run()` pulls pieces of shards from the coordinator whenever the engine has
+a free slot and streams their rows into the engine's continuous batching,
+so the next shard starts while the last rows of the previous one finish.
+Finished pieces go back to the coordinator with their results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from ternpool.engine import Engine, Request, Result
+from ternpool.jobs.rows import to_requests
+
+from .coordinator import DONE, WAIT
+
+log = logging.getLogger(__name__)
+
+_HEARTBEAT_S = 1.0
+_IDLE_WAIT_S = 0.05
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str
+    threads: int | None = None  # None: all CPUs Ray gave this worker
+    slots: int = 8
+    max_context: int | None = None
+    truncate: str = "error"
+    faults: dict = field(default_factory=dict)  # test hooks: {"exit_on_prompt": s, "hang_on_prompt": s}
+
+
+@dataclass
+class _Pending:
+    rows: int
+    results: dict = field(default_factory=dict)  # row_index -> Result
+
+
+class Worker:
+    def __init__(self, worker_id: str, config: WorkerConfig, coordinator, spec, text_column: str):
+        self.worker_id, self.config, self.coordinator = worker_id, config, coordinator
+        self.spec, self.text_column = spec, text_column
+        threads = config.threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        self.engine = Engine.load(config.model, threads=threads, slots=config.slots,
+                                  max_context=config.max_context, truncate=config.truncate)
+        self.node = ray.get_runtime_context().get_node_id()
+        self.pending: dict[tuple, _Pending] = {}
+        self.last_beat = 0.0
+
+    def info(self) -> dict:
+        return {"worker_id": self.worker_id, "node": self.node, "pid": os.getpid(), "threads": self.engine.threads}
+
+    def _beat(self, _tokens: int = 0) -> None:
+        now = time.monotonic()
+        if now - self.last_beat >= _HEARTBEAT_S:
+            self.last_beat = now
+            self.coordinator.heartbeat.remote(self.worker_id)
+
+    def _fault(self, req: Request) -> None:
+        f = self.config.faults
+        if f.get("exit_on_prompt") is not None and req.prompt == f["exit_on_prompt"]:
+            os._exit(1)
+        if f.get("hang_on_prompt") is not None and req.prompt == f["hang_on_prompt"]:
+            while True:
+                time.sleep(3600)
+
+    def _source(self):
+        while True:
+            lease = ray.get(self.coordinator.lease.remote(self.worker_id), timeout=120)
+            if lease == DONE:
+                return
+            if lease == WAIT:
+                if self.engine.running == 0:
+                    time.sleep(_IDLE_WAIT_S)
+                    self._beat()
+                yield None
+                continue
+            key, table = lease
+            pending = self.pending[tuple(key)] = _Pending(table.num_rows)
+            for rr in to_requests(table, self.spec, self.text_column):
+                if rr.request is None:
+                    pending.results[rr.row_index] = Result.failed(rr.row_index, rr.error)
+                    continue
+                if self.config.faults:
+                    self._fault(rr.request)
+                yield Request((tuple(key), rr.row_index), rr.request.prompt, rr.request.messages,
+                              rr.request.params, rr.request.prompt_token_ids)
+            self._finish_if_complete(tuple(key))
+
+    def _finish_if_complete(self, key: tuple) -> None:
+        p = self.pending[key]
+        if len(p.results) == p.rows:
+            del self.pending[key]
+            ray.get(self.coordinator.complete.remote(self.worker_id, key, list(p.results.values())), timeout=300)
+
+    def run(self) -> int:
+        """Work until the coordinator has nothing left; returns the rows this worker finished."""
+        ray.get(self.coordinator.register.remote(self.worker_id, self.node), timeout=60)
+        done = 0
+        for res in self.engine.stream(self._source(), on_step=self._beat):
+            key, row_index = res.key
+            self.pending[key].results[row_index] = _rekey(res, row_index)
+            done += 1
+            self._finish_if_complete(key)
+        return done
+
+
+def _rekey(res: Result, key) -> Result:
+    from dataclasses import replace
+
+    return replace(res, key=key, prompt_token_ids=())
+
+
+WorkerActor = ray.remote(max_concurrency=2, max_restarts=0)(Worker)

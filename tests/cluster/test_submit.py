@@ -1,0 +1,136 @@
+"""Batch jobs end to end: embedded cluster, multi-node cluster, faults, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from ternpool.cluster.driver import PoolConfig, submit
+from ternpool.engine import Engine, Request, SamplingParams
+from ternpool.jobs import read_output
+
+pytestmark = pytest.mark.cluster
+
+
+def _check_exactly_once(out, rows: int, bad: dict):
+    table = read_output(str(out))
+    assert table.num_rows == rows
+    assert table.column("row_index").to_pylist() == list(range(rows))
+    assert table.column("id").to_pylist() == [f"r{i}" for i in range(rows)]
+    errors = {i: e for i, e in enumerate(table.column("error").to_pylist()) if e is not None}
+    assert set(errors) == set(bad), errors
+    assert all(f == ("error" if i in bad else f) for i, f in enumerate(table.column("finish_reason").to_pylist()))
+    return table
+
+
+def test_end_to_end_on_the_embedded_cluster(tmp_path, tiny_model, make_prompts):
+    src = tmp_path / "prompts.parquet"
+    bad = make_prompts(src, 300)
+    out = tmp_path / "out"
+    handle = submit(str(src), tiny_model, str(out), max_tokens=10, shard_rows=40,
+                    pool=PoolConfig(slots=8, threads_per_worker=1))
+    summary = handle.wait(timeout=600)
+    assert summary.state == "finished" and summary.rows == 300 and summary.failed_rows == len(bad)
+    table = _check_exactly_once(out, 300, bad)
+    assert table.column_names[:2] == ["row_index", "id"]
+    assert {"prompt", "max_tokens", "temperature", "seed", "meta", "generated_text", "finish_reason",
+            "prompt_tokens", "completion_tokens", "error"} <= set(table.column_names)
+    assert table.column("meta").to_pylist()[7] == {"n": 7, "tag": "t1"}
+    assert summary.generated_tokens == sum(table.column("completion_tokens").to_pylist())
+
+    # greedy rows equal the engine run directly on the same prompts
+    rows = table.to_pylist()
+    greedy = [r for r in rows if r["error"] is None and r["temperature"] is None][:40]
+    engine = Engine.load(tiny_model, slots=4)
+    direct = engine.generate([Request(r["row_index"], prompt=r["prompt"], params=SamplingParams(
+        max_tokens=r["max_tokens"] or 10, seed=r["seed"])) for r in greedy])
+    assert [d.text for d in direct] == [r["generated_text"] for r in greedy]
+    assert [d.completion_tokens for d in direct] == [r["completion_tokens"] for r in greedy]
+
+    # rerunning the same job finds nothing to do and duplicates nothing
+    again = submit(str(src), tiny_model, str(out), max_tokens=10, shard_rows=40,
+                   pool=PoolConfig(threads_per_worker=1)).wait(timeout=300)
+    assert again.state == "finished"
+    assert read_output(str(out)).num_rows == 300
+
+
+def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_prompts, ray_cluster):
+    cluster, nodes = ray_cluster
+    src = tmp_path / "prompts.parquet"
+    bad = make_prompts(src, 240, seed=1)
+    out = tmp_path / "out"
+    handle = submit(str(src), tiny_model, str(out), max_tokens=24, shard_rows=10,
+                    pool=PoolConfig(slots=4, hang_timeout=60))
+    deadline = time.time() + 120
+    while handle.progress()["rows_done"] < 30 and time.time() < deadline:
+        time.sleep(0.2)
+    # kill one worker process mid-shard
+    victim = next(iter(handle.workers.values()))
+    import ray
+
+    pid = ray.get(victim.info.remote(), timeout=30)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    while handle.progress()["rows_done"] < 120 and time.time() < deadline:
+        time.sleep(0.2)
+    cluster.remove_node(nodes[2], allow_graceful=False)  # lose a whole node
+    summary = handle.wait(timeout=600)
+    assert summary.state == "finished", summary
+    assert summary.worker_restarts >= 2 and summary.retries >= 1
+    _check_exactly_once(out, 240, bad)
+    busy = [w for w in summary.per_worker.values() if w["rows"] > 0]
+    assert len({w["node"] for w in busy}) >= 2  # work spread over nodes
+
+
+def test_poison_row_is_isolated_and_hung_worker_is_replaced(tmp_path, tiny_model, ray_cluster):
+    src = tmp_path / "prompts.parquet"
+    prompts = [f"prompt number {i}" for i in range(48)]
+    prompts[13] = "POISON"
+    prompts[30] = "HANG"
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(48)], "prompt": prompts}), src)
+    out = tmp_path / "out"
+    handle = submit(str(src), tiny_model, str(out), max_tokens=6, shard_rows=8, max_retries=1,
+                    pool=PoolConfig(slots=4, hang_timeout=4, max_worker_restarts=40,
+                                    faults={"exit_on_prompt": "POISON", "hang_on_prompt": "HANG"}))
+    summary = handle.wait(timeout=900)
+    assert summary.state == "finished"
+    table = read_output(str(out))
+    assert table.column("row_index").to_pylist() == list(range(48))
+    errors = {i: e for i, e in enumerate(table.column("error").to_pylist()) if e is not None}
+    assert set(errors) == {13, 30}
+    assert "worker was lost" in errors[13]
+
+
+def test_driver_killed_mid_job_then_rerun_resumes(tmp_path, tiny_model, make_prompts):
+    src = tmp_path / "prompts.parquet"
+    bad = make_prompts(src, 400, seed=2)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model,
+           "--output", str(out), "--max-tokens", "16", "--shard-rows", "20", "--threads-per-worker", "1",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    manifest = out / "_manifest.json"
+    deadline = time.time() + 180
+    import json
+
+    while time.time() < deadline:
+        if manifest.exists():
+            done = len(json.loads(manifest.read_text())["completed"])
+            if done >= 3:
+                break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded cluster it started
+    proc.wait()
+    done_before = len(json.loads(manifest.read_text())["completed"])
+    assert 3 <= done_before < 20
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "finished" in rerun.stdout
+    _check_exactly_once(out, 400, bad)
