@@ -68,6 +68,7 @@ class Coordinator:
         self.shards = {s.shard_id: s for s in shards}
         self.partial: dict[int, dict[int, Result]] = {}  # shard_id -> row_index -> result
         self.workers: dict[str, _WorkerState] = {}
+        self.lost: dict[str, _WorkerState] = {}  # kept for the per-worker summary
         self.cancelled = False
         self.retries = 0
         self.rows_done = sum(v["rows"] for v in manifest.completed.values())
@@ -126,9 +127,11 @@ class Coordinator:
             w = self.workers.pop(worker_id, None)
             if w is None:
                 return 0
-            for piece in w.leased.values():
+            self.lost[worker_id] = w
+            held, w.leased = list(w.leased.values()), {}
+            for piece in held:
                 self._requeue(piece, reason)
-            return len(w.leased)
+            return len(held)
 
     def stale_workers(self, timeout: float) -> list[str]:
         """Workers holding work that have not made progress for `timeout` seconds."""
@@ -199,9 +202,11 @@ class Coordinator:
                 "elapsed_s": elapsed,
                 "done": not self.remaining,
                 "cancelled": self.cancelled,
+                "active_workers": len(self.workers),
                 "workers": {wid: {"node": w.node, "rows": w.rows, "prompt_tokens": w.prompt_tokens,
-                                  "generated_tokens": w.generated_tokens, "leased": len(w.leased)}
-                            for wid, w in self.workers.items()},
+                                  "generated_tokens": w.generated_tokens, "leased": len(w.leased),
+                                  "lost": wid in self.lost}
+                            for wid, w in list(self.workers.items()) + list(self.lost.items())},
             }
 
     def write_progress(self, state: str) -> dict:

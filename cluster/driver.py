@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ternpool.engine import ModelConfig
@@ -167,7 +167,10 @@ class JobHandle:
             try:
                 rows = ray.get(ref, timeout=10)
                 log.info("worker %s finished after %d rows", wid, rows)
-            except (RayActorError, GetTimeoutError) as e:
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                if isinstance(e, RayTaskError):  # the worker's code raised: log it, replace the worker
+                    log.error("worker %s failed: %s", wid, e)
+                    ray.kill(actor, no_restart=True)
                 n = ray.get(self.coordinator.worker_lost.remote(wid, type(e).__name__), timeout=30)
                 log.warning("worker %s on node %s was lost (%s); %d piece(s) requeued", wid, node[:8],
                             type(e).__name__, n)

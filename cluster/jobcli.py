@@ -84,7 +84,7 @@ def _run(handle, show_progress: bool):
             except Exception:  # the coordinator may be gone while the job winds down
                 continue
             bar.n = s["rows_done"]
-            bar.set_postfix(tok_s=f"{s['tokens_per_s']:.1f}", workers=len(s["workers"]), failed=s["failed_rows"],
+            bar.set_postfix(tok_s=f"{s['tokens_per_s']:.1f}", workers=s["active_workers"], failed=s["failed_rows"],
                             refresh=False)
             bar.refresh()
     except KeyboardInterrupt:
@@ -101,7 +101,8 @@ def print_summary(summary) -> None:
           f"= {summary.tokens_per_s:.1f} tokens/s; {summary.retries} retries, {summary.worker_restarts} worker losses")
     for wid, w in sorted(summary.per_worker.items()):
         rate = w["generated_tokens"] / summary.wall_s if summary.wall_s else 0.0
-        print(f"  {wid}: {w['rows']} rows, {w['generated_tokens']} tokens, {rate:.1f} tokens/s")
+        lost = " (lost)" if w.get("lost") else ""
+        print(f"  {wid}{lost}: {w['rows']} rows, {w['generated_tokens']} tokens, {rate:.1f} tokens/s")
     print(f"output: {summary.output} (read with ternpool.jobs.read_output)")
 
 

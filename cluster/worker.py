@@ -94,8 +94,8 @@ class Worker:
             self._finish_if_complete(tuple(key))
 
     def _finish_if_complete(self, key: tuple) -> None:
-        p = self.pending[key]
-        if len(p.results) == p.rows:
+        p = self.pending.get(key)
+        if p is not None and len(p.results) == p.rows:
             del self.pending[key]
             ray.get(self.coordinator.complete.remote(self.worker_id, key, list(p.results.values())), timeout=300)
 

@@ -39,13 +39,14 @@ def test_end_to_end_on_the_embedded_cluster(tmp_path, tiny_model, make_prompts):
     assert summary.state == "finished" and summary.rows == 300 and summary.failed_rows == len(bad)
     table = _check_exactly_once(out, 300, bad)
     assert table.column_names[:2] == ["row_index", "id"]
-    assert {"prompt", "max_tokens", "temperature", "seed", "meta", "generated_text", "finish_reason",
-            "prompt_tokens", "completion_tokens", "error"} <= set(table.column_names)
+    assert table.column_names == ["row_index", "id", "meta", "generated_text", "finish_reason", "prompt_tokens",
+                                  "completion_tokens", "error"]  # prompt and sampling columns do not pass through
     assert table.column("meta").to_pylist()[7] == {"n": 7, "tag": "t1"}
     assert summary.generated_tokens == sum(table.column("completion_tokens").to_pylist())
 
     # greedy rows equal the engine run directly on the same prompts
-    rows = table.to_pylist()
+    inputs = pq.read_table(src).to_pylist()
+    rows = [dict(r, **inputs[r["row_index"]]) for r in table.to_pylist()]
     greedy = [r for r in rows if r["error"] is None and r["temperature"] is None][:40]
     engine = Engine.load(tiny_model, slots=4)
     direct = engine.generate([Request(r["row_index"], prompt=r["prompt"], params=SamplingParams(

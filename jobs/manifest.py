@@ -1,0 +1,235 @@
+"""The job manifest, `OUT/_manifest.json`: what job an output directory holds and which shards
+are complete, so that rerunning the same job resumes it and a different job is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from . import storage
+from .errors import JobInputError
+from .inputs import InputSet
+from .plan import Shard
+from .spec import JobSpec
+from .storage import MANIFEST_FILE, part_name
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_REQUIRED_KEYS = ("format_version", "inputs", "model", "sampling", "num_shards", "num_rows",
+                  "completed", "job_id", "created")
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists), for exact comparisons."""
+    return json.loads(json.dumps(value))
+
+
+def _sampling_record(spec: JobSpec) -> dict[str, Any]:
+    return {**spec.sampling_defaults(), "shard_rows": spec.shard_rows, "truncate": spec.truncate}
+
+
+@dataclass
+class Manifest:
+    """What an output directory holds: inputs, model, sampling, plan size and completed shards."""
+
+    output: str
+    inputs: list[dict]  # InputSet.fingerprint()
+    model: dict  # model fingerprint (given by the caller)
+    sampling: dict  # JobSpec.sampling_defaults() + {"shard_rows", "truncate"}
+    num_shards: int
+    num_rows: int
+    # shard_id -> {"rows": n, "file": part name, "failed_rows": k}
+    completed: dict[int, dict] = field(default_factory=dict)
+    job_id: str = ""
+    created: float = 0.0
+    finished: float | None = None
+
+    @classmethod
+    def open(cls, output: str, spec: JobSpec, inputs: InputSet, plan: list[Shard],
+             model: dict) -> "Manifest":
+        """The manifest of `output` for this job: a new one (saved at once) when the directory
+        has none, or the existing one to resume when it describes the same job. JobInputError
+        saying what differs when the directory holds a different job."""
+        output = storage.normalize(output)  # actors may run in another working directory
+        wanted = cls(
+            output=output,
+            inputs=_jsonable(inputs.fingerprint()),
+            model=_jsonable(model),
+            sampling=_jsonable(_sampling_record(spec)),
+            num_shards=len(plan),
+            num_rows=inputs.num_rows,
+            completed={},
+            job_id=uuid.uuid4().hex,
+            created=time.time(),
+        )
+        fs, base = storage.resolve(output)
+        if not storage.exists(fs, storage.join(base, MANIFEST_FILE)):
+            base_type = fs.get_file_info(base).type
+            if base_type not in (pafs.FileType.NotFound, pafs.FileType.Directory):
+                raise JobInputError(f"output {output} exists and is not a directory")
+            if base_type == pafs.FileType.Directory:
+                strays = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base))
+                          if i.base_name.startswith("part-")]
+                if strays:
+                    log.warning("output %s has %d part file(s) but no manifest; they will be "
+                                "overwritten or ignored", output, len(strays))
+            try:
+                wanted.save()
+            except OSError as exc:
+                raise JobInputError(f"cannot create the job manifest in output {output}: "
+                                    f"{exc}") from None
+            log.info("job %s: new output %s, %d shards, %d rows", wanted.job_id, output,
+                     wanted.num_shards, wanted.num_rows)
+            return wanted
+        existing = cls.load(output)
+        differences = existing._differences(wanted)
+        if differences:
+            raise JobInputError(
+                f"output {output} holds a different job (job_id {existing.job_id}): "
+                + "; ".join(differences)
+                + ". Use a new --output directory (or delete this one) to run this job.")
+        existing._forget_missing_parts()
+        if existing.finished is not None and len(existing.done_shards()) < existing.num_shards:
+            existing.finished = None
+        existing.save()
+        log.info("job %s: resuming in %s, %d of %d shards done", existing.job_id, output,
+                 len(existing.done_shards()), existing.num_shards)
+        return existing
+
+    def _differences(self, wanted: "Manifest") -> list[str]:
+        """What differs between this (stored) manifest and the job `wanted` describes."""
+        out: list[str] = []
+        old_inputs = {f["path"]: f for f in self.inputs}
+        new_inputs = {f["path"]: f for f in wanted.inputs}
+        for path in old_inputs.keys() - new_inputs.keys():
+            out.append(f"input {path} is no longer among the inputs")
+        for path in new_inputs.keys() - old_inputs.keys():
+            out.append(f"input {path} was not among the inputs")
+        for path in sorted(old_inputs.keys() & new_inputs.keys()):
+            old, new = old_inputs[path], new_inputs[path]
+            changes = [f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+                       for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+            if changes:
+                out.append(f"input {path} changed ({', '.join(changes)})")
+        if not out and [f["path"] for f in self.inputs] != [f["path"] for f in wanted.inputs]:
+            out.append("the input files are in a different order")
+        for name in ("model", "sampling"):
+            old, new = getattr(self, name), getattr(wanted, name)
+            for key in sorted(old.keys() | new.keys()):
+                if old.get(key) != new.get(key):
+                    out.append(f"{name} {key} changed ({old.get(key)!r} -> {new.get(key)!r})")
+        for name in ("num_shards", "num_rows"):
+            old, new = getattr(self, name), getattr(wanted, name)
+            if old != new:
+                out.append(f"{name} changed ({old} -> {new})")
+        return out
+
+    def _forget_missing_parts(self) -> None:
+        """Completed shards whose part file has gone are done again rather than lost."""
+        fs, base = storage.resolve(self.output)
+        for shard_id in sorted(self.completed):
+            name = self.completed[shard_id].get("file") or part_name(shard_id)
+            if not storage.exists(fs, storage.join(base, name)):
+                log.warning("shard %d is recorded as complete but %s is missing; it will run "
+                            "again", shard_id, name)
+                del self.completed[shard_id]
+
+    def done_shards(self) -> set[int]:
+        """The completed shard ids within the plan."""
+        return {s for s in self.completed if 0 <= s < self.num_shards}
+
+    def is_done(self, shard_id: int) -> bool:
+        return shard_id in self.completed
+
+    def record(self, shard_id: int, rows: int, failed_rows: int) -> None:
+        """Mark a shard complete (its part file written) and save the manifest atomically.
+        When every shard of the plan is complete, `finished` is set too."""
+        self.completed[int(shard_id)] = {"rows": int(rows), "file": part_name(shard_id),
+                                         "failed_rows": int(failed_rows)}
+        if self.finished is None and len(self.done_shards()) == self.num_shards:
+            self.finished = time.time()
+        self.save()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "output": self.output,
+            "inputs": self.inputs,
+            "model": self.model,
+            "sampling": self.sampling,
+            "num_shards": self.num_shards,
+            "num_rows": self.num_rows,
+            "completed": {str(k): v for k, v in sorted(self.completed.items())},
+            "job_id": self.job_id,
+            "created": self.created,
+            "finished": self.finished,
+        }
+
+    def save(self) -> None:
+        """Write `_manifest.json.tmp`, then rename it onto `_manifest.json` (atomic)."""
+        fs, base = storage.resolve(self.output)
+        data = json.dumps(self.to_json(), sort_keys=True, indent=1).encode("utf-8")
+        storage.write_bytes_atomic(fs, storage.join(base, MANIFEST_FILE), data,
+                                   tmp_path=storage.join(base, MANIFEST_FILE + ".tmp"))
+
+    @classmethod
+    def load(cls, output: str) -> "Manifest":
+        """The manifest in `output`. JobInputError naming the path when it is missing, corrupt
+        or of another format version."""
+        fs, base = storage.resolve(output)
+        path = storage.join(base, MANIFEST_FILE)
+        try:
+            raw = storage.read_bytes(fs, path)
+        except OSError as exc:
+            raise JobInputError(f"cannot read job manifest {path}: {exc}") from None
+        if raw is None:
+            raise JobInputError(f"no job manifest at {path}: {output} is not a ternpool output "
+                                "directory, or its job never started")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise JobInputError(f"job manifest {path} is corrupt (not JSON: {exc})") from None
+        if not isinstance(data, dict):
+            raise JobInputError(f"job manifest {path} is corrupt: expected a JSON object, "
+                                f"found {type(data).__name__}")
+        missing = [k for k in _REQUIRED_KEYS if k not in data]
+        if missing:
+            raise JobInputError(f"job manifest {path} is corrupt: missing key(s) {missing}")
+        if data["format_version"] != FORMAT_VERSION:
+            raise JobInputError(f"job manifest {path} has format version "
+                                f"{data['format_version']!r}; this ternpool reads version "
+                                f"{FORMAT_VERSION}. Use a new --output directory.")
+        try:
+            completed = {int(k): dict(v) for k, v in data["completed"].items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise JobInputError(f"job manifest {path} is corrupt: bad 'completed' "
+                                f"({exc})") from None
+        return cls(output=storage.normalize(output), inputs=data["inputs"], model=data["model"],
+                   sampling=data["sampling"], num_shards=data["num_shards"],
+                   num_rows=data["num_rows"], completed=completed, job_id=data["job_id"],
+                   created=data["created"], finished=data.get("finished"))
+
+
+def model_fingerprint(model_dir: str) -> dict[str, Any]:
+    """What identifies a local model directory without loading it: the sha256 of config.json
+    and the names and sizes of its `*.safetensors` files and safetensors index."""
+    config = os.path.join(model_dir, "config.json")
+    try:
+        with open(config, "rb") as handle:
+            config_sha256 = hashlib.sha256(handle.read()).hexdigest()
+    except OSError as exc:
+        raise JobInputError(f"model {model_dir}: cannot read config.json ({exc})") from None
+    weights = []
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+            weights.append({"name": name, "size": os.path.getsize(os.path.join(model_dir, name))})
+    return {"config_sha256": config_sha256, "weights": weights}
