@@ -166,8 +166,13 @@ def cmd_demo(args) -> int:
     output = root / "output"
     plan = prepare(JobSpec(inputs=str(prompts), output=str(output), model=str(model), max_tokens=32,
                            shard_rows=32))
-    summary = _run(JobHandle(plan, PoolConfig(slots=8)), show_progress=sys.stderr.isatty())
-    print_summary(summary)
+    if plan.todo:
+        summary = _run(JobHandle(plan, PoolConfig(slots=8)), show_progress=sys.stderr.isatty())
+        print_summary(summary)
+        if summary.state != "finished":
+            return 1
+    else:
+        print(f"the job in {output} is already complete")
     from ternpool.jobs import read_output
 
     table = read_output(str(output))
@@ -176,7 +181,7 @@ def cmd_demo(args) -> int:
         text = (row["generated_text"] or "").replace("\n", " ")
         print(f"  row {row['row_index']} id={row.get('id')!r} {row['finish_reason']:<6} "
               f"{row['completion_tokens']:>3} tokens  {text[:40]!r}" + (f" error: {row['error']}" if row["error"] else ""))
-    return 0 if summary.state == "finished" else 1
+    return 0
 
 
 def add_commands(sub) -> None:

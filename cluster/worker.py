@@ -33,7 +33,8 @@ class WorkerConfig:
     slots: int = 8
     max_context: int | None = None
     truncate: str = "error"
-    faults: dict = field(default_factory=dict)  # test hooks: {"exit_on_prompt": s, "hang_on_prompt": s}
+    # test hooks: {"exit_on_prompt": s, "hang_on_prompt": s, "step_delay": seconds (a slow node)}
+    faults: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +58,8 @@ class Worker:
         return {"worker_id": self.worker_id, "node": self.node, "pid": os.getpid(), "threads": self.engine.threads}
 
     def _beat(self, _tokens: int = 0) -> None:
+        if self.config.faults.get("step_delay"):
+            time.sleep(self.config.faults["step_delay"])
         now = time.monotonic()
         if now - self.last_beat >= _HEARTBEAT_S:
             self.last_beat = now

@@ -135,3 +135,84 @@ def test_driver_killed_mid_job_then_rerun_resumes(tmp_path, tiny_model, make_pro
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "finished" in rerun.stdout
     _check_exactly_once(out, 400, bad)
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", *args], capture_output=True, text=True,
+                          timeout=kw.pop("timeout", 300), **kw)
+
+
+def test_cancel_from_another_shell_keeps_completed_shards_and_status_reads_them(tmp_path, tiny_model,
+                                                                                  make_prompts):
+    import json
+
+    src = tmp_path / "prompts.parquet"
+    make_prompts(src, 600, seed=3)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model, "--output",
+           str(out), "--max-tokens", "24", "--shard-rows", "20", "--threads-per-worker", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        m = out / "_manifest.json"
+        if m.exists() and len(json.loads(m.read_text())["completed"]) >= 2:
+            break
+        time.sleep(0.2)
+    assert "cancel requested" in _cli("cancel", str(out)).stdout
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout
+    assert "cancelled" in stdout
+    status = json.loads(_cli("status", str(out), "--json").stdout)
+    assert status["state"] == "cancelled" and 40 <= status["rows_done"] < 600 and status["rows_total"] == 600
+    done = read_output(str(out))
+    assert done.num_rows == status["rows_done"] and len(set(done.column("row_index").to_pylist())) == done.num_rows
+    assert not (out / "_cancel").exists()
+
+
+def test_nodes_that_join_get_workers(tmp_path, tiny_model, make_prompts):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 200 * 1024 ** 2})
+    cluster.add_node(num_cpus=1, object_store_memory=150 * 1024 ** 2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        import pyarrow as pa
+
+        src = tmp_path / "prompts.parquet"
+        pq.write_table(pa.table({"id": [f"r{i}" for i in range(400)],
+                                 "prompt": [f"story {i} of the river" for i in range(400)]}), src)
+        handle = submit(str(src), tiny_model, str(tmp_path / "out"), max_tokens=32, shard_rows=5,
+                        pool=PoolConfig(slots=4, faults={"step_delay": 0.01}))  # ~30 s for one worker
+        deadline = time.time() + 120
+        while handle.progress()["rows_done"] < 10 and time.time() < deadline:
+            time.sleep(0.2)
+        cluster.add_node(num_cpus=1, object_store_memory=150 * 1024 ** 2)
+        summary = handle.wait(timeout=600)
+        assert summary.state == "finished"
+        assert len({w["node"] for w in summary.per_worker.values() if w["rows"] > 0}) == 2
+        _check_exactly_once(tmp_path / "out", 400, {})
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_bad_jobs_fail_before_compute_with_named_errors(tmp_path, tiny_model):
+    import pyarrow as pa
+
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"]}), src)
+    r = _cli("submit", str(src), "--model", tiny_model, "--output", str(tmp_path / "out"))
+    assert r.returncode == 2 and "p.parquet" in r.stderr and "prompt" in r.stderr
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    r = _cli("submit", str(tmp_path / "corrupt.parquet"), "--model", tiny_model, "--output", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "corrupt.parquet" in r.stderr
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "id": [1, 2, 3]}), good)
+    r = _cli("submit", str(good), "--model", str(tmp_path / "nomodel"), "--output", str(tmp_path / "o3"))
+    assert r.returncode == 2 and "nomodel" in r.stderr
+    assert not (tmp_path / "o3" / "_manifest.json").exists()
+    r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o4"), "--dry-run")
+    assert r.returncode == 0 and "3 rows" in r.stdout and "shards:  1" in r.stdout, r.stdout
