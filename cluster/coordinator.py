@@ -77,6 +77,8 @@ class Coordinator:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.started = time.time()
+        self.first_lease: float | None = None  # processing time: first lease to last shard written
+        self.last_written: float | None = None
         self.remaining = {s.shard_id for s in shards if not manifest.is_done(s.shard_id)}
 
     # -- workers ---------------------------------------------------------------------------------
@@ -95,6 +97,8 @@ class Coordinator:
             if not self.queue:
                 return WAIT
             piece = self.queue.popleft()
+            if self.first_lease is None:
+                self.first_lease = time.time()
             w.leased[piece.key] = piece
             w.busy_since = w.busy_since or time.monotonic()
         return piece.key, read_shard(self.inputs, piece.shard)
@@ -174,6 +178,7 @@ class Coordinator:
         write_part(self.manifest.output, shard_id, table)
         failed = sum(1 for r in got.values() if r.error is not None)
         self.manifest.record(shard_id, rows=shard.num_rows, failed_rows=failed)
+        self.last_written = time.time()
         self.remaining.discard(shard_id)
         del self.partial[shard_id]
         self.rows_done += shard.num_rows
@@ -200,6 +205,7 @@ class Coordinator:
                 "generated_tokens": self.generated_tokens,
                 "tokens_per_s": self.generated_tokens / elapsed,
                 "elapsed_s": elapsed,
+                "processing_s": ((self.last_written or time.time()) - self.first_lease) if self.first_lease else 0.0,
                 "done": not self.remaining,
                 "cancelled": self.cancelled,
                 "active_workers": len(self.workers),

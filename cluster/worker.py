@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from ternpool.engine import Engine, Request, Result
+from ternpool.engine import Engine, Request, Result, SamplingParams
 from ternpool.jobs.rows import to_requests
 
 from .coordinator import DONE, WAIT
@@ -50,8 +50,12 @@ class Worker:
         threads = config.threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         self.engine = Engine.load(config.model, threads=threads, slots=config.slots,
                                   max_context=config.max_context, truncate=config.truncate)
+        # compile / load every kernel now, so that the first shard does not pay for it
+        self.engine.generate([Request("warm-up", prompt_token_ids=[self.engine.config.bos_token_id],
+                                      params=SamplingParams(max_tokens=2))])
         self.node = ray.get_runtime_context().get_node_id()
         self.pending: dict[tuple, _Pending] = {}
+        self.sent: list = []  # completions not yet acknowledged by the coordinator
         self.last_beat = 0.0
 
     def info(self) -> dict:
@@ -100,7 +104,14 @@ class Worker:
         p = self.pending.get(key)
         if p is not None and len(p.results) == p.rows:
             del self.pending[key]
-            ray.get(self.coordinator.complete.remote(self.worker_id, key, list(p.results.values())), timeout=300)
+            # not awaited here: the engine goes on while the coordinator writes the shard
+            self.sent.append(self.coordinator.complete.remote(self.worker_id, key, list(p.results.values())))
+            self._check_sent()
+
+    def _check_sent(self, wait: bool = False) -> None:
+        if self.sent:
+            done, self.sent = ray.wait(self.sent, num_returns=len(self.sent), timeout=None if wait else 0)
+            ray.get(done)  # surfaces a coordinator error here
 
     def run(self) -> int:
         """Work until the coordinator has nothing left; returns the rows this worker finished."""
@@ -111,6 +122,7 @@ class Worker:
             self.pending[key].results[row_index] = _rekey(res, row_index)
             done += 1
             self._finish_if_complete(key)
+        self._check_sent(wait=True)
         return done
 
 

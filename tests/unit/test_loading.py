@@ -25,25 +25,20 @@ def model_copy(tiny_model, tmp_path):
     return dst
 
 
-def _edit_config(path, **changes):
+def _edit_config(path, _section: str | None = None, **changes):
+    """Change keys of config.json (or of its `_section` object); a None value removes the key."""
     cfg = json.loads((path / "config.json").read_text())
+    target = cfg[_section] if _section else cfg
     for k, v in changes.items():
         if v is None:
-            cfg.pop(k, None)
+            target.pop(k, None)
         else:
-            cfg[k] = v
+            target[k] = v
     (path / "config.json").write_text(json.dumps(cfg))
 
 
 def _edit_quant(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    qc = cfg["quantization_config"]
-    for k, v in changes.items():
-        if v is None:
-            qc.pop(k, None)
-        else:
-            qc[k] = v
-    (path / "config.json").write_text(json.dumps(cfg))
+    _edit_config(path, "quantization_config", **changes)
 
 
 def _rewrite(path, drop=(), replace=None, add=None):
