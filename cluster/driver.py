@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ternpool.engine import ModelConfig
 from ternpool.engine.hub import resolve_model_dir
 from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
-from ternpool.jobs.progress import cancel_requested, clear_cancel, request_cancel
+from ternpool.jobs.progress import cancel_requested, clear_cancel, request_cancel, write_progress
 
 from .coordinator import CoordinatorActor
 from .ray_env import alive_nodes, connect
@@ -39,7 +39,7 @@ class PoolConfig:
     address: str | None = None  # None: embedded local cluster (or the one this process already joined)
     workers: int | None = None  # None: one per node
     threads_per_worker: int | None = None  # None: all CPUs of the node
-    slots: int = 8
+    slots: int | None = None  # None: 8, fewer if the KV cache would not fit the node's memory
     max_context: int | None = None
     hang_timeout: float = 300.0  # seconds without progress before a worker is declared hung
     max_worker_restarts: int = 20
@@ -105,6 +105,7 @@ class JobHandle:
         self._workers: dict[str, tuple] = {}  # worker_id -> (actor, run ref, node)
         self._restarts = 0
         self._cancel = threading.Event()
+        self._done = threading.Event()
         clear_cancel(self.output)
         here = ray.get_runtime_context().get_node_id()
         self.coordinator = CoordinatorActor.options(
@@ -122,8 +123,8 @@ class JobHandle:
         self._cancel.set()
 
     def wait(self, timeout: float | None = None) -> JobSummary:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        # an Event, not Thread.join: a join interrupted by Ctrl-C can leave the thread looking finished
+        if not self._done.wait(timeout):
             raise TimeoutError(f"job {self.job_id} still running after {timeout} s")
         if self._error is not None:
             raise self._error
@@ -213,9 +214,16 @@ class JobHandle:
 
     def _finish(self, state: str) -> None:
         try:
-            stats = ray.get(self.coordinator.write_progress.remote(state), timeout=30)
+            try:
+                stats = ray.get(self.coordinator.write_progress.remote(state), timeout=30)
+            except Exception as e:  # the coordinator is gone (e.g. the cluster was stopped): use the manifest
+                log.warning("coordinator unreachable at the end of the job (%s); summary from the manifest", e)
+                stats = self._stats_from_manifest(state)
             for actor, _, _ in self._workers.values():
-                ray.kill(actor, no_restart=True)
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # already gone
+                    pass
             self._workers.clear()
             if state == "cancelled":
                 clear_cancel(self.output)
@@ -226,6 +234,16 @@ class JobHandle:
         finally:
             if self._owns_ray:
                 ray.shutdown()
+            self._done.set()
+
+    def _stats_from_manifest(self, state: str) -> dict:
+        m = Manifest.load(self.output)
+        stats = {"rows_done": sum(v["rows"] for v in m.completed.values()),
+                 "failed_rows": sum(v.get("failed_rows", 0) for v in m.completed.values()),
+                 "prompt_tokens": 0, "generated_tokens": 0, "retries": 0, "workers": {}, "processing_s": 0.0}
+        write_progress(self.output, dict(stats, state=state, job_id=m.job_id, rows_total=m.num_rows,
+                                         shards_total=m.num_shards, shards_done=len(m.completed)))
+        return stats
 
 
 def submit(inputs: str, model: str, output: str, *, pool: PoolConfig | None = None, **job) -> JobHandle:

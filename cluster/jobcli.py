@@ -18,7 +18,8 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    "default: start an embedded local cluster")
     p.add_argument("--workers", type=int, help="number of worker actors (default: one per node)")
     p.add_argument("--threads-per-worker", type=int, help="Numba threads (CPUs) per worker (default: all of the node's)")
-    p.add_argument("--slots", type=int, default=8, help="sequences each worker decodes at once (default: 8)")
+    p.add_argument("--slots", type=int, help="sequences each worker decodes at once (default: 8, fewer when "
+                   "their KV cache would take more than half of a node's free memory)")
     p.add_argument("--max-context", type=int, help="context length per slot (default: 2048 or the model's)")
     p.add_argument("--max-tokens", type=int, default=128, help="default tokens to generate per row (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="default temperature; 0 is greedy (default)")
@@ -52,8 +53,11 @@ def _pool(args):
 
 def _print_plan(plan, pool) -> None:
     cfg = plan.config
-    ctx = min(pool.max_context or 2048, cfg.max_position_embeddings)
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * ctx * pool.slots
+    from ternpool.engine.engine import DEFAULT_MAX_CONTEXT, auto_slots
+
+    ctx = min(pool.max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
+    slots = pool.slots or auto_slots(cfg, ctx)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * ctx * slots
     weights = sum(f.stat().st_size for f in Path(plan.model_dir).glob("*.safetensors"))
     todo = plan.todo
     print(f"input:   {plan.inputs.uri}: {len(plan.inputs.files)} file(s), {plan.inputs.num_rows} rows, "
@@ -62,7 +66,7 @@ def _print_plan(plan, pool) -> None:
           f"({sum(s.num_rows for s in todo)} rows), {len(plan.shards) - len(todo)} already done")
     print(f"model:   {plan.model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.quantization_mode})")
-    print(f"workers: {pool.workers or 'one per node'}, {pool.slots} slots x {ctx} tokens each; memory per "
+    print(f"workers: {pool.workers or 'one per node'}, {slots} slots x {ctx} tokens each; memory per "
           f"worker ~{(weights + kv) / 1e9:.2f} GB (weights {weights / 1e9:.2f} GB mapped, shared per node; "
           f"KV cache up to {kv / 1e9:.2f} GB)")
     print(f"output:  {plan.spec.output}")

@@ -30,7 +30,7 @@ _IDLE_WAIT_S = 0.05
 class WorkerConfig:
     model: str
     threads: int | None = None  # None: all CPUs Ray gave this worker
-    slots: int = 8
+    slots: int | None = None
     max_context: int | None = None
     truncate: str = "error"
     # test hooks: {"exit_on_prompt": s, "hang_on_prompt": s, "step_delay": seconds (a slow node)}

@@ -58,6 +58,27 @@ class _Seq:
         return self.generated[-1:]
 
 
+def available_memory() -> int:
+    """Bytes of memory available to new allocations on this machine (Linux), or 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def auto_slots(cfg: ModelConfig, max_context: int, memory: int | None = None) -> int:
+    """DEFAULT_SLOTS, or fewer so that full KV caches fit in half of the available memory."""
+    memory = available_memory() if memory is None else memory
+    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * max_context
+    if memory <= 0:
+        return DEFAULT_SLOTS
+    return max(1, min(DEFAULT_SLOTS, int(0.5 * memory // per_slot)))
+
+
 class Engine:
     """One model, its tokenizer and a KV cache of `slots` sequences."""
 
@@ -73,11 +94,13 @@ class Engine:
         self.running = 0  # sequences in the cache right now
 
     @classmethod
-    def load(cls, model: str | Path, threads: int | None = None, slots: int = DEFAULT_SLOTS,
+    def load(cls, model: str | Path, threads: int | None = None, slots: int | None = None,
              max_context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
              truncate: str = "error") -> "Engine":
         """Load a model directory (or Hub id) and allocate the cache.
 
+        slots: sequences decoded at once; None: DEFAULT_SLOTS, fewer when their full KV cache
+        would take more than half of this machine's available memory.
         truncate: "error" fails a prompt that does not fit the context; "left" keeps its end.
         """
         t0 = time.perf_counter()
@@ -89,6 +112,8 @@ class Engine:
         if len(tokenizer) > cfg.vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer)} ids but vocab_size is {cfg.vocab_size}")
         ctx = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
+        if slots is None:
+            slots = auto_slots(cfg, ctx)
         engine = cls(BitNetModel(weights, slots, ctx), tokenizer, threads, step_tokens, truncate)
         log.info("engine ready in %.2f s: %s, %d slots x %d tokens, %d threads", time.perf_counter() - t0,
                  model_dir, slots, ctx, threads)

@@ -216,3 +216,29 @@ def test_bad_jobs_fail_before_compute_with_named_errors(tmp_path, tiny_model):
     assert not (tmp_path / "o3" / "_manifest.json").exists()
     r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o4"), "--dry-run")
     assert r.returncode == 0 and "3 rows" in r.stdout and "shards:  1" in r.stdout, r.stdout
+
+
+def test_ctrl_c_in_the_submitting_shell_cancels_and_rerun_resumes(tmp_path, tiny_model, make_prompts):
+    import json
+
+    src = tmp_path / "prompts.parquet"
+    bad = make_prompts(src, 2000, seed=5)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model, "--output",
+           str(out), "--max-tokens", "48", "--shard-rows", "20", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        m = out / "_manifest.json"
+        if m.exists() and len(json.loads(m.read_text())["completed"]) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group on Ctrl-C
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout
+    assert "cancelled" in stdout
+    done = len(json.loads((out / "_manifest.json").read_text())["completed"])
+    assert 2 <= done < 100
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "finished" in rerun.stdout, rerun.stdout + rerun.stderr
+    _check_exactly_once(out, 2000, bad)

@@ -176,3 +176,13 @@ def test_source_may_say_nothing_is_ready_yet(tiny_engine):
     res = list(tiny_engine.stream(source(), on_step=steps.append))
     assert sorted(r.key for r in res) == [0, 1] and all(r.completion_tokens == 5 for r in res)
     assert len(steps) >= 5 and all(n >= 1 for n in steps)
+
+
+def test_default_slots_fit_the_memory(tiny_engine):
+    from ternpool.engine.engine import DEFAULT_SLOTS, auto_slots
+
+    cfg = tiny_engine.config
+    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * 1000
+    assert auto_slots(cfg, 1000, memory=10 ** 12) == DEFAULT_SLOTS
+    assert auto_slots(cfg, 1000, memory=6 * per_slot) == 3
+    assert auto_slots(cfg, 1000, memory=per_slot) == 1
