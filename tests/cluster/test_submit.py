@@ -67,7 +67,7 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     bad = make_prompts(src, 240, seed=1)
     out = tmp_path / "out"
     handle = submit(str(src), tiny_model, str(out), max_tokens=24, shard_rows=10,
-                    pool=PoolConfig(slots=4, hang_timeout=60))
+                    pool=PoolConfig(slots=4, hang_timeout=60, faults={"step_delay": 0.02}))  # slow nodes
     deadline = time.time() + 120
     while handle.progress()["rows_done"] < 30 and time.time() < deadline:
         time.sleep(0.2)
@@ -79,6 +79,7 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     os.kill(pid, signal.SIGKILL)
     while handle.progress()["rows_done"] < 120 and time.time() < deadline:
         time.sleep(0.2)
+    assert handle.progress()["rows_done"] < 200, "the job must still be running when the node goes"
     cluster.remove_node(nodes[2], allow_graceful=False)  # lose a whole node
     summary = handle.wait(timeout=600)
     assert summary.state == "finished", summary
