@@ -31,6 +31,8 @@ from ternpool.jobs.plan import Shard, split_shard
 from ternpool.jobs.progress import write_progress
 from ternpool.jobs.rows import read_shard
 
+from .metrics import JobMetrics
+
 log = logging.getLogger(__name__)
 
 DONE, WAIT = "done", "wait"
@@ -60,8 +62,14 @@ class _WorkerState:
 class Coordinator:
     """Plain class; `CoordinatorActor` is its Ray actor."""
 
-    def __init__(self, spec, inputs, shards: list[Shard], manifest: Manifest, max_retries: int):
+    def __init__(self, spec, inputs, shards: list[Shard], manifest: Manifest, max_retries: int,
+                 metrics_host: str = "127.0.0.1", metrics_port: int | None = None, pushgateway: str | None = None):
         self.spec, self.inputs, self.manifest = spec, inputs, manifest
+        self.metrics = JobMetrics(manifest.job_id, manifest.num_rows)
+        self.metrics_port = None if metrics_port is None else self.metrics.serve(metrics_host, metrics_port)
+        self.pushgateway = pushgateway
+        self.shard_started: dict[int, float] = {}
+        self.shard_tokens: dict[int, dict] = {}  # shard_id -> (worker, node) -> [prompt, generated]
         self.max_retries = max_retries
         self.lock = threading.RLock()
         self.queue: deque[_Piece] = deque(_Piece(s) for s in shards if not manifest.is_done(s.shard_id))
@@ -83,9 +91,13 @@ class Coordinator:
 
     # -- workers ---------------------------------------------------------------------------------
 
-    def register(self, worker_id: str, node: str) -> None:
+    def register(self, worker_id: str, node: str, slots: int = 0, model_bytes: int = 0) -> None:
         with self.lock:
             self.workers.setdefault(worker_id, _WorkerState(node))
+            self.metrics.worker_registered(worker_id, node, slots, model_bytes)
+
+    def metrics_endpoint(self) -> int | None:
+        return self.metrics_port
 
     def lease(self, worker_id: str):
         """The next piece for this worker: (key, Arrow table), WAIT (nothing queued now) or DONE."""
@@ -99,14 +111,18 @@ class Coordinator:
             piece = self.queue.popleft()
             if self.first_lease is None:
                 self.first_lease = time.time()
+            self.shard_started.setdefault(piece.shard.shard_id, time.monotonic())
             w.leased[piece.key] = piece
             w.busy_since = w.busy_since or time.monotonic()
         return piece.key, read_shard(self.inputs, piece.shard)
 
-    def heartbeat(self, worker_id: str) -> None:
+    def heartbeat(self, worker_id: str, running: int | None = None) -> None:
         with self.lock:
-            if worker_id in self.workers:
-                self.workers[worker_id].last_seen = time.monotonic()
+            w = self.workers.get(worker_id)
+            if w is not None:
+                w.last_seen = time.monotonic()
+                if running is not None:
+                    self.metrics.worker_heartbeat(worker_id, w.node, running)
 
     def complete(self, worker_id: str, key: tuple[int, int], results: list[Result]) -> bool:
         """A worker finished a piece. Returns False when the lease was no longer its own."""
@@ -119,9 +135,14 @@ class Coordinator:
             if not w.leased:
                 w.busy_since = None
             w.rows += len(results)
-            for r in results:
-                w.prompt_tokens += r.prompt_tokens
-                w.generated_tokens += r.completion_tokens
+            prompt = sum(r.prompt_tokens for r in results)
+            generated = sum(r.completion_tokens for r in results)
+            w.prompt_tokens += prompt
+            w.generated_tokens += generated
+            tokens = self.shard_tokens.setdefault(piece.shard.shard_id, {}).setdefault((worker_id, w.node), [0, 0])
+            tokens[0] += prompt
+            tokens[1] += generated
+            self.metrics.requests_done(worker_id, w.node, results)
             self._add_results(piece.shard.shard_id, {int(r.key): r for r in results})
         return True
 
@@ -132,7 +153,9 @@ class Coordinator:
             if w is None:
                 return 0
             self.lost[worker_id] = w
+            self.metrics.worker_lost(worker_id, w.node)
             held, w.leased = list(w.leased.values()), {}
+            self.metrics.retried(len(held))
             for piece in held:
                 self._requeue(piece, reason)
             return len(held)
@@ -179,6 +202,8 @@ class Coordinator:
         failed = sum(1 for r in got.values() if r.error is not None)
         self.manifest.record(shard_id, rows=shard.num_rows, failed_rows=failed)
         self.last_written = time.time()
+        self.metrics.shard_written(shard.num_rows, failed, time.monotonic() - self.shard_started.pop(shard_id, time.monotonic()),
+                                   self.shard_tokens.pop(shard_id, {}))
         self.remaining.discard(shard_id)
         del self.partial[shard_id]
         self.rows_done += shard.num_rows
@@ -190,6 +215,7 @@ class Coordinator:
         with self.lock:
             elapsed = max(time.time() - self.started, 1e-9)
             in_flight = sum(len(w.leased) for w in self.workers.values())
+            self.metrics.queue(len(self.queue), in_flight, len(self.workers), self.rows_done, self.manifest.num_rows)
             return {
                 "job_id": self.manifest.job_id,
                 "rows_total": self.manifest.num_rows,
@@ -220,8 +246,18 @@ class Coordinator:
         if state == "finished" and self.manifest.finished is None:
             self.manifest.finished = time.time()
             self.manifest.save()
-        write_progress(self.manifest.output, dict(s, state=state, updated=time.time()))
+        if state != "running":  # the job ends: final metrics for jobs shorter than a scrape interval
+            self.metrics.write_file(self.manifest.output)
+            if self.pushgateway:
+                try:
+                    self.metrics.push(self.pushgateway)
+                except OSError as e:
+                    log.error("could not push metrics to %s: %s", self.pushgateway, e)
+        write_progress(self.manifest.output, dict(s, state=state, updated=time.time(), metrics_port=self.metrics_port))
         return s
+
+    def shutdown(self) -> None:
+        self.metrics.stop()
 
 
 CoordinatorActor = ray.remote(num_cpus=0, max_concurrency=16)(Coordinator)

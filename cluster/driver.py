@@ -26,6 +26,7 @@ from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, pla
 from ternpool.jobs.progress import cancel_requested, clear_cancel, request_cancel, write_progress
 
 from .coordinator import CoordinatorActor
+from .metrics import check_port_free
 from .ray_env import alive_nodes, connect
 from .worker import WorkerActor, WorkerConfig
 
@@ -45,6 +46,9 @@ class PoolConfig:
     max_worker_restarts: int = 20
     object_store_memory: int | None = None
     faults: dict = field(default_factory=dict)  # test hooks, see WorkerConfig
+    metrics_host: str = "127.0.0.1"  # where the coordinator serves Prometheus metrics
+    metrics_port: int | None = None  # None: no endpoint (the CLI's default is 9469); 0: a free port
+    pushgateway: str | None = None  # push the final metrics there
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,19 @@ class JobHandle:
         self._done = threading.Event()
         clear_cancel(self.output)
         here = ray.get_runtime_context().get_node_id()
+        if pool.metrics_port is not None:
+            check_port_free(pool.metrics_host, pool.metrics_port)
         self.coordinator = CoordinatorActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
-            plan.spec, plan.inputs, plan.shards, plan.manifest, plan.spec.max_retries)
+            plan.spec, plan.inputs, plan.shards, plan.manifest, plan.spec.max_retries,
+            pool.metrics_host, pool.metrics_port, pool.pushgateway)
+        try:
+            port = ray.get(self.coordinator.metrics_endpoint.remote(), timeout=60)
+        except RayActorError as e:  # e.g. the metrics port was taken meanwhile
+            if self._owns_ray:
+                ray.shutdown()
+            raise OSError(f"the job coordinator could not start: {e}") from None
+        self.metrics_url = None if port is None else f"http://{pool.metrics_host}:{port}/metrics"
         self._thread = threading.Thread(target=self._supervise, name="ternpool-supervisor", daemon=True)
         self._thread.start()
 
@@ -219,8 +233,10 @@ class JobHandle:
             except Exception as e:  # the coordinator is gone (e.g. the cluster was stopped): use the manifest
                 log.warning("coordinator unreachable at the end of the job (%s); summary from the manifest", e)
                 stats = self._stats_from_manifest(state)
-            for actor, _, _ in self._workers.values():
+            for actor in [w[0] for w in self._workers.values()] + [self.coordinator]:
                 try:
+                    if actor is self.coordinator:
+                        ray.get(actor.shutdown.remote(), timeout=10)
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone
                     pass

@@ -34,6 +34,12 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    help="a prompt longer than the context: an error row (default), or keep its end")
     p.add_argument("--hang-timeout", type=float, default=300.0,
                    help="seconds without progress before a worker is declared hung (default: 300)")
+    p.add_argument("--metrics-port", type=int, default=9469,
+                   help="serve Prometheus metrics on this port while the job runs (default: 9469; 0: a free port; "
+                   "-1: none)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics endpoint binds to (default: 127.0.0.1; 0.0.0.0 exposes it)")
+    p.add_argument("--pushgateway", help="also push the final metrics to this Prometheus Pushgateway URL")
     p.add_argument("--dry-run", action="store_true", help="validate input and model, print the plan, do not run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -48,7 +54,9 @@ def _pool(args):
     from .driver import PoolConfig
 
     return PoolConfig(address=args.address, workers=args.workers, threads_per_worker=args.threads_per_worker,
-                      slots=args.slots, max_context=args.max_context, hang_timeout=args.hang_timeout)
+                      slots=args.slots, max_context=args.max_context, hang_timeout=args.hang_timeout,
+                      metrics_host=args.metrics_host, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                      pushgateway=args.pushgateway)
 
 
 def _print_plan(plan, pool) -> None:
@@ -123,7 +131,9 @@ def cmd_submit(args) -> int:
     if not plan.todo:
         print(f"nothing to do: all {len(plan.shards)} shards of {args.output} are complete")
         return 0
-    summary = _run(JobHandle(plan, pool), show_progress=not args.no_progress and sys.stderr.isatty())
+    handle = JobHandle(plan, pool)
+    print(f"job {handle.job_id}: {len(plan.todo)} shards to run; metrics: {handle.metrics_url or 'off'}", flush=True)
+    summary = _run(handle, show_progress=not args.no_progress and sys.stderr.isatty())
     print_summary(summary)
     if summary.error:
         print(f"error: {summary.error}", file=sys.stderr)

@@ -67,7 +67,7 @@ class Worker:
         now = time.monotonic()
         if now - self.last_beat >= _HEARTBEAT_S:
             self.last_beat = now
-            self.coordinator.heartbeat.remote(self.worker_id)
+            self.coordinator.heartbeat.remote(self.worker_id, self.engine.running)
 
     def _fault(self, req: Request) -> None:
         f = self.config.faults
@@ -115,7 +115,8 @@ class Worker:
 
     def run(self) -> int:
         """Work until the coordinator has nothing left; returns the rows this worker finished."""
-        ray.get(self.coordinator.register.remote(self.worker_id, self.node), timeout=60)
+        ray.get(self.coordinator.register.remote(self.worker_id, self.node, self.engine.model.slots,
+                                                 self.engine.model.weights.nbytes), timeout=60)
         done = 0
         for res in self.engine.stream(self._source(), on_step=self._beat):
             key, row_index = res.key
