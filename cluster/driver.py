@@ -102,7 +102,17 @@ class JobHandle:
     def __init__(self, plan: Plan, pool: PoolConfig):
         self.plan, self.pool, self.output = plan, pool, plan.spec.output
         self.job_id = plan.manifest.job_id
+        if pool.metrics_port is not None:  # the coordinator serves on this node: check before starting anything
+            check_port_free(pool.metrics_host, pool.metrics_port)
         self._owns_ray = connect(pool.address, pool.object_store_memory)
+        try:
+            self._start(plan, pool)
+        except BaseException:
+            if self._owns_ray:
+                ray.shutdown()
+            raise
+
+    def _start(self, plan: Plan, pool: PoolConfig) -> None:
         self._started = time.time()
         self._summary: JobSummary | None = None
         self._error: BaseException | None = None
@@ -112,8 +122,6 @@ class JobHandle:
         self._done = threading.Event()
         clear_cancel(self.output)
         here = ray.get_runtime_context().get_node_id()
-        if pool.metrics_port is not None:
-            check_port_free(pool.metrics_host, pool.metrics_port)
         self.coordinator = CoordinatorActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
             plan.spec, plan.inputs, plan.shards, plan.manifest, plan.spec.max_retries,
@@ -121,8 +129,6 @@ class JobHandle:
         try:
             port = ray.get(self.coordinator.metrics_endpoint.remote(), timeout=60)
         except RayActorError as e:  # e.g. the metrics port was taken meanwhile
-            if self._owns_ray:
-                ray.shutdown()
             raise OSError(f"the job coordinator could not start: {e}") from None
         self.metrics_url = None if port is None else f"http://{pool.metrics_host}:{port}/metrics"
         self._thread = threading.Thread(target=self._supervise, name="ternpool-supervisor", daemon=True)

@@ -58,3 +58,16 @@ def ray_cluster():
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_ray_connection():
+    """A test must not leave this process connected to Ray: fail that test, not the next ones."""
+    import ray
+
+    assert not ray.is_initialized(), "an earlier test left Ray initialized"
+    yield
+    leaked = ray.is_initialized()
+    if leaked:
+        ray.shutdown()
+    assert not leaked, "this test left Ray initialized"
