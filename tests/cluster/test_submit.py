@@ -116,7 +116,7 @@ def test_driver_killed_mid_job_then_rerun_resumes(tmp_path, tiny_model, make_pro
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model,
            "--output", str(out), "--max-tokens", "16", "--shard-rows", "20", "--threads-per-worker", "1",
-           "--no-progress"]
+           "--no-progress", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     manifest = out / "_manifest.json"
     deadline = time.time() + 180
@@ -151,7 +151,7 @@ def test_cancel_from_another_shell_keeps_completed_shards_and_status_reads_them(
     make_prompts(src, 600, seed=3)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model, "--output",
-           str(out), "--max-tokens", "24", "--shard-rows", "20", "--threads-per-worker", "1", "--no-progress"]
+           str(out), "--max-tokens", "24", "--shard-rows", "20", "--threads-per-worker", "1", "--no-progress", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -226,7 +226,7 @@ def test_ctrl_c_in_the_submitting_shell_cancels_and_rerun_resumes(tmp_path, tiny
     bad = make_prompts(src, 2000, seed=5)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model, "--output",
-           str(out), "--max-tokens", "48", "--shard-rows", "20", "--no-progress"]
+           str(out), "--max-tokens", "48", "--shard-rows", "20", "--no-progress", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline:

@@ -427,3 +427,15 @@ def test_dockerfile():
         kept = {line[1:].strip().rstrip("/") for line in ignore.read_text(encoding="utf-8").splitlines()
                 if line.startswith("!")}
         assert {s.rstrip("/") for s in copied} <= kept
+
+
+def test_promtool_accepts_the_prometheus_config():
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (it comes with Debian's package 'prometheus', which .ci/run installs)")
+    r = subprocess.run([promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
