@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import numba
+from llvmlite import binding as _llvm
 
 # cache=True writes compiled kernels next to the sources (or NUMBA_CACHE_DIR),
 # so a second process starts without recompiling.
@@ -45,3 +46,19 @@ def set_threads(n: int | None) -> int:
 # output element is still computed by the same instruction sequence whatever
 # the batch size, so results stay batch-invariant and deterministic.
 NJIT_PARALLEL_FAST = dict(NJIT_PARALLEL, fastmath=True)
+
+
+def _host_isa() -> str:
+    try:
+        features = _llvm.get_host_cpu_features()
+    except RuntimeError:  # pragma: no cover - unknown host
+        return "generic"
+    return "avx2" if features.get("avx2") else "generic"
+
+
+# Instruction set of the SIMD kernels: "avx2" (vpmaddubsw/vpmaddwd) when the CPU has it, else
+# "generic" (plain LLVM vector code, any x86-64). TERNPOOL_ISA=generic forces the portable path;
+# use it with a fresh NUMBA_CACHE_DIR, as Numba's cache does not know about this switch.
+ISA = os.environ.get("TERNPOOL_ISA") or _host_isa()
+if ISA not in ("avx2", "generic"):
+    raise ValueError(f"TERNPOOL_ISA must be 'avx2' or 'generic', got {ISA!r}")

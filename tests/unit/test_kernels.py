@@ -166,3 +166,33 @@ def test_attention_matches_reference(heads, kv_heads, dim):
                                attention_ref(q, kc, vc, slots, pos, dim ** -0.5), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="past the cache length"):
         attention(q, kc, vc, slots, np.full(6, 40), 1.0)
+
+
+_PORTABLE_CHECK = """
+import numpy as np
+from ternpool.kernels import config, pack_ternary, ternary_matmul, ternary_matmul_ref
+assert config.ISA == "generic", config.ISA
+rng = np.random.default_rng(3)
+for rows, cols, tokens in [(4, 1, 1), (12, 33, 3), (516, 129, 5), (64, 2560, 2)]:
+    packed = pack_ternary(rng.integers(-1, 2, size=(rows, cols)))
+    q = rng.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
+    assert np.array_equal(ternary_matmul(packed, q), ternary_matmul_ref(packed, q)), (rows, cols, tokens)
+print("generic ok")
+"""
+
+
+def test_portable_isa_is_exact_too(tmp_path):
+    """The path for CPUs without AVX2 (forced with TERNPOOL_ISA=generic, in its own Numba cache)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TERNPOOL_ISA="generic", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    r = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "generic ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_host_isa_is_detected():
+    from ternpool.kernels import config
+
+    assert config.ISA in ("avx2", "generic")
