@@ -1,0 +1,141 @@
+"""An int8 output head: the tied embedding quantized per row, int8 x int8 dot products.
+
+Half the bytes of the bf16 head (1 byte per weight plus a float32 scale per
+row), read once per decode step, so single-stream decode moves fewer bytes.
+It changes the logits slightly (per-row absmax int8 weights, per-token
+absmax int8 hidden states), so it is an option, not the default.
+
+Both operands are clamped to [-127, 127] so that the AVX2 path
+(`vpsignb` + `vpmaddubsw`: |w| as unsigned times sign(w) * x as signed)
+cannot saturate its int16 pairs: 2 * 127 * 127 = 32258 < 32767.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .bf16 import bf16_to_f32
+from .config import ISA, NJIT, NJIT_PARALLEL
+
+BLOCK = 32
+_ROWS_PER_TASK = 16
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_V32I8 = ir.VectorType(_I8, 32)
+
+
+def quantize_head(embed_bf16: np.ndarray, rows_per_chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """bf16 (V, K) -> int8 (V, K) in [-127, 127] and float32 (V,) scales, chunk by chunk."""
+    V, K = embed_bf16.shape
+    q = np.empty((V, K), dtype=np.int8)
+    scale = np.empty(V, dtype=np.float32)
+    for a in range(0, V, rows_per_chunk):
+        w = bf16_to_f32(embed_bf16[a:a + rows_per_chunk])  # (chunk, K)
+        amax = np.maximum(np.abs(w).max(axis=1), np.float32(1e-12))
+        s = (np.float32(127.0) / amax).astype(np.float32)
+        q[a:a + len(w)] = np.clip(np.round(w * s[:, None]), -127, 127).astype(np.int8)
+        scale[a:a + len(w)] = np.float32(1.0) / s
+    return q, scale
+
+
+def quantize_hidden(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (T, K) -> int8 (T, K) in [-127, 127] and float32 (T,) dequantization scales."""
+    h = np.asarray(h, dtype=np.float32)
+    amax = np.maximum(np.abs(h).max(axis=1), np.float32(1e-12))
+    s = (np.float32(127.0) / amax).astype(np.float32)
+    return np.clip(np.round(h * s[:, None]), -127, 127).astype(np.int8), (np.float32(1.0) / s).astype(np.float32)
+
+
+@intrinsic
+def dot_s8(typingctx, a_row, b_row, nblocks):
+    """int32 sum of a_row[c] * b_row[c] over 32 * nblocks columns (int8, both in [-127, 127])."""
+    sig = types.int32(a_row, b_row, nblocks)
+
+    def codegen(context, builder, signature, args):
+        aa = context.make_array(signature.args[0])(context, builder, args[0])
+        ba = context.make_array(signature.args[1])(context, builder, args[1])
+        ap = builder.bitcast(aa.data, _I8.as_pointer())
+        bp = builder.bitcast(ba.data, _I8.as_pointer())
+        n = args[2]
+        n = builder.sext(n, _I64) if n.type.width < 64 else n
+        lanes = 8 if ISA == "avx2" else 32
+        acc_t = ir.VectorType(_I32, lanes)
+        pre = builder.block
+        loop, body, done = (builder.append_basic_block(f"dots8.{x}") for x in ("loop", "body", "done"))
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        idx = builder.phi(_I64)
+        acc = builder.phi(acc_t)
+        idx.add_incoming(ir.Constant(_I64, 0), pre)
+        acc.add_incoming(ir.Constant(acc_t, [0] * lanes), pre)
+        builder.cbranch(builder.icmp_signed("<", idx, n), body, done)
+        builder.position_at_end(body)
+        off = builder.mul(idx, ir.Constant(_I64, BLOCK))
+        a = builder.load(builder.bitcast(builder.gep(ap, [off]), _V32I8.as_pointer()), align=1)
+        b = builder.load(builder.bitcast(builder.gep(bp, [off]), _V32I8.as_pointer()), align=1)
+        if ISA == "avx2":
+            v16i16, v8i32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+            mod = builder.module
+            f = ir.FunctionType(_V32I8, [_V32I8])
+            pabs = mod.declare_intrinsic("llvm.abs", [_V32I8], fnty=ir.FunctionType(_V32I8, [_V32I8, ir.IntType(1)]))
+            psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(_V32I8, [_V32I8, _V32I8]))
+            maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw",
+                                            fnty=ir.FunctionType(v16i16, [_V32I8, _V32I8]))
+            maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
+            del f
+            ua = builder.call(pabs, [a, ir.Constant(ir.IntType(1), 0)])
+            sb = builder.call(psign, [b, a])
+            pairs = builder.call(maddubs, [ua, sb])
+            new = builder.add(acc, builder.call(maddwd, [pairs, ir.Constant(v16i16, [1] * 16)]))
+        else:
+            v32i16, v32i32 = ir.VectorType(_I16, 32), ir.VectorType(_I32, 32)
+            prod = builder.mul(builder.sext(a, v32i16), builder.sext(b, v32i16))
+            new = builder.add(acc, builder.sext(prod, v32i32))
+        idx.add_incoming(builder.add(idx, ir.Constant(_I64, 1)), body)
+        acc.add_incoming(new, body)
+        builder.branch(loop)
+        builder.position_at_end(done)
+        s = builder.extract_element(acc, ir.Constant(_I32, 0))
+        for k in range(1, lanes):
+            s = builder.add(s, builder.extract_element(acc, ir.Constant(_I32, k)))
+        return s
+
+    return sig, codegen
+
+
+@njit(**NJIT)
+def _dot(a, b):  # pragma: no cover - compiled
+    K = a.shape[0]
+    nb = K // BLOCK
+    acc = dot_s8(a, b, nb)
+    for c in range(nb * BLOCK, K):
+        acc = np.int32(acc + np.int32(a[c]) * np.int32(b[c]))
+    return acc
+
+
+@njit(**NJIT_PARALLEL)
+def _head_i8(w, wscale, hq, hscale, out):  # pragma: no cover - compiled
+    V = w.shape[0]
+    T = hq.shape[0]
+    n_tasks = (V + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for task in prange(n_tasks):
+        for v in range(task * _ROWS_PER_TASK, min(V, (task + 1) * _ROWS_PER_TASK)):
+            for t in range(T):
+                out[t, v] = np.float32(_dot(w[v], hq[t])) * (wscale[v] * hscale[t])
+
+
+def head_i8(w: np.ndarray, wscale: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """float32 logits (T, V) from int8 head w (V, K) with row scales and float32 hidden h (T, K)."""
+    hq, hscale = quantize_hidden(h)
+    out = np.empty((hq.shape[0], w.shape[0]), dtype=np.float32)
+    _head_i8(w, wscale, hq, hscale, out)
+    return out
+
+
+def head_i8_ref(w: np.ndarray, wscale: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """NumPy reference: exact int32 dot products, same float32 dequantization order."""
+    hq, hscale = quantize_hidden(h)
+    acc = (hq.astype(np.int64) @ w.astype(np.int64).T).astype(np.int32).astype(np.float32)  # (T, V)
+    return acc * (wscale[None, :] * hscale[:, None]).astype(np.float32)
