@@ -26,7 +26,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
-    engine = Engine.load(args.model, threads=args.threads, slots=1, max_context=args.max_context)
+    engine = Engine.load(args.model, threads=args.threads, slots=1, max_context=args.max_context, head=args.head)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the text")
     g.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
     g.add_argument("--max-context", type=int, help="context length to allocate (default: 2048)")
+    g.add_argument("--head", choices=["bf16", "int8"], default="bf16",
+                   help="output head: bf16 (exact, default) or int8 (half the bytes per token, approximate)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: prompt_ids, output_ids, text, finish_reason")
     g.set_defaults(func=_generate)

@@ -42,6 +42,7 @@ class PoolConfig:
     threads_per_worker: int | None = None  # None: all CPUs of the node
     slots: int | None = None  # None: 8, fewer if the KV cache would not fit the node's memory
     max_context: int | None = None
+    head: str = "bf16"  # output head: "bf16" (exact) or "int8" (half the bytes per token)
     hang_timeout: float = 300.0  # seconds without progress before a worker is declared hung
     max_worker_restarts: int = 20
     object_store_memory: int | None = None
@@ -161,7 +162,7 @@ class JobHandle:
         wid = f"w-{node[:8]}-{uuid.uuid4().hex[:6]}"
         cpus = self.pool.threads_per_worker or alive_nodes().get(node, 1.0)
         cfg = WorkerConfig(self.plan.model_dir, threads=self.pool.threads_per_worker, slots=self.pool.slots,
-                           max_context=self.pool.max_context, truncate=self.plan.spec.truncate,
+                           max_context=self.pool.max_context, truncate=self.plan.spec.truncate, head=self.pool.head,
                            faults=self.pool.faults)
         actor = WorkerActor.options(
             num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),

@@ -96,12 +96,14 @@ class Engine:
     @classmethod
     def load(cls, model: str | Path, threads: int | None = None, slots: int | None = None,
              max_context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
-             truncate: str = "error") -> "Engine":
+             truncate: str = "error", head: str = "bf16") -> "Engine":
         """Load a model directory (or Hub id) and allocate the cache.
 
         slots: sequences decoded at once; None: DEFAULT_SLOTS, fewer when their full KV cache
         would take more than half of this machine's available memory.
         truncate: "error" fails a prompt that does not fit the context; "left" keeps its end.
+        head: "bf16" (exact, the default) or "int8" (the embedding quantized per row for the output
+        head: half the bytes per decode step, logits within ~1% of the logit spread).
         """
         t0 = time.perf_counter()
         threads = set_threads(threads)
@@ -114,7 +116,7 @@ class Engine:
         ctx = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
         if slots is None:
             slots = auto_slots(cfg, ctx)
-        engine = cls(BitNetModel(weights, slots, ctx), tokenizer, threads, step_tokens, truncate)
+        engine = cls(BitNetModel(weights, slots, ctx, head=head), tokenizer, threads, step_tokens, truncate)
         log.info("engine ready in %.2f s: %s, %d slots x %d tokens, %d threads", time.perf_counter() - t0,
                  model_dir, slots, ctx, threads)
         return engine

@@ -21,6 +21,8 @@ import numpy as np
 
 from ternpool.kernels import attention, bf16_matmul, bf16_to_f32, dequant_factors, quantize_rows, ternary_linear
 
+from ternpool.kernels.head8 import head_i8, quantize_head
+
 from .config import ModelConfig
 from .weights import ModelWeights, TernaryLinear
 
@@ -60,6 +62,9 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate((x1 * c - x2 * s, x2 * c + x1 * s), axis=-1)
 
 
+HEADS = ("bf16", "int8")
+
+
 class Quantized:
     """Activations quantized once and shared by every linear that reads them."""
 
@@ -74,8 +79,13 @@ class Quantized:
 class BitNetModel:
     """Weights plus a KV cache of `slots` sequences x `max_context` positions."""
 
-    def __init__(self, weights: ModelWeights, slots: int, max_context: int):
+    def __init__(self, weights: ModelWeights, slots: int, max_context: int, head: str = "bf16"):
         cfg = weights.config
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.head = head
+        # int8 head: the tied embedding quantized per row once (half the bytes read per token)
+        self.head_i8 = quantize_head(weights.embed) if head == "int8" else None
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if not 1 <= max_context <= cfg.max_position_embeddings:
@@ -120,4 +130,7 @@ class BitNetModel:
             x = x + Quantized(u)(layer.down_proj)  # (N, hidden)
         if logit_rows is not None:
             x = x[np.asarray(logit_rows, dtype=np.int64)]
-        return bf16_matmul(w.embed, rms_norm(x, w.norm, cfg.rms_norm_eps))  # (M, vocab)
+        h = rms_norm(x, w.norm, cfg.rms_norm_eps)  # (M, hidden)
+        if self.head_i8 is not None:
+            return head_i8(*self.head_i8, h)  # (M, vocab), approximate
+        return bf16_matmul(w.embed, h)  # (M, vocab), exact bf16 weights

@@ -78,14 +78,12 @@ def dot_s8(typingctx, a_row, b_row, nblocks):
         if ISA == "avx2":
             v16i16, v8i32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
             mod = builder.module
-            f = ir.FunctionType(_V32I8, [_V32I8])
-            pabs = mod.declare_intrinsic("llvm.abs", [_V32I8], fnty=ir.FunctionType(_V32I8, [_V32I8, ir.IntType(1)]))
             psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(_V32I8, [_V32I8, _V32I8]))
             maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw",
                                             fnty=ir.FunctionType(v16i16, [_V32I8, _V32I8]))
             maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
-            del f
-            ua = builder.call(pabs, [a, ir.Constant(ir.IntType(1), 0)])
+            zero = ir.Constant(_V32I8, [0] * 32)
+            ua = builder.select(builder.icmp_signed("<", a, zero), builder.sub(zero, a), a)  # vpabsb
             sb = builder.call(psign, [b, a])
             pairs = builder.call(maddubs, [ua, sb])
             new = builder.add(acc, builder.call(maddwd, [pairs, ir.Constant(v16i16, [1] * 16)]))

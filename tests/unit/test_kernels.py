@@ -177,6 +177,11 @@ for rows, cols, tokens in [(4, 1, 1), (12, 33, 3), (516, 129, 5), (64, 2560, 2)]
     packed = pack_ternary(rng.integers(-1, 2, size=(rows, cols)))
     q = rng.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
     assert np.array_equal(ternary_matmul(packed, q), ternary_matmul_ref(packed, q)), (rows, cols, tokens)
+from ternpool.kernels.head8 import head_i8, head_i8_ref
+w = rng.integers(-127, 128, size=(70, 97)).astype(np.int8)
+ws = rng.uniform(0.5, 2, 70).astype(np.float32)
+h = rng.standard_normal((3, 97)).astype(np.float32)
+assert np.array_equal(head_i8(w, ws, h), head_i8_ref(w, ws, h))
 print("generic ok")
 """
 

@@ -1,0 +1,112 @@
+"""`ternpool bench kernels | model | pool`: benchmarks that print ratios measured side by side in one run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("ternpool")
+
+DEFAULT_CACHE = Path.home() / ".cache" / "ternpool" / "bench-models"
+
+
+def _shape_model(shape: str) -> str:
+    """A random model of a named shape, made once into a cache directory."""
+    from ternpool.engine.modelgen import make_model
+
+    out = DEFAULT_CACHE / shape
+    if not (out / "config.json").exists():
+        log.warning("making a random %s model in %s (once)", shape, out)
+        make_model(out, shape)
+    return str(out)
+
+
+def cmd_bench_kernels(args) -> int:
+    from ternpool.engine.modelgen import SHAPES, _linear_shapes
+    from ternpool.kernels import set_threads
+    from ternpool.kernels.bench import bench_linears, read_bandwidth
+    from ternpool.kernels.config import ISA
+
+    threads = set_threads(args.threads)
+    shape = SHAPES[args.shape]
+    shapes = {name.split(".")[-1]: dims for name, dims in _linear_shapes(shape).items()}
+    shapes.pop("v_proj", None)  # same shape as k_proj
+    batches = tuple(int(b) for b in args.batches.split(","))
+    bw = read_bandwidth()
+    rows = bench_linears(shapes, batches=batches, vocab=shape.vocab_size if args.head else None)
+    print(f"shape {args.shape}, {threads} threads, ISA {ISA}; memory read bandwidth (numpy sum of 1 GiB): "
+          f"{bw / 1e9:.1f} GB/s")
+    print(f"{'kernel':<10}{'out x in':>14}{'batch':>6}{'ms':>9}{'GMAC/s':>8}{'weight GB/s':>12}{'of read bw':>11}"
+          f"{'numpy f32 ms':>13}{'vs numpy':>9}")
+    for r in rows:
+        print(f"{r['name']:<10}{r['out']:>8} x {r['in']:<5}{r['batch']:>6}{r['seconds'] * 1e3:9.3f}{r['gmacs']:8.1f}"
+              f"{r['weight_gbs']:12.1f}{r['weight_gbs'] * 1e9 / bw:11.2f}{r['numpy_f32_seconds'] * 1e3:13.3f}"
+              f"{r['vs_numpy_f32']:9.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"shape": args.shape, "threads": threads, "isa": ISA,
+                                               "read_bandwidth": bw, "rows": rows}, indent=2))
+    return 0
+
+
+def cmd_bench_model(args) -> int:
+    from ternpool.engine.bench import bench_model
+    from ternpool.kernels.bench import read_bandwidth
+
+    model = args.model or _shape_model(args.shape)
+    concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    bw = read_bandwidth()
+    r = bench_model(model, threads=args.threads, prompt_len=args.prompt_len, gen=args.gen,
+                    concurrency=concurrency, head=args.head)
+    from ternpool.engine import ModelConfig
+
+    cfg = ModelConfig.from_dir(model)
+    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+    head_bytes = cfg.vocab_size * cfg.hidden_size * (1 if args.head == "int8" else 2)
+    embed_bytes = cfg.vocab_size * cfg.hidden_size * 2
+    per_token = weights - embed_bytes + head_bytes  # linears + the head, read once per decode step
+    r.update(read_bandwidth=bw, bytes_per_token=per_token, ceiling_tokens_per_s=bw / per_token)
+    print(f"{model}: {r['threads']} threads, head {args.head}, load {r['load_s']:.2f} s, "
+          f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB")
+    print(f"prefill {args.prompt_len} tokens: {r['prefill_tokens_per_s']:.1f} tokens/s (time to first token "
+          f"{r['ttft_s']:.3f} s)")
+    print(f"single-stream decode: {r['decode_tokens_per_s']:.2f} tokens/s; bytes read per token "
+          f"{per_token / 1e6:.0f} MB, read bandwidth {bw / 1e9:.1f} GB/s -> ceiling {bw / per_token:.2f} tokens/s "
+          f"({r['decode_tokens_per_s'] * per_token / bw:.2f} of it)")
+    for c, v in r["concurrency"].items():
+        print(f"concurrency {c:>3}: aggregate decode {v['aggregate_decode_tokens_per_s']:8.1f} tokens/s, "
+              f"{v['tokens_per_s_incl_prefill']:8.1f} tokens/s including prefill")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2, default=str))
+    return 0
+
+
+def add_bench_commands(bsub) -> None:
+    from ternpool.engine.modelgen import SHAPES
+
+    k = bsub.add_parser("kernels", help="time every linear shape and the output head at several batch sizes",
+                        description="Per linear shape of the model and the output head, at each batch size: time "
+                        "per call, G multiply-adds/s, effective weight GB/s, and NumPy float32 matmul on the same "
+                        "shape, with this machine's read bandwidth measured in the same run.")
+    k.add_argument("--shape", default="2b4t", choices=list(SHAPES), help="model shape (default: 2b4t)")
+    k.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
+    k.add_argument("--batches", default="1,8,32,64", help="batch sizes (default: 1,8,32,64)")
+    k.add_argument("--no-head", dest="head", action="store_false", help="skip the output head")
+    k.add_argument("--json", help="also write the numbers to this JSON file")
+    k.set_defaults(func=cmd_bench_kernels)
+
+    m = bsub.add_parser("model", help="prefill, time to first token, decode and batched decode of a model",
+                        description="Prefill tokens/s, time to first token, single-stream decode tokens/s (with "
+                        "the bandwidth ceiling measured in the same run) and aggregate decode at each concurrency "
+                        "under continuous batching, as the worker pool runs it; peak RSS.")
+    src = m.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model directory")
+    src.add_argument("--shape", default="2b4t", choices=list(SHAPES),
+                     help="a random model of this shape, made once under ~/.cache/ternpool (default: 2b4t)")
+    m.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
+    m.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
+    m.add_argument("--gen", type=int, default=128, help="generated tokens per sequence (default: 128)")
+    m.add_argument("--concurrency", default="1,8,32,64", help="concurrent sequences (default: 1,8,32,64)")
+    m.add_argument("--head", choices=["bf16", "int8"], default="bf16", help="output head (default: bf16)")
+    m.add_argument("--json", help="also write the numbers to this JSON file")
+    m.set_defaults(func=cmd_bench_model)
