@@ -75,12 +75,14 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     victim = next(iter(handle.workers.values()))
     import ray
 
-    pid = ray.get(victim.info.remote(), timeout=30)["pid"]
+    info = ray.get(victim.info.remote(), timeout=30)
+    pid = info["pid"]
     os.kill(pid, signal.SIGKILL)
     while handle.progress()["rows_done"] < 120 and time.time() < deadline:
         time.sleep(0.2)
     assert handle.progress()["rows_done"] < 200, "the job must still be running when the node goes"
-    cluster.remove_node(nodes[2], allow_graceful=False)  # lose a whole node
+    doomed = next(n for n in nodes if n.node_id != info["node"])  # a node whose worker is still the first one
+    cluster.remove_node(doomed, allow_graceful=False)  # lose a whole node
     summary = handle.wait(timeout=600)
     assert summary.state == "finished", summary
     assert summary.worker_restarts >= 2 and summary.retries >= 1
