@@ -19,8 +19,8 @@ from numba.extending import intrinsic
 
 from .bf16 import bf16_to_f32
 from .config import ISA, NJIT, NJIT_PARALLEL
+from .simd import BLOCK, emit_block_loop
 
-BLOCK = 32
 _ROWS_PER_TASK = 16
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V32I8 = ir.VectorType(_I8, 32)
@@ -48,57 +48,31 @@ def quantize_hidden(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(h * s[:, None]), -127, 127).astype(np.int8), (np.float32(1.0) / s).astype(np.float32)
 
 
+def _s8_step(builder, a, b, accs):
+    (acc,) = accs
+    if ISA == "avx2":
+        v16i16, v8i32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+        mod = builder.module
+        psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(_V32I8, [_V32I8, _V32I8]))
+        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [_V32I8, _V32I8]))
+        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
+        zero = ir.Constant(_V32I8, [0] * 32)
+        abs_a = builder.select(builder.icmp_signed("<", a, zero), builder.sub(zero, a), a)  # vpabsb
+        pairs = builder.call(maddubs, [abs_a, builder.call(psign, [b, a])])  # |a| * (sign(a) * b)
+        return [builder.add(acc, builder.call(maddwd, [pairs, ir.Constant(v16i16, [1] * 16)]))]
+    v32i16, v32i32 = ir.VectorType(_I16, 32), ir.VectorType(_I32, 32)
+    return [builder.add(acc, builder.sext(builder.mul(builder.sext(a, v32i16), builder.sext(b, v32i16)), v32i32))]
+
+
 @intrinsic
 def dot_s8(typingctx, a_row, b_row, nblocks):
     """int32 sum of a_row[c] * b_row[c] over 32 * nblocks columns (int8, both in [-127, 127])."""
     sig = types.int32(a_row, b_row, nblocks)
 
     def codegen(context, builder, signature, args):
-        aa = context.make_array(signature.args[0])(context, builder, args[0])
-        ba = context.make_array(signature.args[1])(context, builder, args[1])
-        ap = builder.bitcast(aa.data, _I8.as_pointer())
-        bp = builder.bitcast(ba.data, _I8.as_pointer())
-        n = args[2]
-        n = builder.sext(n, _I64) if n.type.width < 64 else n
         lanes = 8 if ISA == "avx2" else 32
-        acc_t = ir.VectorType(_I32, lanes)
-        pre = builder.block
-        loop, body, done = (builder.append_basic_block(f"dots8.{x}") for x in ("loop", "body", "done"))
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        idx = builder.phi(_I64)
-        acc = builder.phi(acc_t)
-        idx.add_incoming(ir.Constant(_I64, 0), pre)
-        acc.add_incoming(ir.Constant(acc_t, [0] * lanes), pre)
-        builder.cbranch(builder.icmp_signed("<", idx, n), body, done)
-        builder.position_at_end(body)
-        off = builder.mul(idx, ir.Constant(_I64, BLOCK))
-        a = builder.load(builder.bitcast(builder.gep(ap, [off]), _V32I8.as_pointer()), align=1)
-        b = builder.load(builder.bitcast(builder.gep(bp, [off]), _V32I8.as_pointer()), align=1)
-        if ISA == "avx2":
-            v16i16, v8i32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
-            mod = builder.module
-            psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(_V32I8, [_V32I8, _V32I8]))
-            maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw",
-                                            fnty=ir.FunctionType(v16i16, [_V32I8, _V32I8]))
-            maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
-            zero = ir.Constant(_V32I8, [0] * 32)
-            ua = builder.select(builder.icmp_signed("<", a, zero), builder.sub(zero, a), a)  # vpabsb
-            sb = builder.call(psign, [b, a])
-            pairs = builder.call(maddubs, [ua, sb])
-            new = builder.add(acc, builder.call(maddwd, [pairs, ir.Constant(v16i16, [1] * 16)]))
-        else:
-            v32i16, v32i32 = ir.VectorType(_I16, 32), ir.VectorType(_I32, 32)
-            prod = builder.mul(builder.sext(a, v32i16), builder.sext(b, v32i16))
-            new = builder.add(acc, builder.sext(prod, v32i32))
-        idx.add_incoming(builder.add(idx, ir.Constant(_I64, 1)), body)
-        acc.add_incoming(new, body)
-        builder.branch(loop)
-        builder.position_at_end(done)
-        s = builder.extract_element(acc, ir.Constant(_I32, 0))
-        for k in range(1, lanes):
-            s = builder.add(s, builder.extract_element(acc, ir.Constant(_I32, k)))
-        return s
+        (total,) = emit_block_loop(context, builder, signature, args, 1, lanes, _s8_step)
+        return total
 
     return sig, codegen
 

@@ -42,56 +42,68 @@ def _generic_block(builder, codes, x, accs):
     return [builder.add(a, builder.sext(builder.mul(builder.zext(c, v32i16), xs), v32i32)) for a, c in zip(accs, codes)]
 
 
+def emit_block_loop(context, builder, signature, args, n_accs: int, lanes: int, step):
+    """Emit `for i in range(nblocks)` over two int8 rows, 32 bytes at a time, with `n_accs` vector
+    accumulators of `lanes` int32; `step(builder, a_block, b_block, accs) -> new accs`.
+    Returns the horizontal sums of the accumulators (int32 values)."""
+    a_arr = context.make_array(signature.args[0])(context, builder, args[0])
+    b_arr = context.make_array(signature.args[1])(context, builder, args[1])
+    ap = builder.bitcast(a_arr.data, _I8.as_pointer())
+    bp = builder.bitcast(b_arr.data, _I8.as_pointer())
+    n = args[2]
+    n = builder.sext(n, _I64) if n.type.width < 64 else n
+    acc_t = ir.VectorType(_I32, lanes)
+
+    pre = builder.block
+    loop = builder.append_basic_block("blocks.loop")
+    body = builder.append_basic_block("blocks.body")
+    done = builder.append_basic_block("blocks.done")
+    builder.branch(loop)
+
+    builder.position_at_end(loop)
+    idx = builder.phi(_I64)
+    accs = [builder.phi(acc_t) for _ in range(n_accs)]
+    idx.add_incoming(ir.Constant(_I64, 0), pre)
+    for acc in accs:
+        acc.add_incoming(ir.Constant(acc_t, [0] * lanes), pre)
+    builder.cbranch(builder.icmp_signed("<", idx, n), body, done)
+
+    builder.position_at_end(body)
+    off = builder.mul(idx, ir.Constant(_I64, BLOCK))
+    a = builder.load(builder.bitcast(builder.gep(ap, [off]), _V32I8.as_pointer()), align=1)
+    b = builder.load(builder.bitcast(builder.gep(bp, [off]), _V32I8.as_pointer()), align=1)
+    new = step(builder, a, b, accs)
+    idx.add_incoming(builder.add(idx, ir.Constant(_I64, 1)), builder.block)
+    for acc, v in zip(accs, new):
+        acc.add_incoming(v, builder.block)
+    builder.branch(loop)
+
+    builder.position_at_end(done)
+    sums = []
+    for acc in accs:
+        total = builder.extract_element(acc, ir.Constant(_I32, 0))
+        for k in range(1, lanes):
+            total = builder.add(total, builder.extract_element(acc, ir.Constant(_I32, k)))
+        sums.append(total)
+    return sums
+
+
+def _codes_step(builder, packed, x, accs):
+    mask = ir.Constant(_V32I8, [3] * 32)
+    codes = [builder.and_(packed, mask)]
+    codes += [builder.and_(builder.lshr(packed, ir.Constant(_V32I8, [2 * i] * 32)), mask) for i in (1, 2)]
+    codes.append(builder.lshr(packed, ir.Constant(_V32I8, [6] * 32)))
+    block = _avx2_block if ISA == "avx2" else _generic_block
+    return block(builder, codes, x, accs)
+
+
 @intrinsic
 def dot4_codes(typingctx, packed_row, x_row, nblocks):
     sig = types.UniTuple(types.int32, 4)(packed_row, x_row, nblocks)
 
     def codegen(context, builder, signature, args):
-        pa = context.make_array(signature.args[0])(context, builder, args[0])
-        xa = context.make_array(signature.args[1])(context, builder, args[1])
-        pp = builder.bitcast(pa.data, _I8.as_pointer())
-        xp = builder.bitcast(xa.data, _I8.as_pointer())
-        n = args[2]
-        n = builder.sext(n, _I64) if n.type.width < 64 else n
         lanes = 8 if ISA == "avx2" else 32
-        acc_t = ir.VectorType(_I32, lanes)
-        block = _avx2_block if ISA == "avx2" else _generic_block
-
-        pre = builder.block
-        loop = builder.append_basic_block("dot4.loop")
-        body = builder.append_basic_block("dot4.body")
-        done = builder.append_basic_block("dot4.done")
-        builder.branch(loop)
-
-        builder.position_at_end(loop)
-        idx = builder.phi(_I64)
-        accs = [builder.phi(acc_t) for _ in range(4)]
-        idx.add_incoming(ir.Constant(_I64, 0), pre)
-        for a in accs:
-            a.add_incoming(ir.Constant(acc_t, [0] * lanes), pre)
-        builder.cbranch(builder.icmp_signed("<", idx, n), body, done)
-
-        builder.position_at_end(body)
-        off = builder.mul(idx, ir.Constant(_I64, BLOCK))
-        packed = builder.load(builder.bitcast(builder.gep(pp, [off]), _V32I8.as_pointer()), align=1)
-        x = builder.load(builder.bitcast(builder.gep(xp, [off]), _V32I8.as_pointer()), align=1)
-        mask = ir.Constant(_V32I8, [3] * 32)
-        codes = [builder.and_(packed, mask)]
-        codes += [builder.and_(builder.lshr(packed, ir.Constant(_V32I8, [2 * i] * 32)), mask) for i in (1, 2)]
-        codes.append(builder.lshr(packed, ir.Constant(_V32I8, [6] * 32)))
-        new = block(builder, codes, x, accs)
-        idx.add_incoming(builder.add(idx, ir.Constant(_I64, 1)), body)
-        for a, v in zip(accs, new):
-            a.add_incoming(v, body)
-        builder.branch(loop)
-
-        builder.position_at_end(done)
-        sums = []
-        for a in accs:
-            s = builder.extract_element(a, ir.Constant(_I32, 0))
-            for k in range(1, lanes):
-                s = builder.add(s, builder.extract_element(a, ir.Constant(_I32, k)))
-            sums.append(s)
+        sums = emit_block_loop(context, builder, signature, args, 4, lanes, _codes_step)
         return context.make_tuple(builder, signature.return_type, sums)
 
     return sig, codegen

@@ -18,6 +18,19 @@ from ternpool.jobs import read_output
 pytestmark = pytest.mark.cluster
 
 
+def _wait_for_shards(out, n: int, timeout: float = 180) -> None:
+    """Until OUT/_manifest.json records at least n completed shards."""
+    import json
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = out / "_manifest.json"
+        if m.exists() and len(json.loads(m.read_text())["completed"]) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {n} shards completed in {timeout} s")
+
+
 def _check_exactly_once(out, rows: int, bad: dict):
     table = read_output(str(out))
     assert table.num_rows == rows
@@ -121,15 +134,9 @@ def test_driver_killed_mid_job_then_rerun_resumes(tmp_path, tiny_model, make_pro
            "--no-progress", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     manifest = out / "_manifest.json"
-    deadline = time.time() + 180
     import json
 
-    while time.time() < deadline:
-        if manifest.exists():
-            done = len(json.loads(manifest.read_text())["completed"])
-            if done >= 3:
-                break
-        time.sleep(0.2)
+    _wait_for_shards(out, 3)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded cluster it started
     proc.wait()
     done_before = len(json.loads(manifest.read_text())["completed"])
@@ -155,12 +162,7 @@ def test_cancel_from_another_shell_keeps_completed_shards_and_status_reads_them(
     cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model, "--output",
            str(out), "--max-tokens", "24", "--shard-rows", "20", "--threads-per-worker", "1", "--no-progress", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        m = out / "_manifest.json"
-        if m.exists() and len(json.loads(m.read_text())["completed"]) >= 2:
-            break
-        time.sleep(0.2)
+    _wait_for_shards(out, 2)
     assert "cancel requested" in _cli("cancel", str(out)).stdout
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, stdout
@@ -230,12 +232,7 @@ def test_ctrl_c_in_the_submitting_shell_cancels_and_rerun_resumes(tmp_path, tiny
     cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model, "--output",
            str(out), "--max-tokens", "48", "--shard-rows", "20", "--no-progress", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        m = out / "_manifest.json"
-        if m.exists() and len(json.loads(m.read_text())["completed"]) >= 2:
-            break
-        time.sleep(0.2)
+    _wait_for_shards(out, 2)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group on Ctrl-C
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, stdout
