@@ -28,7 +28,7 @@ from ternpool.engine.requests import Result
 from ternpool.jobs.manifest import Manifest
 from ternpool.jobs.output import error_results, result_table, write_part
 from ternpool.jobs.plan import Shard, split_shard
-from ternpool.jobs.progress import write_progress
+from ternpool.jobs.progress import owns_output, write_progress
 from ternpool.jobs.rows import read_shard
 
 from .metrics import JobMetrics
@@ -63,8 +63,10 @@ class Coordinator:
     """Plain class; `CoordinatorActor` is its Ray actor."""
 
     def __init__(self, spec, inputs, shards: list[Shard], manifest: Manifest, max_retries: int,
-                 metrics_host: str = "127.0.0.1", metrics_port: int | None = None, pushgateway: str | None = None):
+                 metrics_host: str = "127.0.0.1", metrics_port: int | None = None, pushgateway: str | None = None,
+                 run_id: str | None = None):
         self.spec, self.inputs, self.manifest = spec, inputs, manifest
+        self.run_id = run_id  # OUT/_owner must still name this run before anything is written
         self.metrics = JobMetrics(manifest.job_id, manifest.num_rows)
         self.metrics_port = None if metrics_port is None else self.metrics.serve(metrics_host, metrics_port)
         self.pushgateway = pushgateway
@@ -196,6 +198,12 @@ class Coordinator:
         got.update(results)
         shard = self.shards[shard_id]
         if len(got) < shard.num_rows or shard_id not in self.remaining:
+            return
+        if self.run_id is not None and not owns_output(self.manifest.output, self.run_id):
+            log.error("%s is now written by another run of this job: this run stops without writing",
+                      self.manifest.output)
+            self.cancelled = True
+            self.queue.clear()
             return
         table = result_table(read_shard(self.inputs, shard), got, self.inputs.passthrough)
         write_part(self.manifest.output, shard_id, table)

@@ -23,7 +23,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ternpool.engine import ModelConfig
 from ternpool.engine.hub import resolve_model_dir
 from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
-from ternpool.jobs.progress import cancel_requested, clear_cancel, request_cancel, write_progress
+from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel, request_cancel,
+                                    write_progress)
 
 from .coordinator import CoordinatorActor
 from .metrics import check_port_free
@@ -122,11 +123,12 @@ class JobHandle:
         self._cancel = threading.Event()
         self._done = threading.Event()
         clear_cancel(self.output)
+        run_id = claim_output(self.output)  # a stale run of this job (killed driver) stops writing
         here = ray.get_runtime_context().get_node_id()
         self.coordinator = CoordinatorActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
             plan.spec, plan.inputs, plan.shards, plan.manifest, plan.spec.max_retries,
-            pool.metrics_host, pool.metrics_port, pool.pushgateway)
+            pool.metrics_host, pool.metrics_port, pool.pushgateway, run_id)
         try:
             port = ray.get(self.coordinator.metrics_endpoint.remote(), timeout=60)
         except RayActorError as e:  # e.g. the metrics port was taken meanwhile

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "_progress.json"
 CANCEL_FILE = "_cancel"
+OWNER_FILE = "_owner"  # the run that may write this output now (fencing against a stale run)
 RUNNING_STALE_AFTER = 60.0  # seconds without a progress update before "running" is doubted
 
 
@@ -67,6 +68,29 @@ def clear_cancel(output: str) -> None:
     path = storage.join(base, CANCEL_FILE)
     if storage.exists(fs, path):
         fs.delete_file(path)
+
+
+def claim_output(output: str) -> str:
+    """Make a new run the only writer of `output`; returns its run id. A run that finds another
+    id in OUT/_owner (it was superseded, e.g. its driver died and the job was rerun) must stop."""
+    import uuid
+
+    run_id = uuid.uuid4().hex
+    fs, base = storage.resolve(output)
+    storage.write_bytes_atomic(fs, storage.join(base, OWNER_FILE),
+                               json.dumps({"run_id": run_id, "claimed": time.time()}).encode("utf-8"))
+    return run_id
+
+
+def owns_output(output: str, run_id: str) -> bool:
+    fs, base = storage.resolve(output)
+    raw = storage.read_bytes(fs, storage.join(base, OWNER_FILE))
+    if raw is None:
+        return False
+    try:
+        return json.loads(raw.decode("utf-8")).get("run_id") == run_id
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def status(output: str) -> dict[str, Any]:

@@ -143,7 +143,9 @@ def test_driver_killed_mid_job_then_rerun_resumes(tmp_path, tiny_model, make_pro
     assert 3 <= done_before < 20
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "finished" in rerun.stdout
+    # the killed driver's actors may finish a few more shards before Ray reaps them; either way the
+    # rerun completes the job
+    assert "finished" in rerun.stdout or "nothing to do" in rerun.stdout, rerun.stdout
     _check_exactly_once(out, 400, bad)
 
 

@@ -273,3 +273,14 @@ def test_relative_output_is_made_absolute(tmp_path, monkeypatch):
     assert os.path.isabs(manifest.output)
     assert manifest.output == str(tmp_path / "rel-out")
     assert (tmp_path / "rel-out" / "_manifest.json").exists()
+
+
+def test_a_new_run_fences_off_the_old_one(tmp_path):
+    from ternpool.jobs.progress import claim_output, owns_output
+
+    out = str(tmp_path / "out")
+    first = claim_output(out)
+    assert owns_output(out, first)
+    second = claim_output(out)
+    assert owns_output(out, second) and not owns_output(out, first)
+    assert not owns_output(str(tmp_path / "elsewhere"), second)
