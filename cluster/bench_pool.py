@@ -21,12 +21,12 @@ def bench_pool(model: str, rows: int = 256, max_tokens: int = 32, slots: int = 8
     import pyarrow.parquet as pq
 
     from ternpool.engine import Engine, Request, SamplingParams
-    from ternpool.jobs.demo import _WORDS
+    from ternpool.jobs.demo import WORDS
 
     from .driver import JobHandle, PoolConfig, prepare
     from ternpool.jobs import JobSpec
 
-    prompts = [" ".join(_WORDS[(i * 7 + k) % len(_WORDS)] for k in range(1 + i % 24)) for i in range(rows)]
+    prompts = [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(1 + i % 24)) for i in range(rows)]
     engine = Engine.load(model, threads=threads, slots=slots)
     engine.generate([Request(0, prompt="warm up", params=SamplingParams(max_tokens=2))])
     t0 = time.perf_counter()

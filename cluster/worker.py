@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 
@@ -129,8 +129,6 @@ class Worker:
 
 
 def _rekey(res: Result, key) -> Result:
-    from dataclasses import replace
-
     return replace(res, key=key, prompt_token_ids=())
 
 

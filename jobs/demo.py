@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-_WORDS = ("river mill harvest bread market children weather story king garden letter morning window "
+WORDS = ("river mill harvest bread market children weather story king garden letter morning window "
           "mountain village music winter lantern bridge ocean forest").split()
 
 
@@ -18,7 +18,7 @@ def write_demo_prompts(path: str | Path, rows: int = 200, seed: int = 0) -> Path
     prompts, max_tokens, temperature, seeds, topics = [], [], [], [], []
     for i in range(rows):
         n = rng.choice([1, 3, 8, 20, 60])
-        prompts.append(" ".join(rng.choice(_WORDS) for _ in range(n)).capitalize())
+        prompts.append(" ".join(rng.choice(WORDS) for _ in range(n)).capitalize())
         max_tokens.append(rng.choice([None, 8, 16, 32]))
         temperature.append(None if i % 3 else 0.8)
         seeds.append(None if i % 5 else i)
