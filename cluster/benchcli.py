@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from .cliopts import add_model_options
+
 log = logging.getLogger("ternpool")
 
 DEFAULT_CACHE = Path.home() / ".cache" / "ternpool" / "bench-models"
@@ -57,16 +59,11 @@ def cmd_bench_model(args) -> int:
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
     bw = read_bandwidth()
     r = bench_model(model, threads=args.threads, prompt_len=args.prompt_len, gen=args.gen,
-                    concurrency=concurrency, head=args.head)
-    from ternpool.engine import ModelConfig
-
-    cfg = ModelConfig.from_dir(model)
-    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
-    head_bytes = cfg.vocab_size * cfg.hidden_size * (1 if args.head == "int8" else 2)
-    embed_bytes = cfg.vocab_size * cfg.hidden_size * 2
-    per_token = weights - embed_bytes + head_bytes  # linears + the head, read once per decode step
-    r.update(read_bandwidth=bw, bytes_per_token=per_token, ceiling_tokens_per_s=bw / per_token)
-    print(f"{model}: {r['threads']} threads, head {args.head}, load {r['load_s']:.2f} s, "
+                    concurrency=concurrency, head=args.head, weights_format=args.weights_format)
+    per_token = r["bytes_per_token"]
+    r.update(read_bandwidth=bw, ceiling_tokens_per_s=bw / per_token)
+    print(f"{model}: {r['threads']} threads, {r['weights_format']} weights, head {args.head}, ISA {r['isa']}, "
+          f"load {r['load_s']:.2f} s, "
           f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB")
     print(f"prefill {args.prompt_len} tokens: {r['prefill_tokens_per_s']:.1f} tokens/s (time to first token "
           f"{r['ttft_s']:.3f} s)")
@@ -107,6 +104,6 @@ def add_bench_commands(bsub) -> None:
     m.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
     m.add_argument("--gen", type=int, default=128, help="generated tokens per sequence (default: 128)")
     m.add_argument("--concurrency", default="1,8,32,64", help="concurrent sequences (default: 1,8,32,64)")
-    m.add_argument("--head", choices=["bf16", "int8"], default="bf16", help="output head (default: bf16)")
+    add_model_options(m)
     m.add_argument("--json", help="also write the numbers to this JSON file")
     m.set_defaults(func=cmd_bench_model)

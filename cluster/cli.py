@@ -8,6 +8,8 @@ import logging
 import sys
 import time
 
+from .cliopts import WEIGHTS_FORMATS, add_model_options
+
 log = logging.getLogger("ternpool")
 
 
@@ -26,7 +28,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
-    engine = Engine.load(args.model, threads=args.threads, slots=1, max_context=args.max_context, head=args.head)
+    engine = Engine.load(args.model, threads=args.threads, slots=1, max_context=args.max_context, head=args.head,
+                         weights_format=args.weights_format)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})
@@ -49,6 +52,22 @@ def _generate(args: argparse.Namespace) -> int:
     log.info("%d prompt tokens, first token after %.3f s (%.1f prompt tokens/s), %d more tokens at %.2f "
              "tokens/s, %s; peak RSS %.2f GB", res.prompt_tokens, res.time_to_first_token,
              res.prompt_tokens / res.time_to_first_token, decode, rate, res.finish_reason, _peak_rss() / 1e9)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ternpool.engine.native import convert, native_specs
+    from ternpool.engine import ModelConfig
+    from tqdm import tqdm
+
+    cfg = ModelConfig.from_dir(args.model)
+    specs = native_specs(cfg, args.weights_format)
+    t0 = time.perf_counter()
+    with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="convert",
+              disable=args.quiet, file=sys.stderr, dynamic_ncols=True) as pb:
+        out = convert(args.model, args.out, args.weights_format, progress=lambda s: pb.update(s.nbytes))
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({args.weights_format}, {size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -97,11 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the text")
     g.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
     g.add_argument("--max-context", type=int, help="context length to allocate (default: 2048)")
-    g.add_argument("--head", choices=["bf16", "int8"], default="bf16",
-                   help="output head: bf16 (exact, default) or int8 (half the bytes per token, approximate)")
+    add_model_options(g)
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: prompt_ids, output_ids, text, finish_reason")
     g.set_defaults(func=_generate)
+
+    v = sub.add_parser("convert", help="convert a Hugging Face BitNet model into ternpool's native weight file",
+                       description="Write the model in the layout the kernels read (one safetensors file, "
+                       "format-versioned), to be memory-mapped: loads in milliseconds and is shared by every "
+                       "process on a node. Streams tensor by tensor, so models larger than RAM convert. "
+                       "Loading a Hugging Face model does this once automatically into the cache.")
+    v.add_argument("model", help="Hugging Face model directory")
+    v.add_argument("--out", required=True, help="output directory (must not exist)")
+    v.add_argument("--weights-format", choices=WEIGHTS_FORMATS, default="2bit",
+                   help="2bit (Hugging Face packing, default) or 1.6bit (base 3, 5 weights a byte)")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=_convert)
 
     from .jobcli import add_commands
 

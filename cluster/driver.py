@@ -44,6 +44,7 @@ class PoolConfig:
     slots: int | None = None  # None: 8, fewer if the KV cache would not fit the node's memory
     max_context: int | None = None
     head: str = "bf16"  # output head: "bf16" (exact) or "int8" (half the bytes per token)
+    weights_format: str | None = None  # "2bit" / "1.6bit"; None: 2bit, or a converted model's own
     hang_timeout: float = 300.0  # seconds without progress before a worker is declared hung
     max_worker_restarts: int = 20
     object_store_memory: int | None = None
@@ -165,7 +166,7 @@ class JobHandle:
         cpus = self.pool.threads_per_worker or alive_nodes().get(node, 1.0)
         cfg = WorkerConfig(self.plan.model_dir, threads=self.pool.threads_per_worker, slots=self.pool.slots,
                            max_context=self.pool.max_context, truncate=self.plan.spec.truncate, head=self.pool.head,
-                           faults=self.pool.faults)
+                           weights_format=self.pool.weights_format, faults=self.pool.faults)
         actor = WorkerActor.options(
             num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             name=None).remote(wid, cfg, self.coordinator, self.plan.spec, self.plan.inputs.text_column)

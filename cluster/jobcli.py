@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .cliopts import add_model_options
+
 log = logging.getLogger("ternpool")
 
 
@@ -20,8 +22,7 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, help="sequences each worker decodes at once (default: 8, fewer when "
                    "their KV cache would take more than half of a node's free memory)")
     p.add_argument("--max-context", type=int, help="context length per slot (default: 2048 or the model's)")
-    p.add_argument("--head", choices=["bf16", "int8"], default="bf16",
-                   help="output head: bf16 (exact, default) or int8 (half the bytes per token, approximate)")
+    add_model_options(p)
     p.add_argument("--max-tokens", type=int, default=128, help="default tokens to generate per row (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="default temperature; 0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="default nucleus mass (default: 1.0)")
@@ -55,7 +56,8 @@ def _pool(args):
     from .driver import PoolConfig
 
     return PoolConfig(address=args.address, workers=args.workers, threads_per_worker=args.threads_per_worker,
-                      slots=args.slots, max_context=args.max_context, head=args.head, hang_timeout=args.hang_timeout,
+                      slots=args.slots, max_context=args.max_context, head=args.head,
+                      weights_format=args.weights_format, hang_timeout=args.hang_timeout,
                       metrics_host=args.metrics_host, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                       pushgateway=args.pushgateway)
 

@@ -34,6 +34,7 @@ class WorkerConfig:
     max_context: int | None = None
     truncate: str = "error"
     head: str = "bf16"
+    weights_format: str | None = None
     # test hooks: {"exit_on_prompt": s, "hang_on_prompt": s, "step_delay": seconds (a slow node)}
     faults: dict = field(default_factory=dict)
 
@@ -50,7 +51,8 @@ class Worker:
         self.spec, self.text_column = spec, text_column
         threads = config.threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         self.engine = Engine.load(config.model, threads=threads, slots=config.slots,
-                                  max_context=config.max_context, truncate=config.truncate, head=config.head)
+                                  max_context=config.max_context, truncate=config.truncate, head=config.head,
+                                  weights_format=config.weights_format)
         # compile / load every kernel now, so that the first shard does not pay for it
         self.engine.generate([Request("warm-up", prompt_token_ids=[self.engine.config.bos_token_id],
                                       params=SamplingParams(max_tokens=2))])

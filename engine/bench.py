@@ -45,16 +45,23 @@ def _run(engine: Engine, prompts: list[list[int]], gen: int) -> dict:
 
 
 def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, gen: int = 128,
-                concurrency=(1, 8, 32, 64), head: str = "bf16", seed: int = 0) -> dict:
+                concurrency=(1, 8, 32, 64), head: str = "bf16", weights_format: str | None = None,
+                seed: int = 0) -> dict:
+    from ternpool.kernels.config import ISA
+
+    Engine.load(model, threads=threads, slots=1, max_context=8, weights_format=weights_format)  # convert once
     t0 = time.perf_counter()
     engine = Engine.load(model, threads=threads, slots=max(concurrency), max_context=prompt_len + gen + 1,
-                         step_tokens=max(512, prompt_len), head=head)
+                         step_tokens=max(512, prompt_len), head=head, weights_format=weights_format)
     load_s = time.perf_counter() - t0
+    w = engine.model.weights
+    head_bytes = w.head_q.nbytes + w.head_scale.nbytes if head == "int8" else w.embed.nbytes
+    per_token = w.linear_bytes + head_bytes  # read once per decode step (norms and KV cache aside)
     engine.stop_ids = frozenset()  # random models may sample an end token: always generate `gen` tokens
     _run(engine, _prompts(engine, 1, 8, seed), 2)  # warm up
     single = _run(engine, _prompts(engine, 1, prompt_len, seed + 1), gen)
-    out = {"model": str(model), "threads": engine.threads, "head": head, "prompt_len": prompt_len, "gen": gen,
-           "load_s": load_s, "prefill_tokens_per_s": prompt_len / single["ttft_s"], "ttft_s": single["ttft_s"],
+    out = {"model": str(model), "threads": engine.threads, "head": head, "weights_format": w.weights_format,
+           "isa": ISA, "bytes_per_token": per_token, "prompt_len": prompt_len, "gen": gen, "load_s": load_s, "prefill_tokens_per_s": prompt_len / single["ttft_s"], "ttft_s": single["ttft_s"],
            "decode_tokens_per_s": single["decode_tokens_per_s"], "concurrency": {}}
     for c in concurrency:
         r = _run(engine, _prompts(engine, c, prompt_len, seed + 10 + c), gen)

@@ -26,7 +26,7 @@ from .model import BitNetModel
 from .requests import Request, Result, SamplingParams
 from .sampling import make_rng, sample
 from .tokenizer import Tokenizer
-from .weights import load_weights
+from .native import ensure_native, load_native
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -96,7 +96,8 @@ class Engine:
     @classmethod
     def load(cls, model: str | Path, threads: int | None = None, slots: int | None = None,
              max_context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
-             truncate: str = "error", head: str = "bf16") -> "Engine":
+             truncate: str = "error", head: str = "bf16", weights_format: str | None = None,
+             cache_dir: str | Path | None = None) -> "Engine":
         """Load a model directory (or Hub id) and allocate the cache.
 
         slots: sequences decoded at once; None: DEFAULT_SLOTS, fewer when their full KV cache
@@ -104,21 +105,25 @@ class Engine:
         truncate: "error" fails a prompt that does not fit the context; "left" keeps its end.
         head: "bf16" (exact, the default) or "int8" (the embedding quantized per row for the output
         head: half the bytes per decode step, logits within ~1% of the logit spread).
+        weights_format: "2bit" or "1.6bit" ternary weights. A Hugging Face model is converted once
+        into ternpool's native file under `cache_dir` (default TERNPOOL_CACHE_DIR or
+        ~/.cache/ternpool) and mapped from there; a native directory is mapped as it is.
         """
         t0 = time.perf_counter()
         threads = set_threads(threads)
         model_dir = resolve_model_dir(model)
         cfg = ModelConfig.from_dir(model_dir)
-        weights = load_weights(model_dir, cfg)
-        tokenizer = Tokenizer(model_dir)
+        native_dir = ensure_native(model_dir, weights_format, cache_dir)
+        weights = load_native(native_dir, cfg)
+        tokenizer = Tokenizer(native_dir)
         if len(tokenizer) > cfg.vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer)} ids but vocab_size is {cfg.vocab_size}")
         ctx = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
         if slots is None:
             slots = auto_slots(cfg, ctx)
         engine = cls(BitNetModel(weights, slots, ctx, head=head), tokenizer, threads, step_tokens, truncate)
-        log.info("engine ready in %.2f s: %s, %d slots x %d tokens, %d threads", time.perf_counter() - t0,
-                 model_dir, slots, ctx, threads)
+        log.info("engine ready in %.2f s: %s (%s weights, %s head), %d slots x %d tokens, %d threads",
+                 time.perf_counter() - t0, model_dir, weights.weights_format, head, slots, ctx, threads)
         return engine
 
     # -- requests ------------------------------------------------------------------------------

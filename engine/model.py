@@ -20,7 +20,7 @@ import mmap
 import numpy as np
 
 from ternpool.kernels import attention, bf16_matmul, bf16_to_f32, dequant_factors, quantize_rows, ternary_linear
-
+from ternpool.kernels.base3 import base3_linear
 from ternpool.kernels.head8 import head_i8, quantize_head
 
 from .config import ModelConfig
@@ -73,6 +73,8 @@ class Quantized:
 
     def __call__(self, lin: TernaryLinear) -> np.ndarray:
         div, mul = dequant_factors(self.scale, lin.weight_scale, lin.divides)
+        if lin.layout == "b3":
+            return base3_linear(lin.packed, self.q, self.qsum, div, mul)
         return ternary_linear(lin.packed, self.q, self.qsum, div, mul)
 
 
@@ -84,8 +86,12 @@ class BitNetModel:
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.head = head
-        # int8 head: the tied embedding quantized per row once (half the bytes read per token)
-        self.head_i8 = quantize_head(weights.embed) if head == "int8" else None
+        # int8 head: the tied embedding quantized per row (half the bytes read per token); mapped from
+        # a native file, or quantized here once
+        self.head_i8 = None
+        if head == "int8":
+            self.head_i8 = ((weights.head_q, weights.head_scale) if weights.head_q is not None
+                            else quantize_head(weights.embed))
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if not 1 <= max_context <= cfg.max_position_embeddings:

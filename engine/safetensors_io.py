@@ -51,9 +51,15 @@ class TensorInfo:
         return np.memmap(self.path, dtype=dt, mode="r", offset=self.offset, shape=self.shape)
 
 
-def read_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Parse and validate one safetensors file's header; errors name the file and tensor."""
-    path = Path(path)
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` string map of a safetensors file ({} when it has none)."""
+    header, _, _ = _raw_header(Path(path))
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _raw_header(path: Path) -> tuple[dict, int, int]:
+    """The parsed JSON header, the byte offset where tensor data starts, and the file size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -73,7 +79,13 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         raise ModelFormatError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: header is not a JSON object")
-    base = 8 + n
+    return header, 8 + n, size
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header; errors name the file and tensor."""
+    path = Path(path)
+    header, base, size = _raw_header(path)
     out: dict[str, TensorInfo] = {}
     for name, meta in header.items():
         if name == "__metadata__":
@@ -133,14 +145,17 @@ class TensorSpec:
 
 
 def write_safetensors(path: str | Path, specs: Iterable[TensorSpec],
-                      produce: Callable[[TensorSpec], np.ndarray]) -> int:
+                      produce: Callable[[TensorSpec], np.ndarray | Iterable[np.ndarray]],
+                      metadata: dict[str, str] | None = None) -> int:
     """Stream tensors into a safetensors file, calling `produce(spec)` one tensor at a time.
 
-    Written to `path + '.tmp'` and renamed when complete. Returns the file size.
+    `produce` returns the tensor, or an iterable of consecutive row blocks of it (so that one
+    large tensor need not be in memory at once). Written to `path + '.tmp'` and renamed when
+    complete. Returns the file size.
     """
     path = Path(path)
     specs = list(specs)
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for s in specs:
         header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
@@ -152,9 +167,16 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec],
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for s in specs:
-            arr = np.ascontiguousarray(produce(s), dtype=DTYPES[s.dtype])
-            if arr.shape != s.shape:
-                raise ValueError(f"tensor {s.name}: produced shape {arr.shape}, declared {s.shape}")
-            f.write(arr.tobytes())
+            data = produce(s)
+            blocks = [data] if isinstance(data, np.ndarray) else data
+            rows = 0
+            for block in blocks:
+                block = np.ascontiguousarray(block, dtype=DTYPES[s.dtype])
+                if block.shape[1:] != s.shape[1:] or rows + block.shape[0] > s.shape[0]:
+                    raise ValueError(f"tensor {s.name}: produced a block of shape {block.shape}, declared {s.shape}")
+                rows += block.shape[0]
+                f.write(memoryview(block).cast("B"))
+            if rows != s.shape[0]:
+                raise ValueError(f"tensor {s.name}: produced {rows} rows, declared {s.shape}")
     tmp.replace(path)
     return 8 + len(raw) + offset

@@ -28,9 +28,11 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @dataclass(frozen=True)
 class TernaryLinear:
-    packed: np.ndarray  # uint8 (out // 4, in), HF layout
+    packed: np.ndarray  # uint8: "i2" (out // 4, in), HF layout; "b3" (out, 32 * ceil(in / 160)), base 3
     weight_scale: float  # as stored (or mean|W| for bf16 weights)
     divides: bool = False  # BitLinear: y = acc / (s * weight_scale); else y = acc / s * weight_scale
+    layout: str = "i2"  # "i2": 2 bits a weight; "b3": 1.6 bits (5 weights a byte)
+    in_features: int | None = None  # needed for "b3" (its rows are padded to whole blocks)
 
     @property
     def scale(self) -> float:
@@ -39,7 +41,7 @@ class TernaryLinear:
 
     @property
     def out_features(self) -> int:
-        return 4 * self.packed.shape[0]
+        return 4 * self.packed.shape[0] if self.layout == "i2" else self.packed.shape[0]
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,17 @@ class ModelWeights:
     embed: np.ndarray  # uint16 bf16 (vocab, hidden); also the tied output head
     norm: np.ndarray  # (hidden,) float32
     layers: tuple[LayerWeights, ...]
+    head_q: np.ndarray | None = None  # int8 (vocab, hidden) head from a native file, else made at load
+    head_scale: np.ndarray | None = None  # float32 (vocab,)
+    weights_format: str = "2bit"
+
+    @property
+    def linear_bytes(self) -> int:
+        return sum(getattr(layer, name).packed.nbytes for layer in self.layers for name in LINEARS)
 
     @property
     def nbytes(self) -> int:
-        n = self.embed.nbytes + self.norm.nbytes
-        for layer in self.layers:
-            for name in LINEARS:
-                n += getattr(layer, name).packed.nbytes
-        return n
+        return self.embed.nbytes + self.norm.nbytes + self.linear_bytes
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -81,7 +86,7 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
 
 
-def _module(name: str) -> str:
+def module_of(name: str) -> str:
     return "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
 
 
@@ -100,7 +105,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
         out[p + "self_attn.attn_sub_norm.weight"] = ((h,), floats)
         out[p + "mlp.ffn_sub_norm.weight"] = ((i,), floats)
         for name, (o, k) in linear_shapes(cfg).items():
-            base = f"{p}{_module(name)}.{name}."
+            base = f"{p}{module_of(name)}.{name}."
             if cfg.quantization_mode == "online":
                 out[base + "weight"] = ((o, k), floats)
             else:
@@ -119,13 +124,18 @@ def _as_f32(info: TensorInfo) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
+def online_factors(mean_abs: float) -> tuple[np.float32, float]:
+    """transformers' online rule for a tensor with this mean |W|: the float32 factor s that
+    ternarizes (clamp(round(W * s), -1, 1)) and the effective weight scale 1 / s."""
+    s = np.float32(1.0) / np.float32(max(np.float32(mean_abs), np.float32(1e-5)))
+    return s, float(np.float32(1.0) / s)
+
+
 def ternarize(w: np.ndarray) -> tuple[np.ndarray, float]:
     """transformers' online rule for a float (out, in) weight: (ternary int8, effective scale)."""
     w = np.asarray(w, dtype=np.float32)
-    mean = np.float32(max(np.float32(np.abs(w).mean(dtype=np.float64)), np.float32(1e-5)))
-    s = np.float32(1.0) / mean
-    t = np.clip(np.round(w * s), -1, 1).astype(np.int8)
-    return t, float(np.float32(1.0) / s)
+    s, scale = online_factors(float(np.float32(np.abs(w).mean(dtype=np.float64))))
+    return np.clip(np.round(w * s), -1, 1).astype(np.int8), scale
 
 
 def _linear(tensors: dict[str, TensorInfo], base: str, cfg: ModelConfig) -> TernaryLinear:
@@ -139,10 +149,8 @@ def _linear(tensors: dict[str, TensorInfo], base: str, cfg: ModelConfig) -> Tern
     return TernaryLinear(weight.load(), ws, cfg.scale_divides)
 
 
-def load_weights(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
-    """Check every tensor against the config, then map/convert them."""
-    model_dir = Path(model_dir)
-    tensors = index_model(model_dir)
+def check_tensors(model_dir: Path, tensors: dict[str, TensorInfo], cfg: ModelConfig) -> None:
+    """Every tensor of a Hugging Face checkpoint present, known, and of the config's shape and dtype."""
     expected = expected_tensors(cfg)
     missing = [n for n in expected if n not in tensors]
     if missing:
@@ -158,10 +166,17 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
         if t.dtype not in dtypes or t.shape != shape:
             raise ModelFormatError(f"{t.path}: tensor {name} is {t.dtype}{list(t.shape)}, expected "
                                    f"{'/'.join(dtypes)}{list(shape)}")
+
+
+def load_weights(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
+    """Check every tensor of a Hugging Face checkpoint against the config, then map/convert them."""
+    model_dir = Path(model_dir)
+    tensors = index_model(model_dir)
+    check_tensors(model_dir, tensors, cfg)
     layers = []
     for n in range(cfg.num_hidden_layers):
         p = f"model.layers.{n}."
-        lin = {name: _linear(tensors, f"{p}{_module(name)}.{name}.", cfg) for name in LINEARS}
+        lin = {name: _linear(tensors, f"{p}{module_of(name)}.{name}.", cfg) for name in LINEARS}
         layers.append(LayerWeights(
             input_norm=_as_f32(tensors[p + "input_layernorm.weight"]).copy(),
             post_attention_norm=_as_f32(tensors[p + "post_attention_layernorm.weight"]).copy(),

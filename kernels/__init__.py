@@ -19,3 +19,7 @@ __all__ = [
     "dequant_factors", "set_threads", "quantize_rows", "quantize_rows_ref", "pack_ternary", "ternary_linear",
     "ternary_linear_ref", "ternary_matmul", "ternary_matmul_ref", "unpack_ternary",
 ]
+
+from .base3 import base3_linear, base3_linear_ref, base3_matmul, base3_matmul_ref, pack_base3, unpack_base3  # noqa: E402
+
+__all__ += ["base3_linear", "base3_linear_ref", "base3_matmul", "base3_matmul_ref", "pack_base3", "unpack_base3"]

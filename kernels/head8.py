@@ -48,8 +48,7 @@ def quantize_hidden(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(h * s[:, None]), -127, 127).astype(np.int8), (np.float32(1.0) / s).astype(np.float32)
 
 
-def _s8_step(builder, a, b, accs):
-    (acc,) = accs
+def _s8_step(builder, a, b, acc):
     if ISA == "avx2":
         v16i16, v8i32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
         mod = builder.module
@@ -57,45 +56,57 @@ def _s8_step(builder, a, b, accs):
         maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [_V32I8, _V32I8]))
         maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
         zero = ir.Constant(_V32I8, [0] * 32)
-        abs_a = builder.select(builder.icmp_signed("<", a, zero), builder.sub(zero, a), a)  # vpabsb
+        abs_a = builder.select(builder.icmp_signed("<", a, zero), builder.sub(zero, a), a)  # vpabsb, once per block
         pairs = builder.call(maddubs, [abs_a, builder.call(psign, [b, a])])  # |a| * (sign(a) * b)
-        return [builder.add(acc, builder.call(maddwd, [pairs, ir.Constant(v16i16, [1] * 16)]))]
+        return builder.add(acc, builder.call(maddwd, [pairs, ir.Constant(v16i16, [1] * 16)]))
     v32i16, v32i32 = ir.VectorType(_I16, 32), ir.VectorType(_I32, 32)
-    return [builder.add(acc, builder.sext(builder.mul(builder.sext(a, v32i16), builder.sext(b, v32i16)), v32i32))]
+    return builder.add(acc, builder.sext(builder.mul(builder.sext(a, v32i16), builder.sext(b, v32i16)), v32i32))
 
 
-@intrinsic
-def dot_s8(typingctx, a_row, b_row, nblocks):
-    """int32 sum of a_row[c] * b_row[c] over 32 * nblocks columns (int8, both in [-127, 127])."""
-    sig = types.int32(a_row, b_row, nblocks)
+def _s8_intrinsic(tokens: int):
+    @intrinsic
+    def tile(typingctx, a_row, b, t0, nblocks):
+        sig = types.UniTuple(types.int32, tokens)(a_row, b, t0, nblocks)
 
-    def codegen(context, builder, signature, args):
-        lanes = 8 if ISA == "avx2" else 32
-        (total,) = emit_block_loop(context, builder, signature, args, 1, lanes, _s8_step)
-        return total
+        def codegen(context, builder, signature, args):
+            lanes = 8 if ISA == "avx2" else 32
+            sums = emit_block_loop(context, builder, signature, args, tokens, lanes, _s8_step)
+            return context.make_tuple(builder, signature.return_type, sums)
 
-    return sig, codegen
+        return sig, codegen
+
+    return tile
+
+
+# dot_s8_tile1/2(a_row, b, t0, nblocks): int32 sums of a_row[c] * b[t, c] for t = t0 (, t0 + 1) over
+# 32 * nblocks columns (int8, both in [-127, 127]); a row block is loaded once for both tokens.
+dot_s8_tile1 = _s8_intrinsic(1)
+dot_s8_tile2 = _s8_intrinsic(2)
 
 
 @njit(**NJIT)
-def _dot(a, b):  # pragma: no cover - compiled
-    K = a.shape[0]
-    nb = K // BLOCK
-    acc = dot_s8(a, b, nb)
-    for c in range(nb * BLOCK, K):
-        acc = np.int32(acc + np.int32(a[c]) * np.int32(b[c]))
+def _tail(a, b, t, c0):  # pragma: no cover - compiled
+    acc = np.int32(0)
+    for c in range(c0, a.shape[0]):
+        acc = np.int32(acc + np.int32(a[c]) * np.int32(b[t, c]))
     return acc
 
 
 @njit(**NJIT_PARALLEL)
 def _head_i8(w, wscale, hq, hscale, out):  # pragma: no cover - compiled
-    V = w.shape[0]
+    V, K = w.shape
     T = hq.shape[0]
+    nb = K // BLOCK
     n_tasks = (V + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(n_tasks):
         for v in range(task * _ROWS_PER_TASK, min(V, (task + 1) * _ROWS_PER_TASK)):
-            for t in range(T):
-                out[t, v] = np.float32(_dot(w[v], hq[t])) * (wscale[v] * hscale[t])
+            for t in range(0, T - 1, 2):
+                s = dot_s8_tile2(w[v], hq, t, nb)
+                out[t, v] = np.float32(s[0] + _tail(w[v], hq, t, nb * BLOCK)) * (wscale[v] * hscale[t])
+                out[t + 1, v] = np.float32(s[1] + _tail(w[v], hq, t + 1, nb * BLOCK)) * (wscale[v] * hscale[t + 1])
+            if T % 2:
+                s1 = dot_s8_tile1(w[v], hq, T - 1, nb)
+                out[T - 1, v] = np.float32(s1[0] + _tail(w[v], hq, T - 1, nb * BLOCK)) * (wscale[v] * hscale[T - 1])
 
 
 def head_i8(w: np.ndarray, wscale: np.ndarray, h: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import NJIT, NJIT_PARALLEL
-from .simd import BLOCK, dot4_codes
+from .simd import BLOCK, dot4_tile1, dot4_tile2
 
 _M3 = np.int32(3)
 _S2 = np.int32(2)
@@ -57,12 +57,10 @@ def ternary_matmul_ref(packed: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 @njit(**NJIT)
-def _dot4(packed, r, q, t):  # pragma: no cover - compiled
-    """Four int32 sums of codes * q[t] over packed row r: output rows r, R + r, 2R + r, 3R + r."""
-    K = packed.shape[1]
-    nblocks = K // BLOCK
-    a0, a1, a2, a3 = dot4_codes(packed[r], q[t], nblocks)  # SIMD over whole blocks of 32 columns
-    for c in range(nblocks * BLOCK, K):  # the rest, one column at a time
+def _tail(packed, r, q, t, c0):  # pragma: no cover - compiled
+    """Code-weighted sums of packed row r with q[t] over columns c0.. (the part short of a block)."""
+    a0 = a1 = a2 = a3 = np.int32(0)
+    for c in range(c0, packed.shape[1]):
         b = np.int32(packed[r, c])
         x = np.int32(q[t, c])
         a0 = np.int32(a0 + np.int32(b & _M3) * x)
@@ -72,31 +70,68 @@ def _dot4(packed, r, q, t):  # pragma: no cover - compiled
     return a0, a1, a2, a3
 
 
+@njit(**NJIT)
+def _sums1(packed, r, q, t):  # pragma: no cover - compiled
+    """Four int32 sums of codes * q[t] over packed row r: output rows r, R + r, 2R + r, 3R + r."""
+    nb = packed.shape[1] // BLOCK
+    s = dot4_tile1(packed[r], q, t, nb)  # SIMD over whole blocks of 32 columns
+    e = _tail(packed, r, q, t, nb * BLOCK)
+    return s[0] + e[0], s[1] + e[1], s[2] + e[2], s[3] + e[3]
+
+
+@njit(**NJIT)
+def _sums2(packed, r, q, t):  # pragma: no cover - compiled
+    """`_sums1` for tokens t and t + 1 at once: the codes are unpacked once for both."""
+    nb = packed.shape[1] // BLOCK
+    s = dot4_tile2(packed[r], q, t, nb)
+    e = _tail(packed, r, q, t, nb * BLOCK)
+    f = _tail(packed, r, q, t + 1, nb * BLOCK)
+    return (s[0] + e[0], s[1] + e[1], s[2] + e[2], s[3] + e[3],
+            s[4] + f[0], s[5] + f[1], s[6] + f[2], s[7] + f[3])
+
+
+@njit(**NJIT)
+def _put_i32(out, t, r, a0, a1, a2, a3, s):  # pragma: no cover - compiled
+    R = out.shape[1] // 4
+    out[t, r] = a0 - s
+    out[t, R + r] = a1 - s
+    out[t, 2 * R + r] = a2 - s
+    out[t, 3 * R + r] = a3 - s
+
+
+@njit(**NJIT)
+def _put_f32(out, t, r, a0, a1, a2, a3, s, d, mul):  # pragma: no cover - compiled
+    R = out.shape[1] // 4
+    out[t, r] = np.float32(a0 - s) / d * mul
+    out[t, R + r] = np.float32(a1 - s) / d * mul
+    out[t, 2 * R + r] = np.float32(a2 - s) / d * mul
+    out[t, 3 * R + r] = np.float32(a3 - s) / d * mul
+
+
 @njit(**NJIT_PARALLEL)
 def _ternary_matmul_i32(packed, q, qsum, out):  # pragma: no cover - compiled
-    R = packed.shape[0]
-    for r in prange(R):
-        for t in range(q.shape[0]):
-            a0, a1, a2, a3 = _dot4(packed, r, q, t)
-            s = qsum[t]
-            out[t, r] = a0 - s
-            out[t, R + r] = a1 - s
-            out[t, 2 * R + r] = a2 - s
-            out[t, 3 * R + r] = a3 - s
+    T = q.shape[0]
+    for r in prange(packed.shape[0]):
+        for t in range(0, T - 1, 2):
+            s = _sums2(packed, r, q, t)
+            _put_i32(out, t, r, s[0], s[1], s[2], s[3], qsum[t])
+            _put_i32(out, t + 1, r, s[4], s[5], s[6], s[7], qsum[t + 1])
+        if T % 2:
+            s1 = _sums1(packed, r, q, T - 1)
+            _put_i32(out, T - 1, r, s1[0], s1[1], s1[2], s1[3], qsum[T - 1])
 
 
 @njit(**NJIT_PARALLEL)
 def _ternary_linear_f32(packed, q, qsum, div, mul, out):  # pragma: no cover - compiled
-    R = packed.shape[0]
-    for r in prange(R):
-        for t in range(q.shape[0]):
-            a0, a1, a2, a3 = _dot4(packed, r, q, t)
-            s = qsum[t]
-            d = div[t]
-            out[t, r] = np.float32(a0 - s) / d * mul
-            out[t, R + r] = np.float32(a1 - s) / d * mul
-            out[t, 2 * R + r] = np.float32(a2 - s) / d * mul
-            out[t, 3 * R + r] = np.float32(a3 - s) / d * mul
+    T = q.shape[0]
+    for r in prange(packed.shape[0]):
+        for t in range(0, T - 1, 2):
+            s = _sums2(packed, r, q, t)
+            _put_f32(out, t, r, s[0], s[1], s[2], s[3], qsum[t], div[t], mul)
+            _put_f32(out, t + 1, r, s[4], s[5], s[6], s[7], qsum[t + 1], div[t + 1], mul)
+        if T % 2:
+            s1 = _sums1(packed, r, q, T - 1)
+            _put_f32(out, T - 1, r, s1[0], s1[1], s1[2], s1[3], qsum[T - 1], div[T - 1], mul)
 
 
 def _check(packed: np.ndarray, q: np.ndarray) -> None:
@@ -131,6 +166,7 @@ def dequant_factors(scale: np.ndarray, weight_scale: float, divides: bool) -> tu
 
 def ternary_linear(packed, q, qsum, div, mul, out=None) -> np.ndarray:
     """Dequantized float32 (T, 4R): (q @ W.T) / div[:, None] * mul."""
+    q = np.ascontiguousarray(q)
     _check(packed, q)
     if out is None:
         out = np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.float32)

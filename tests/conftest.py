@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # the transformers oracle uses @torch.compile helpers
+# models converted to the native format go to a cache of this test session, not the user's
+os.environ["TERNPOOL_CACHE_DIR"] = tempfile.mkdtemp(prefix="ternpool-test-cache-")
 
 from ternpool.engine.modelgen import Shape, make_model  # noqa: E402
 

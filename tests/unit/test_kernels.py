@@ -106,6 +106,22 @@ def test_ternary_linear_matches_reference(rows, cols, tokens):
         np.testing.assert_allclose(got, ternary_matmul_ref(packed, q) / scale[:, None] * effective, rtol=1e-6)
 
 
+@pytest.mark.parametrize("cols", [1056, 2100])  # 33 and 65 blocks: several int16 chunks, then a tail
+@pytest.mark.parametrize("tokens", [2, 4, 5])  # token pairs, and a last odd token
+def test_long_rows_and_token_tiles_are_exact(cols, tokens):
+    rng = np.random.default_rng(cols + tokens)
+    packed = pack_ternary(rng.integers(-1, 2, size=(8, cols)))
+    packed[0] = 0xAA  # all codes 2 (weight +1) in row group 0 ...
+    q = rng.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
+    q[-1, :] = -128  # ... against -128 everywhere: the largest int16 partial sums
+    assert np.array_equal(ternary_matmul(packed, q), ternary_matmul_ref(packed, q))
+    qs = np.zeros((tokens, 2 * cols), np.int8)[:, ::2]  # strided activations are copied, not misread
+    qs[:] = q
+    qsum = q.astype(np.int32).sum(axis=1).astype(np.int32)
+    div = np.ones(tokens, np.float32)
+    assert np.array_equal(ternary_linear(packed, qs, qsum, div, 1.0), ternary_linear_ref(packed, q, div, 1.0))
+
+
 def test_code_three_reads_as_plus_two_like_the_reference():
     # code 3 never appears in valid checkpoints; kernel and reference must still agree on it
     packed = np.full((1, 5), 0xFF, np.uint8)

@@ -1,0 +1,224 @@
+"""Ternary x int8 matrix products on base-3 packed weights: 5 weights per byte (1.6 bits each).
+
+Layout: a ternary w (out, K) in {-1, 0, 1} is stored as uint8 (out, 32 * ceil(K / 160)).
+Columns come in blocks of 160; block j is the 32 bytes 32j .. 32j + 31 of a row, and its
+byte i holds the codes d = w + 1 of columns 160j + 32k + i for k = 0..4 (digit k), as
+
+    v = d0 * 81 + d1 * 27 + d2 * 9 + d3 * 3 + d4,    b = ceil(v * 256 / 243)  (<= 255).
+
+Decoding: x0 = b; d_k = (x_k * 3) >> 8; x_{k+1} = (x_k * 3) & 255 (exact for all 243 values;
+every byte decodes to digits in {0, 1, 2}). Digit k of a 32-byte block is thus the codes of
+the contiguous activation slice x[160j + 32k : 160j + 32k + 32]. Columns past K in the last
+block hold code 1 (zero weight); the kernels never read them.
+
+As in `ternary.py`, the kernel sums codes * q and subtracts the activation row sum, then
+dequantizes y = acc / div[t] * mul in that order (see `dequant_factors`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .config import NJIT, NJIT_PARALLEL
+from .simd_base3 import BLOCK, BLOCK_BYTES, DIGITS, dot_base3_1, dot_base3_2, dot_base3_4, dot_base3_8
+
+_POW3 = np.array([81, 27, 9, 3, 1], dtype=np.int32)
+_M8 = np.int32(255)
+_S8 = np.int32(8)
+_THREE = np.int32(3)
+_ROWS_PER_TASK = 8
+
+
+def packed_cols(K: int) -> int:
+    """Bytes per packed row for K columns: 32 * ceil(K / 160)."""
+    return BLOCK_BYTES * (-(-K // BLOCK))
+
+
+def encode_base3(digits: np.ndarray) -> np.ndarray:
+    """(..., 5) codes in {0, 1, 2} -> uint8 (...) fixed-point bytes ceil(v * 256 / 243)."""
+    v = np.asarray(digits, dtype=np.int32) @ _POW3
+    return ((v * 256 + 242) // 243).astype(np.uint8)
+
+
+def decode_base3(b: np.ndarray) -> np.ndarray:
+    """uint8 (...) -> uint8 (..., 5) codes, digit k = ((b * 3^k) & 255) * 3 >> 8."""
+    x = np.asarray(b, dtype=np.uint8).astype(np.uint16)
+    digits = []
+    for _ in range(DIGITS):
+        x = x * 3
+        digits.append(x >> 8)
+        x = x & 255
+    return np.stack(digits, axis=-1).astype(np.uint8)
+
+
+def pack_base3(w: np.ndarray) -> np.ndarray:
+    """Pack ternary w (out, K) in {-1, 0, 1} into uint8 (out, 32 * ceil(K / 160))."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"ternary weights must be 2-D (out, K), got shape {w.shape}")
+    if w.size and (w.min() < -1 or w.max() > 1):
+        raise ValueError("ternary weights must be in {-1, 0, 1}")
+    out, K = w.shape
+    nblk = -(-K // BLOCK)
+    codes = np.ones((out, nblk * BLOCK), dtype=np.uint8)  # padding: code 1, weight 0
+    codes[:, :K] = (w.astype(np.int16) + 1).astype(np.uint8)
+    digits = codes.reshape(out, nblk, DIGITS, BLOCK_BYTES).transpose(0, 1, 3, 2)  # (out, nblk, 32, 5)
+    return np.ascontiguousarray(encode_base3(digits).reshape(out, nblk * BLOCK_BYTES))
+
+
+def unpack_base3(packed: np.ndarray, K: int) -> np.ndarray:
+    """Inverse of `pack_base3`: uint8 (out, 32 * ceil(K / 160)) -> int8 (out, K) in {-1, 0, 1}."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    _check_cols(packed, K)
+    out, nbytes = packed.shape
+    nblk = nbytes // BLOCK_BYTES
+    digits = decode_base3(packed.reshape(out, nblk, BLOCK_BYTES)).transpose(0, 1, 3, 2)  # (out, nblk, 5, 32)
+    return (digits.reshape(out, nblk * BLOCK)[:, :K].astype(np.int8) - 1).astype(np.int8)
+
+
+def base3_matmul_ref(packed: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """NumPy reference: int32 (T, out) = q (T, K) int8 @ unpack_base3(packed, K).T."""
+    q = np.asarray(q)
+    w = unpack_base3(packed, q.shape[1]).astype(np.int64)
+    return (q.astype(np.int64) @ w.T).astype(np.int32)
+
+
+@njit(**NJIT)
+def _tail(p, x, nb, nd, K):  # pragma: no cover - compiled
+    """int32 sum of codes * x over columns 160 nb + 32 nd .. K - 1 (fewer than 32): digit nd of
+    bytes 32 nb + i, one column at a time."""
+    c0 = nb * BLOCK + nd * BLOCK_BYTES
+    base = nb * BLOCK_BYTES
+    acc = np.int32(0)
+    for i in range(K - c0):
+        v = np.int32(p[base + i])
+        for _ in range(nd):
+            v = (v * _THREE) & _M8
+        acc = np.int32(acc + ((v * _THREE) >> _S8) * np.int32(x[c0 + i]))
+    return acc
+
+
+@njit(**NJIT)
+def _dots(p, q, t, nt, nb, nd):  # pragma: no cover - compiled
+    """SIMD code-weighted sums of packed row p with q[t .. t + nt - 1] (nt = 1, 2, 4 or 8; the
+    rest of the 8-tuple is 0), over the whole blocks and whole digits of the last block."""
+    z = np.int32(0)
+    if nt == 8:
+        return dot_base3_8(p, q[t], q[t + 1], q[t + 2], q[t + 3], q[t + 4], q[t + 5], q[t + 6], q[t + 7], nb, nd)
+    if nt == 4:
+        a0, a1, a2, a3 = dot_base3_4(p, q[t], q[t + 1], q[t + 2], q[t + 3], nb, nd)
+        return a0, a1, a2, a3, z, z, z, z
+    if nt == 2:
+        a0, a1 = dot_base3_2(p, q[t], q[t + 1], nb, nd)
+        return a0, a1, z, z, z, z, z, z
+    return dot_base3_1(p, q[t], nb, nd), z, z, z, z, z, z, z
+
+
+@njit(**NJIT)
+def _group(T, t):  # pragma: no cover - compiled
+    """Tokens sharing one decode: 8 while at least 8 remain, then 4, 2, 1."""
+    n = T - t
+    return 8 if n >= 8 else (4 if n >= 4 else (2 if n >= 2 else 1))
+
+
+@njit(**NJIT_PARALLEL)
+def _base3_matmul_i32(packed, q, qsum, out):  # pragma: no cover - compiled
+    n = packed.shape[0]
+    T, K = q.shape
+    nb = K // BLOCK
+    nd = (K - nb * BLOCK) // BLOCK_BYTES
+    scalar = K > nb * BLOCK + nd * BLOCK_BYTES
+    for task in prange((n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        r0 = task * _ROWS_PER_TASK
+        r1 = min(n, r0 + _ROWS_PER_TASK)
+        t = 0
+        while t < T:  # a few tokens at a time, their activations stay in cache across the task's rows
+            nt = _group(T, t)
+            for r in range(r0, r1):
+                p = packed[r]
+                a = _dots(p, q, t, nt, nb, nd)
+                for j in range(nt):
+                    acc = a[j]
+                    if scalar:
+                        acc = np.int32(acc + _tail(p, q[t + j], nb, nd, K))
+                    out[t + j, r] = acc - qsum[t + j]
+            t += nt
+
+
+@njit(**NJIT_PARALLEL)
+def _base3_linear_f32(packed, q, qsum, div, mul, out):  # pragma: no cover - compiled
+    n = packed.shape[0]
+    T, K = q.shape
+    nb = K // BLOCK
+    nd = (K - nb * BLOCK) // BLOCK_BYTES
+    scalar = K > nb * BLOCK + nd * BLOCK_BYTES
+    for task in prange((n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        r0 = task * _ROWS_PER_TASK
+        r1 = min(n, r0 + _ROWS_PER_TASK)
+        t = 0
+        while t < T:
+            nt = _group(T, t)
+            for r in range(r0, r1):
+                p = packed[r]
+                a = _dots(p, q, t, nt, nb, nd)
+                for j in range(nt):
+                    acc = a[j]
+                    if scalar:
+                        acc = np.int32(acc + _tail(p, q[t + j], nb, nd, K))
+                    out[t + j, r] = np.float32(acc - qsum[t + j]) / div[t + j] * mul
+            t += nt
+
+
+def _check_cols(packed: np.ndarray, K: int) -> None:
+    if packed.ndim != 2 or packed.shape[1] != packed_cols(K):
+        raise ValueError(f"base-3 packed weights for K={K} must have {packed_cols(K)} bytes per row "
+                         f"(32 per 160 columns), got shape {packed.shape}")
+
+
+def _check(packed: np.ndarray, q: np.ndarray) -> None:
+    if packed.dtype != np.uint8 or packed.ndim != 2:
+        raise ValueError(f"packed weights must be 2-D uint8, got {packed.dtype} {packed.shape}")
+    if q.dtype != np.int8 or q.ndim != 2:
+        raise ValueError(f"activations must be 2-D int8 (T, K), got {q.dtype} {q.shape}")
+    _check_cols(packed, q.shape[1])
+
+
+def _prepare(packed, q, qsum):
+    packed, q = np.ascontiguousarray(packed), np.ascontiguousarray(q)
+    _check(packed, q)
+    if qsum is None:
+        qsum = q.astype(np.int32).sum(axis=1).astype(np.int32)
+    qsum = np.ascontiguousarray(qsum, dtype=np.int32)
+    if qsum.shape != (q.shape[0],):
+        raise ValueError(f"qsum must have shape ({q.shape[0]},), got {qsum.shape}")
+    return packed, q, qsum
+
+
+def base3_matmul(packed: np.ndarray, q: np.ndarray, qsum: np.ndarray | None = None) -> np.ndarray:
+    """Exact int32 (T, out) = q @ unpack_base3(packed, K).T with the Numba kernel (K = q.shape[1])."""
+    packed, q, qsum = _prepare(packed, q, qsum)
+    out = np.empty((q.shape[0], packed.shape[0]), dtype=np.int32)
+    _base3_matmul_i32(packed, q, qsum, out)
+    return out
+
+
+def base3_linear(packed, q, qsum, div, mul, out=None) -> np.ndarray:
+    """Dequantized float32 (T, out): (q @ W.T) / div[:, None] * mul (see `dequant_factors`)."""
+    packed, q, qsum = _prepare(packed, q, qsum)
+    div = np.ascontiguousarray(div, dtype=np.float32)
+    if div.shape != (q.shape[0],):
+        raise ValueError(f"div must have shape ({q.shape[0]},), got {div.shape}")
+    shape = (q.shape[0], packed.shape[0])
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 {shape}, got {out.dtype} {out.shape}")
+    _base3_linear_f32(packed, q, qsum, div, np.float32(mul), out)
+    return out
+
+
+def base3_linear_ref(packed, q, div, mul) -> np.ndarray:
+    """NumPy reference for `base3_linear` (same float32 operation order)."""
+    acc = base3_matmul_ref(packed, q).astype(np.float32)
+    return ((acc / np.asarray(div, np.float32)[:, None]) * np.float32(mul)).astype(np.float32)

@@ -1,0 +1,237 @@
+"""Base-3 (1.6-bit) packing and its Numba kernel against the NumPy reference: exact, odd sizes included."""
+
+from __future__ import annotations
+
+import itertools
+
+import numba
+import numpy as np
+import pytest
+
+from ternpool.kernels import (
+    base3_linear,
+    base3_linear_ref,
+    base3_matmul,
+    base3_matmul_ref,
+    dequant_factors,
+    pack_base3,
+    quantize_rows,
+    set_threads,
+    unpack_base3,
+)
+from ternpool.kernels.base3 import decode_base3, encode_base3, packed_cols
+
+pytestmark = pytest.mark.unit
+
+COLS = [1, 31, 32, 159, 160, 161, 320, 333, 2560, 6912]
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.setflags(write=False)
+    return a
+
+
+def _ternary(rng, rows, cols):
+    return rng.integers(-1, 2, size=(rows, cols)).astype(np.int8)
+
+
+def _activations(rng, tokens, cols):
+    q = rng.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
+    q[0, :] = -128  # extremes: code 2 x -128 in every pair and every digit must not saturate
+    if tokens > 1:
+        q[1, :] = 127
+    return q
+
+
+def test_all_243_values_encode_and_decode_exactly():
+    digits = np.array(list(itertools.product(range(3), repeat=5)), dtype=np.uint8)  # d0 is most significant
+    v = digits.astype(np.int64) @ np.array([81, 27, 9, 3, 1])
+    assert np.array_equal(v, np.arange(243))
+    b = encode_base3(digits)
+    assert b.dtype == np.uint8
+    assert np.array_equal(b.astype(np.int64), -(-v * 256 // 243))  # ceil(v * 256 / 243)
+    assert b.max() == 255 and len(np.unique(b)) == 243
+    assert np.array_equal(decode_base3(b), digits)
+    # the decode formula, spelled out once for a byte
+    x = int(b[100])
+    got = []
+    for _ in range(5):
+        got.append((x * 3) >> 8)
+        x = (x * 3) & 255
+    assert got == digits[100].tolist()
+    # every byte (not only the 243 encodings) decodes to digits in {0, 1, 2}
+    assert decode_base3(np.arange(256, dtype=np.uint8)).max() == 2
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 7])
+@pytest.mark.parametrize("cols", COLS)
+def test_pack_roundtrip_and_layout(rows, cols):
+    rng = np.random.default_rng(rows * 10000 + cols)
+    w = _ternary(rng, rows, cols)
+    packed = pack_base3(w)
+    nblk = -(-cols // 160)
+    assert packed.shape == (rows, 32 * nblk) == (rows, packed_cols(cols)) and packed.dtype == np.uint8
+    assert packed.flags.c_contiguous
+    assert np.array_equal(unpack_base3(packed, cols), w)
+    # byte i of block j, digit k <-> column 160 j + 32 k + i; columns past K hold code 1
+    codes = np.ones((rows, 160 * nblk), np.int64)
+    codes[:, :cols] = w + 1
+    digits = decode_base3(packed).astype(np.int64)  # (rows, 32 nblk, 5)
+    for j in range(nblk):
+        for k in range(5):
+            assert np.array_equal(digits[:, 32 * j:32 * j + 32, k], codes[:, 160 * j + 32 * k:160 * j + 32 * k + 32])
+
+
+def test_pack_and_unpack_reject_bad_input():
+    with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
+        pack_base3(np.full((2, 3), 2, np.int8))
+    with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
+        pack_base3(np.full((2, 3), -2, np.int8))
+    with pytest.raises(ValueError, match="2-D"):
+        pack_base3(np.zeros(5, np.int8))
+    with pytest.raises(ValueError, match="64 bytes per row"):
+        unpack_base3(np.zeros((2, 32), np.uint8), 161)
+    assert pack_base3(np.zeros((3, 0), np.int8)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("cols", COLS)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8])
+def test_base3_matmul_is_exact(cols, tokens):
+    rng = np.random.default_rng(cols + 7 * tokens)
+    rows = 37
+    w = _ternary(rng, rows, cols)
+    packed = pack_base3(w)
+    q = _activations(rng, tokens, cols)
+    want = (q.astype(np.int64) @ w.T.astype(np.int64)).astype(np.int32)
+    assert np.array_equal(base3_matmul_ref(packed, q), want)
+    got = base3_matmul(_readonly(packed), _readonly(q))
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("tokens", [5, 6, 7, 13])
+def test_token_groups_of_four_two_and_one(tokens):
+    rng = np.random.default_rng(tokens)
+    packed = pack_base3(_ternary(rng, 19, 493))  # 3 blocks, 2 tail digits, 13 scalar columns
+    q = _activations(rng, tokens, 493)
+    assert np.array_equal(base3_matmul(packed, q), base3_matmul_ref(packed, q))
+
+
+def test_extreme_weights_and_activations():
+    for cols in (160, 333, 2560):
+        for wval in (-1, 1):
+            packed = pack_base3(np.full((3, cols), wval, np.int8))
+            for qval in (-128, 127):
+                q = np.full((2, cols), qval, np.int8)
+                assert np.array_equal(base3_matmul(packed, q), np.full((2, 3), wval * qval * cols, np.int32))
+
+
+def test_any_bytes_agree_with_the_reference():
+    # bytes that pack_base3 never writes (v > 242, non-canonical padding) decode the same way in both
+    rng = np.random.default_rng(11)
+    for cols in (7, 161, 333, 700):
+        packed = rng.integers(0, 256, size=(9, packed_cols(cols))).astype(np.uint8)
+        q = _activations(rng, 6, cols)
+        assert np.array_equal(base3_matmul(packed, q), base3_matmul_ref(packed, q))
+
+
+def test_non_contiguous_inputs_and_given_qsum():
+    rng = np.random.default_rng(3)
+    packed = pack_base3(_ternary(rng, 10, 400))
+    q = _activations(rng, 4, 800)[:, ::2]
+    wide = np.zeros((10, 2 * packed.shape[1]), np.uint8)
+    wide[:, ::2] = packed
+    want = base3_matmul_ref(packed, q)
+    assert np.array_equal(base3_matmul(wide[:, ::2], q), want)
+    qsum = q.astype(np.int32).sum(axis=1)
+    assert np.array_equal(base3_matmul(packed, q, qsum), want)
+
+
+def test_shapes_are_validated():
+    packed = np.zeros((4, 64), np.uint8)
+    with pytest.raises(ValueError, match="for K=160 must have 32 bytes per row"):
+        base3_matmul(packed, np.zeros((1, 160), np.int8))
+    with pytest.raises(ValueError, match="for K=321 must have 96 bytes per row"):
+        base3_matmul(packed, np.zeros((1, 321), np.int8))
+    with pytest.raises(ValueError, match="activations must be 2-D int8"):
+        base3_matmul(packed, np.zeros((1, 200), np.int16))
+    with pytest.raises(ValueError, match="packed weights must be 2-D uint8"):
+        base3_matmul(packed.astype(np.int8), np.zeros((1, 200), np.int8))
+    with pytest.raises(ValueError, match="qsum must have shape"):
+        base3_matmul(packed, np.zeros((2, 200), np.int8), np.zeros(3, np.int32))
+    q = np.zeros((2, 200), np.int8)
+    with pytest.raises(ValueError, match="div must have shape"):
+        base3_linear(packed, q, np.zeros(2, np.int32), np.ones(3, np.float32), 1.0)
+    with pytest.raises(ValueError, match="out must be"):
+        base3_linear(packed, q, np.zeros(2, np.int32), np.ones(2, np.float32), 1.0, out=np.empty((4, 2), np.float32))
+    assert base3_matmul(packed, q).shape == (2, 4)
+    assert base3_matmul(np.zeros((4, 0), np.uint8), np.zeros((2, 0), np.int8)).tolist() == [[0] * 4] * 2
+
+
+@pytest.mark.parametrize("rows,cols,tokens", [(1, 1, 1), (7, 333, 3), (640, 2560, 8), (96, 6912, 2)])
+def test_base3_linear_matches_reference(rows, cols, tokens):
+    rng = np.random.default_rng(rows)
+    w = _ternary(rng, rows, cols)
+    packed = pack_base3(w)
+    q, qsum, scale = quantize_rows(rng.standard_normal((tokens, cols)).astype(np.float32))
+    for divides in (False, True):
+        div, mul = dequant_factors(scale, 0.0371, divides)
+        got = base3_linear(packed, q, qsum, div, mul)
+        np.testing.assert_array_equal(got, base3_linear_ref(packed, q, div, mul))
+        out = np.full((tokens, rows), np.nan, np.float32)
+        assert base3_linear(packed, q, qsum, div, mul, out=out) is out
+        np.testing.assert_array_equal(out, got)
+
+
+def test_base3_linear_agrees_with_the_2bit_kernel():
+    from ternpool.kernels import pack_ternary, ternary_linear
+
+    rng = np.random.default_rng(8)
+    w = _ternary(rng, 64, 1000)
+    q, qsum, scale = quantize_rows(rng.standard_normal((5, 1000)).astype(np.float32))
+    div, mul = dequant_factors(scale, 0.5, False)
+    np.testing.assert_array_equal(base3_linear(pack_base3(w), q, qsum, div, mul),
+                                  ternary_linear(pack_ternary(w), q, qsum, div, mul))
+
+
+def test_results_do_not_depend_on_thread_count():
+    rng = np.random.default_rng(5)
+    packed = pack_base3(_ternary(rng, 256, 500))
+    q = _activations(rng, 5, 500)
+    before = numba.get_num_threads()
+    try:
+        set_threads(1)
+        one = base3_matmul(packed, q)
+        set_threads(None)
+        assert np.array_equal(one, base3_matmul(packed, q))
+    finally:
+        numba.set_num_threads(before)
+
+
+_PORTABLE_CHECK = """
+import numpy as np
+from ternpool.kernels import config
+from ternpool.kernels.base3 import base3_linear, base3_linear_ref, base3_matmul, base3_matmul_ref, pack_base3
+assert config.ISA == "generic", config.ISA
+rng = np.random.default_rng(3)
+for rows, cols, tokens in [(1, 1, 1), (3, 31, 2), (5, 161, 3), (7, 333, 8), (33, 2560, 5), (4, 6912, 1)]:
+    packed = pack_base3(rng.integers(-1, 2, size=(rows, cols)))
+    q = rng.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
+    q[0] = -128
+    assert np.array_equal(base3_matmul(packed, q), base3_matmul_ref(packed, q)), (rows, cols, tokens)
+    qsum = q.astype(np.int32).sum(1)
+    div = rng.uniform(0.5, 2, tokens).astype(np.float32)
+    assert np.array_equal(base3_linear(packed, q, qsum, div, 0.25), base3_linear_ref(packed, q, div, 0.25))
+print("generic ok")
+"""
+
+
+def test_portable_isa_is_exact_too(tmp_path):
+    """The path for CPUs without AVX2 (forced with TERNPOOL_ISA=generic, in its own Numba cache)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TERNPOOL_ISA="generic", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    r = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "generic ok" in r.stdout, r.stdout + r.stderr
