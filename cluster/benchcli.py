@@ -78,6 +78,49 @@ def cmd_bench_model(args) -> int:
     return 0
 
 
+def cmd_bench_head(args) -> int:
+    from ternpool.engine.bench import head_agreement
+
+    model = args.model or _shape_model(args.shape)
+    r = head_agreement(model, prompts=args.prompts, prompt_len=args.prompt_len, threads=args.threads)
+    miss = r["median_exact_margin_on_misses"]
+    print(f"{model}: int8 head top-1 agrees with the bf16 head at {r['top1_agreement'] * 100:.2f}% of "
+          f"{r['positions']} positions ({r['misses']} misses"
+          + (f", median bf16 top-2 margin on them {miss:.3g}; logit std {r['logit_spread']:.3g})" if miss is not None
+             else ")"))
+    print(f"head time for those positions: bf16 {r['seconds']['bf16']:.2f} s, int8 {r['seconds']['int8']:.2f} s "
+          f"({r['seconds']['bf16'] / r['seconds']['int8']:.2f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return 0
+
+
+def cmd_bench_memory(args) -> int:
+    from ternpool.engine.bench import memory_sharing
+
+    model = args.model or _shape_model(args.shape)
+    r = memory_sharing(model, workers=args.workers, head=args.head, weights_format=args.weights_format)
+    gb = 1e9
+    for i, w in enumerate(r["per_worker"]):
+        print(f"worker {i}: RSS {w['rss'] / gb:.2f} GB, PSS {w['pss'] / gb:.2f} GB; of which the mapped weight file "
+              f"RSS {w['file_rss'] / gb:.2f} GB, PSS {w['file_pss'] / gb:.2f} GB")
+    print(f"{r['workers']} workers together: RSS {r['total_rss'] / gb:.2f} GB, PSS {r['total_pss'] / gb:.2f} GB; "
+          f"weight file pages resident {r['weights_rss'] / gb:.2f} GB counted once by PSS as "
+          f"{r['weights_pss'] / gb:.2f} GB (file {r['weights_file_bytes'] / gb:.2f} GB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return 0
+
+
+def _model_source(p) -> None:
+    from ternpool.engine.modelgen import SHAPES
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model directory")
+    src.add_argument("--shape", default="2b4t", choices=list(SHAPES),
+                     help="a random model of this shape, made once under ~/.cache/ternpool (default: 2b4t)")
+
+
 def add_bench_commands(bsub) -> None:
     from ternpool.engine.modelgen import SHAPES
 
@@ -96,10 +139,7 @@ def add_bench_commands(bsub) -> None:
                         description="Prefill tokens/s, time to first token, single-stream decode tokens/s (with "
                         "the bandwidth ceiling measured in the same run) and aggregate decode at each concurrency "
                         "under continuous batching, as the worker pool runs it; peak RSS.")
-    src = m.add_mutually_exclusive_group()
-    src.add_argument("--model", help="model directory")
-    src.add_argument("--shape", default="2b4t", choices=list(SHAPES),
-                     help="a random model of this shape, made once under ~/.cache/ternpool (default: 2b4t)")
+    _model_source(m)
     m.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
     m.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
     m.add_argument("--gen", type=int, default=128, help="generated tokens per sequence (default: 128)")
@@ -107,3 +147,23 @@ def add_bench_commands(bsub) -> None:
     add_model_options(m)
     m.add_argument("--json", help="also write the numbers to this JSON file")
     m.set_defaults(func=cmd_bench_model)
+
+    h = bsub.add_parser("head", help="top-1 agreement and speed of the int8 output head against the bf16 one",
+                        description="Runs random prompts through the model and compares, at every position, the "
+                        "int8 head's top token with the exact bf16 head's, and times both heads.")
+    _model_source(h)
+    h.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
+    h.add_argument("--prompts", type=int, default=8, help="random prompts (default: 8)")
+    h.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (default: 128)")
+    h.add_argument("--json", help="also write the numbers to this JSON file")
+    h.set_defaults(func=cmd_bench_head)
+
+    s = bsub.add_parser("memory", help="RSS and PSS of several workers loading the same model on one node",
+                        description="Starts N processes that each load the model and generate a few tokens, then "
+                        "measures each one's RSS and PSS (proportional set size) while all are alive: the mapped "
+                        "weight file is shared through the page cache, so its PSS adds up to about one copy.")
+    _model_source(s)
+    s.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
+    add_model_options(s)
+    s.add_argument("--json", help="also write the numbers to this JSON file")
+    s.set_defaults(func=cmd_bench_memory)

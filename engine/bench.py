@@ -69,3 +69,85 @@ def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, g
                                  "tokens_per_s_incl_prefill": r["tokens_per_s"], "wall_s": r["wall_s"]}
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
+
+
+def head_agreement(model: str, prompts: int = 8, prompt_len: int = 128, threads: int | None = None,
+                   weights_format: str | None = None, seed: int = 0) -> dict:
+    """Top-1 agreement of the int8 head with the exact bf16 head, at every position of random prompts
+    (teacher-forced), with the time each head takes for those positions."""
+    engine = Engine.load(model, threads=threads, slots=1, max_context=prompt_len, weights_format=weights_format)
+    m = engine.model
+    agree = total = 0
+    margins: list[float] = []
+    times = {"bf16": 0.0, "int8": 0.0}
+    for p in _prompts(engine, prompts, prompt_len, seed):
+        n = len(p)
+        h = m.hidden(np.asarray(p), np.arange(n), np.zeros(n, np.int64))
+        logits = {}
+        for head in times:
+            t0 = time.perf_counter()
+            logits[head] = m.logits(h, head)
+            times[head] += time.perf_counter() - t0
+        exact = logits["bf16"]
+        top = exact.argmax(axis=1)
+        same = top == logits["int8"].argmax(axis=1)
+        agree += int(same.sum())
+        total += n
+        srt = np.sort(exact, axis=1)
+        margins += (srt[:, -1] - srt[:, -2])[~same].tolist()  # how close the exact top-2 were on misses
+    return {"model": str(model), "positions": total, "top1_agreement": agree / total,
+            "misses": total - agree, "median_exact_margin_on_misses": float(np.median(margins)) if margins else None,
+            "logit_spread": float(np.std(exact)), "seconds": times}
+
+
+def _smaps(path_suffix: str) -> dict:
+    """This process's total RSS and PSS, and those of the mappings of files ending in `path_suffix` (bytes)."""
+    out = {"rss": 0, "pss": 0, "file_rss": 0, "file_pss": 0}
+    current = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if not first.endswith(":"):  # a mapping header: address range, perms, ..., path
+                current = line.rstrip().endswith(path_suffix)
+                continue
+            if first in ("Rss:", "Pss:"):
+                kb = int(line.split()[1]) * 1024
+                key = first[:-1].lower()
+                out[key] += kb
+                if current:
+                    out["file_" + key] += kb
+    return out
+
+
+def _share_worker(model, weights_format, head, threads, barrier, results):
+    from .native import WEIGHTS_FILE
+
+    engine = Engine.load(model, threads=threads, slots=1, max_context=64, head=head, weights_format=weights_format)
+    engine.generate([Request("m", prompt_token_ids=list(range(1, 33)), params=SamplingParams(max_tokens=4))])
+    barrier.wait()  # every worker has loaded and run: measure while all are alive
+    results.put(_smaps(WEIGHTS_FILE))
+    barrier.wait()
+
+
+def memory_sharing(model: str, workers: int = 2, head: str = "bf16", weights_format: str | None = None,
+                   threads: int = 1) -> dict:
+    """Load the model in `workers` processes at once and measure each one's RSS and PSS: the mapped
+    weight file should count about once in total (PSS), not once per process."""
+    import multiprocessing
+
+    from .native import WEIGHTS_FILE, ensure_native
+
+    native_dir = ensure_native(model, weights_format)  # convert once before the workers start
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_share_worker, args=(model, weights_format, head, threads, barrier, results))
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    per = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return {"model": str(model), "workers": workers, "head": head,
+            "weights_file_bytes": (native_dir / WEIGHTS_FILE).stat().st_size, "per_worker": per,
+            "total_rss": sum(r["rss"] for r in per), "total_pss": sum(r["pss"] for r in per),
+            "weights_rss": sum(r["file_rss"] for r in per), "weights_pss": sum(r["file_pss"] for r in per)}

@@ -112,6 +112,11 @@ class BitNetModel:
     def forward(self, tokens: np.ndarray, pos: np.ndarray, slots: np.ndarray,
                 logit_rows: np.ndarray | None = None) -> np.ndarray:
         """tokens, pos, slots (N,) -> logits (M, vocab) for the rows `logit_rows` (default: all)."""
+        return self.logits(self.hidden(tokens, pos, slots, logit_rows))
+
+    def hidden(self, tokens: np.ndarray, pos: np.ndarray, slots: np.ndarray,
+               logit_rows: np.ndarray | None = None) -> np.ndarray:
+        """The final-normed hidden states (M, hidden) that the output head reads; writes the cache."""
         cfg, w = self.config, self.weights
         tokens = np.asarray(tokens, dtype=np.int64)
         pos = np.asarray(pos, dtype=np.int64)
@@ -136,7 +141,14 @@ class BitNetModel:
             x = x + Quantized(u)(layer.down_proj)  # (N, hidden)
         if logit_rows is not None:
             x = x[np.asarray(logit_rows, dtype=np.int64)]
-        h = rms_norm(x, w.norm, cfg.rms_norm_eps)  # (M, hidden)
-        if self.head_i8 is not None:
-            return head_i8(*self.head_i8, h)  # (M, vocab), approximate
-        return bf16_matmul(w.embed, h)  # (M, vocab), exact bf16 weights
+        return rms_norm(x, w.norm, cfg.rms_norm_eps)  # (M, hidden)
+
+    def logits(self, h: np.ndarray, head: str | None = None) -> np.ndarray:
+        """Output head on final-normed hidden states h (M, hidden): this model's head, or `head`."""
+        head = head or self.head
+        if head == "int8":
+            if self.head_i8 is None:
+                w = self.weights
+                self.head_i8 = ((w.head_q, w.head_scale) if w.head_q is not None else quantize_head(w.embed))
+            return head_i8(*self.head_i8, h)  # approximate
+        return bf16_matmul(self.weights.embed, h)  # exact bf16 weights

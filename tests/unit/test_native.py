@@ -167,3 +167,11 @@ def test_convert_command(model_factory, tmp_path, capsys):
     assert "1.6bit" in capsys.readouterr().out and native_info(out)["weights_format"] == "1.6bit"
     assert main(["convert", model_factory("tiny-packed-auto"), "--out", str(out), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_two_workers_share_one_copy_of_the_weights(model_factory):
+    from ternpool.engine.bench import memory_sharing
+
+    r = memory_sharing(model_factory("odd-packed-bitlinear"), workers=2, head="int8")
+    assert all(w["file_rss"] > 0 for w in r["per_worker"])  # both really read the mapped file
+    assert r["weights_pss"] <= 0.6 * r["weights_rss"]  # ... and PSS counts those pages about once
