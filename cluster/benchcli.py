@@ -35,28 +35,32 @@ def cmd_bench_kernels(args) -> int:
     shapes = {name.split(".")[-1]: dims for name, dims in _linear_shapes(shape).items()}
     shapes.pop("v_proj", None)  # same shape as k_proj
     batches = tuple(int(b) for b in args.batches.split(","))
-    bw = read_bandwidth()
+    bw, bw1 = read_bandwidth(), read_bandwidth(parallel=False)
     rows = bench_linears(shapes, batches=batches, vocab=shape.vocab_size if args.head else None)
-    print(f"shape {args.shape}, {threads} threads, ISA {ISA}; memory read bandwidth (numpy sum of 1 GiB): "
-          f"{bw / 1e9:.1f} GB/s")
-    print(f"{'kernel':<10}{'out x in':>14}{'batch':>6}{'ms':>9}{'GMAC/s':>8}{'weight GB/s':>12}{'of read bw':>11}"
-          f"{'numpy f32 ms':>13}{'vs numpy':>9}")
+    print(f"shape {args.shape}, {threads} threads, ISA {ISA}; memory read bandwidth (sum of 1 GiB): "
+          f"{bw / 1e9:.1f} GB/s with {threads} threads, {bw1 / 1e9:.1f} GB/s with NumPy's one")
+    print(f"{'kernel':<10}{'format':>7}{'out x in':>14}{'batch':>6}{'ms':>9}{'GMAC/s':>8}{'weight GB/s':>12}"
+          f"{'of read bw':>11}{'numpy f32 ms':>13}{'vs numpy':>9}")
     for r in rows:
-        print(f"{r['name']:<10}{r['out']:>8} x {r['in']:<5}{r['batch']:>6}{r['seconds'] * 1e3:9.3f}{r['gmacs']:8.1f}"
+        print(f"{r['name']:<10}{r['format']:>7}{r['out']:>8} x {r['in']:<5}{r['batch']:>6}{r['seconds'] * 1e3:9.3f}"
+              f"{r['gmacs']:8.1f}"
               f"{r['weight_gbs']:12.1f}{r['weight_gbs'] * 1e9 / bw:11.2f}{r['numpy_f32_seconds'] * 1e3:13.3f}"
               f"{r['vs_numpy_f32']:9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": args.shape, "threads": threads, "isa": ISA,
-                                               "read_bandwidth": bw, "rows": rows}, indent=2))
+                                               "read_bandwidth": bw,
+                                               "read_bandwidth_numpy_one_thread": bw1, "rows": rows}, indent=2))
     return 0
 
 
 def cmd_bench_model(args) -> int:
     from ternpool.engine.bench import bench_model
+    from ternpool.kernels import set_threads
     from ternpool.kernels.bench import read_bandwidth
 
     model = args.model or _shape_model(args.shape)
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    set_threads(args.threads)  # the bandwidth is measured with the threads the model runs with
     bw = read_bandwidth()
     r = bench_model(model, threads=args.threads, prompt_len=args.prompt_len, gen=args.gen,
                     concurrency=concurrency, head=args.head, weights_format=args.weights_format)
@@ -64,7 +68,9 @@ def cmd_bench_model(args) -> int:
     r.update(read_bandwidth=bw, ceiling_tokens_per_s=bw / per_token)
     print(f"{model}: {r['threads']} threads, {r['weights_format']} weights, head {args.head}, ISA {r['isa']}, "
           f"load {r['load_s']:.2f} s, "
-          f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB")
+          f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, of which at most "
+          f"{r['kv_bytes_per_slot'] * r['slots'] / 1e9:.2f} GB KV cache ({r['slots']} slots x "
+          f"{r['kv_bytes_per_slot'] / 1e6:.1f} MB)")
     print(f"prefill {args.prompt_len} tokens: {r['prefill_tokens_per_s']:.1f} tokens/s (time to first token "
           f"{r['ttft_s']:.3f} s)")
     print(f"single-stream decode: {r['decode_tokens_per_s']:.2f} tokens/s; bytes read per token "

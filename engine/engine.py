@@ -122,8 +122,9 @@ class Engine:
         if slots is None:
             slots = auto_slots(cfg, ctx)
         engine = cls(BitNetModel(weights, slots, ctx, head=head), tokenizer, threads, step_tokens, truncate)
-        log.info("engine ready in %.2f s: %s (%s weights, %s head), %d slots x %d tokens, %d threads",
-                 time.perf_counter() - t0, model_dir, weights.weights_format, head, slots, ctx, threads)
+        log.info("engine ready in %.2f s: %s (%s weights, %s head), %d slots x %d tokens (KV cache up to %.1f MB "
+                 "a slot), %d threads", time.perf_counter() - t0, model_dir, weights.weights_format, head, slots, ctx,
+                 engine.model.kv_bytes_per_token * ctx / 1e6, threads)
         return engine
 
     # -- requests ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ _POW3 = np.array([81, 27, 9, 3, 1], dtype=np.int32)
 _M8 = np.int32(255)
 _S8 = np.int32(8)
 _THREE = np.int32(3)
-_ROWS_PER_TASK = int(__import__("os").environ.get("B3_RPT", "8"))
+_ROWS_PER_TASK = 16  # rows per prange task; each token group is reused across them
 
 
 def packed_cols(K: int) -> int:

@@ -14,12 +14,15 @@ contiguous activation slice x[32k : 32k + 32] of that block.
 for 1, 2, 4 or 8 activation rows that share one decode of the packed row. The caller does the
 remaining (< 32) columns in scalar code.
 
-ISA "avx2" decodes without multiplies, on bytes: with x' = x ^ 0x80 (x - 128 as a signed byte),
-3x' = 3x - 128 (mod 256), so the state stays in the signed domain under `x' <- x' + x' + x'`
-(two vpaddb), and the digit (3x) >> 8 = [x >= 86] + [x >= 171] = [x' > -43] + [x' > 42] is two
-vpcmpgtb (-1 when true) subtracted from zero. Codes (u8) times activations (s8) go through
-`vpmaddubsw` (pairs: |2 * 128 * 2| = 512), the five digits' int16 pairs are summed (|5 * 512| =
-2560, no saturation), and one `vpmaddwd` with ones widens them into int32 lanes.
+ISA "avx2" decodes on bytes, without the 16-bit multiply-high of the textbook decode: with
+x' = x ^ 0x80 (x - 128 as a signed byte), 3x' = 3x - 128 (mod 256), so the state stays in the
+signed domain under `x' <- x' + x' + x'` (vpaddb; LLVM folds the chain into x' * 9, * 27, * 81),
+and the digit (3x) >> 8 = [x >= 86] + [x >= 171] = [x' > -43] + [x' > 42] is two vpcmpgtb
+(-1 when true) subtracted from zero. On Zen 3 this is as fast as the vpmulhuw / vpmullw decode
+(both ~44 vector instructions per 160 weights) with 2 multiplies per block instead of 16.
+Codes (u8) times activations (s8) go through `vpmaddubsw` (pairs: |2 * 2 * -128| = 512); the
+pairs of all five digits are added in int16 lanes for CHUNK blocks (12 * 5 * 512 = 30720 < 32767)
+and only then widened into int32 lanes with one `vpmaddwd` against ones.
 ISA "generic" uses plain vector IR on 16-bit lanes (t = 3x; d = t >> 8; x = t & 255).
 """
 
@@ -34,7 +37,7 @@ from .config import ISA
 BLOCK = 160  # columns per block
 BLOCK_BYTES = 32  # packed bytes per block
 DIGITS = 5
-CHUNK = 12  # blocks summed in int16 lanes before widening: 12 * 5 * |2 * 2 * -128| = 30720 < 32767
+CHUNK = 12  # blocks summed in int16 lanes before widening (see above)
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V32I8 = ir.VectorType(_I8, 32)
 _V16I16 = ir.VectorType(_I16, 16)

@@ -18,8 +18,9 @@ def test_bench_kernels_prints_every_shape_and_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "memory read bandwidth" in text and "vs numpy" in text
     data = json.loads(out.read_text())
-    names = {r["name"] for r in data["rows"]}
-    assert names == {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "head bf16", "head int8"}
+    names = {(r["name"], r["format"]) for r in data["rows"]}
+    linears = {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert names == {(n, f) for n in linears for f in ("2bit", "1.6bit")} | {("head", "bf16"), ("head", "int8")}
     assert {r["batch"] for r in data["rows"]} == {1, 3}
     assert all(r["seconds"] > 0 and r["gmacs"] > 0 for r in data["rows"]) and data["read_bandwidth"] > 0
 
