@@ -21,7 +21,7 @@ from .bf16 import bf16_to_f32
 from .config import ISA, NJIT, NJIT_PARALLEL
 from .simd import BLOCK, emit_block_loop
 
-_ROWS_PER_TASK = 16
+_ROWS_PER_TASK = 8
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V32I8 = ir.VectorType(_I8, 32)
 
@@ -99,11 +99,13 @@ def _head_i8(w, wscale, hq, hscale, out):  # pragma: no cover - compiled
     nb = K // BLOCK
     n_tasks = (V + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(n_tasks):
-        for v in range(task * _ROWS_PER_TASK, min(V, (task + 1) * _ROWS_PER_TASK)):
-            for t in range(0, T - 1, 2):
+        v0, v1 = task * _ROWS_PER_TASK, min(V, (task + 1) * _ROWS_PER_TASK)
+        for t in range(0, T - 1, 2):  # token pairs outside: the task's rows stay in L1 for all of them
+            for v in range(v0, v1):
                 s = dot_s8_tile2(w[v], hq, t, nb)
                 out[t, v] = np.float32(s[0] + _tail(w[v], hq, t, nb * BLOCK)) * (wscale[v] * hscale[t])
                 out[t + 1, v] = np.float32(s[1] + _tail(w[v], hq, t + 1, nb * BLOCK)) * (wscale[v] * hscale[t + 1])
+        for v in range(v0, v1):
             if T % 2:
                 s1 = dot_s8_tile1(w[v], hq, T - 1, nb)
                 out[T - 1, v] = np.float32(s1[0] + _tail(w[v], hq, T - 1, nb * BLOCK)) * (wscale[v] * hscale[T - 1])
