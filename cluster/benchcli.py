@@ -67,7 +67,8 @@ def cmd_bench_model(args) -> int:
     per_token = r["bytes_per_token"]
     r.update(read_bandwidth=bw, ceiling_tokens_per_s=bw / per_token)
     print(f"{model}: {r['threads']} threads, {r['weights_format']} weights, head {args.head}, ISA {r['isa']}, "
-          f"load {r['load_s']:.2f} s, "
+          f"load {r['load_s']:.2f} s (weights mapped in {r['load_weights_s']:.3f} s, tokenizer "
+          f"{r['load_tokenizer_s']:.2f} s), "
           f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, of which at most "
           f"{r['kv_bytes_per_slot'] * r['slots'] / 1e9:.2f} GB KV cache ({r['slots']} slots x "
           f"{r['kv_bytes_per_slot'] / 1e6:.1f} MB)")

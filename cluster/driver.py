@@ -21,8 +21,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ternpool.engine import ModelConfig
+from ternpool.engine.engine import DEFAULT_MAX_CONTEXT
+from ternpool.engine.footprint import fit_problem
 from ternpool.engine.hub import resolve_model_dir
+from ternpool.engine.native import is_native, native_info
 from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
+from ternpool.jobs.errors import JobInputError
 from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel, request_cancel,
                                     write_progress)
 
@@ -99,6 +103,25 @@ def prepare(spec: JobSpec) -> Plan:
     return Plan(spec, inputs, shards, manifest, model_dir, cfg)
 
 
+def check_memory(plan: Plan, pool: PoolConfig) -> None:
+    """Refuse, before any compute, a model that one worker cannot hold on some node: weights, the KV
+    cache of the configured slots (one slot when automatic: those shrink to fit) and the runtime,
+    against what Ray gives the node for workers (its object store already taken out)."""
+    cfg = plan.config
+    fmt = pool.weights_format or (native_info(plan.model_dir)["weights_format"] if is_native(plan.model_dir)
+                                  else "2bit")
+    ctx = min(pool.max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
+    for node in ray.nodes():
+        res = node.get("Resources", {})
+        if not node.get("Alive") or res.get("CPU", 0) < 1 or "memory" not in res:
+            continue
+        problem = fit_problem(cfg, fmt, pool.head, pool.slots or 1, ctx, int(res["memory"]),
+                              int(res.get("object_store_memory", 0)))
+        if problem:
+            raise JobInputError(f"model {plan.model_dir} does not fit node {node['NodeID'][:12]} "
+                                f"({node.get('NodeManagerAddress', '?')}): {problem}")
+
+
 class JobHandle:
     """A running job: `progress()`, `wait()`, `cancel()`, `output`."""
 
@@ -116,6 +139,7 @@ class JobHandle:
             raise
 
     def _start(self, plan: Plan, pool: PoolConfig) -> None:
+        check_memory(plan, pool)
         self._started = time.time()
         self._summary: JobSummary | None = None
         self._error: BaseException | None = None

@@ -92,6 +92,7 @@ class Engine:
         self.truncate = truncate
         self.stop_ids = frozenset(self.config.eos_token_ids)
         self.running = 0  # sequences in the cache right now
+        self.load_seconds: dict[str, float] = {}  # set by `load`: where its time went
 
     @classmethod
     def load(cls, model: str | Path, threads: int | None = None, slots: int | None = None,
@@ -114,14 +115,19 @@ class Engine:
         model_dir = resolve_model_dir(model)
         cfg = ModelConfig.from_dir(model_dir)
         native_dir = ensure_native(model_dir, weights_format, cache_dir)
+        t1 = time.perf_counter()
         weights = load_native(native_dir, cfg)
+        t2 = time.perf_counter()
         tokenizer = Tokenizer(native_dir)
+        t3 = time.perf_counter()
         if len(tokenizer) > cfg.vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer)} ids but vocab_size is {cfg.vocab_size}")
         ctx = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
         if slots is None:
             slots = auto_slots(cfg, ctx)
         engine = cls(BitNetModel(weights, slots, ctx, head=head), tokenizer, threads, step_tokens, truncate)
+        engine.load_seconds = {"convert_or_find": t1 - t0, "weights": t2 - t1, "tokenizer": t3 - t2,
+                               "total": time.perf_counter() - t0}
         log.info("engine ready in %.2f s: %s (%s weights, %s head), %d slots x %d tokens (KV cache up to %.1f MB "
                  "a slot), %d threads", time.perf_counter() - t0, model_dir, weights.weights_format, head, slots, ctx,
                  engine.model.kv_bytes_per_token * ctx / 1e6, threads)

@@ -223,6 +223,11 @@ def test_bad_jobs_fail_before_compute_with_named_errors(tmp_path, tiny_model):
     assert not (tmp_path / "o3" / "_manifest.json").exists()
     r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o4"), "--dry-run")
     assert r.returncode == 0 and "3 rows" in r.stdout and "shards:  1" in r.stdout, r.stdout
+    # more KV cache than any node has: refused before a worker starts, saying what would fit
+    r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o5"), "--slots", "1000000",
+             "--metrics-port", "-1", "--no-progress")
+    assert r.returncode == 2 and "does not fit node" in r.stderr and "1000000 slots x 2048 tokens" in r.stderr, r.stderr
+    assert "Would fit: --slots" in r.stderr
 
 
 def test_ctrl_c_in_the_submitting_shell_cancels_and_rerun_resumes(tmp_path, tiny_model, make_prompts):

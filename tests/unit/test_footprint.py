@@ -1,0 +1,49 @@
+"""Memory a worker needs, from the config alone, and the refusal message of the pool."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from ternpool.engine import ModelConfig
+from ternpool.engine.footprint import fit_problem, footprint, kv_bytes_per_slot, linear_bytes
+from ternpool.engine.native import convert
+from ternpool.engine.native import WEIGHTS_FILE
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("fmt", ["2bit", "1.6bit"])
+def test_linear_bytes_match_a_converted_file(model_factory, tmp_path, fmt):
+    src = model_factory("odd-packed-bitlinear")
+    cfg = ModelConfig.from_dir(src)
+    out = convert(src, tmp_path / fmt, fmt)
+    from ternpool.engine.native import load_native
+
+    assert load_native(out, cfg).linear_bytes == linear_bytes(cfg, fmt)
+    assert (out / WEIGHTS_FILE).stat().st_size > linear_bytes(cfg, fmt)
+
+
+def test_100b_needs_1_6_bit_weights_on_a_24_gib_node():
+    from ternpool.engine.modelgen import SHAPES, _config
+
+    tok = SimpleNamespace(bos_token_id=128000, eos_token_id=128001)
+    cfg = ModelConfig.from_dict(_config(SHAPES["100b"], "packed", "autobitlinear", tok))
+    assert 24e9 < linear_bytes(cfg, "2bit") < 26e9  # "2-bit weights alone are 25 GB"
+    assert linear_bytes(cfg, "1.6bit") < 0.82 * linear_bytes(cfg, "2bit")
+    node = 24 * 2 ** 30 - 2 * 2 ** 30  # 24 GiB, 2 GiB object store
+    assert fit_problem(cfg, "1.6bit", "int8", 4, 512, node) is None
+    msg = fit_problem(cfg, "2bit", "bf16", 4, 512, node)
+    assert "weights" in msg and "2bit, bf16 head" in msg and "--weights-format 1.6bit --head int8" in msg
+
+
+def test_message_says_what_would_fit(model_factory):
+    cfg = ModelConfig.from_dir(model_factory("tiny-packed-auto"))
+    fp = footprint(cfg, "2bit", "bf16", 1, 2048)
+    per_slot = kv_bytes_per_slot(cfg, 2048)
+    node = fp.total + 9 * per_slot + per_slot // 2  # room for 10 slots in all
+    assert fit_problem(cfg, "2bit", "bf16", 10, 2048, node) is None
+    msg = fit_problem(cfg, "2bit", "bf16", 11, 2048, node, object_store=10 ** 9)
+    assert "11 slots x 2048 tokens" in msg and "--slots 10 at this context" in msg
+    assert "object store takes 1.00 GB" in msg and "--max-context 1861 with 11 slots" in msg
