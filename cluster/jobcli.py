@@ -65,11 +65,15 @@ def _pool(args):
 def _print_plan(plan, pool) -> None:
     cfg = plan.config
     from ternpool.engine.engine import DEFAULT_MAX_CONTEXT, auto_slots
+    from ternpool.engine.footprint import footprint
+    from ternpool.engine.native import is_native, native_info
 
     ctx = min(pool.max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
     slots = pool.slots or auto_slots(cfg, ctx)
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * ctx * slots
-    weights = sum(f.stat().st_size for f in Path(plan.model_dir).glob("*.safetensors"))
+    fmt = pool.weights_format or (native_info(plan.model_dir)["weights_format"] if is_native(plan.model_dir)
+                                  else "2bit")
+    fp = footprint(cfg, fmt, pool.head, slots, ctx)
+    weights, kv = fp.weights, fp.kv_cache
     todo = plan.todo
     print(f"input:   {plan.inputs.uri}: {len(plan.inputs.files)} file(s), {plan.inputs.num_rows} rows, "
           f"text column '{plan.inputs.text_column}', passthrough {list(plan.inputs.passthrough)}")
@@ -78,8 +82,8 @@ def _print_plan(plan, pool) -> None:
     print(f"model:   {plan.model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.quantization_mode})")
     print(f"workers: {pool.workers or 'one per node'}, {slots} slots x {ctx} tokens each; memory per "
-          f"worker ~{(weights + kv) / 1e9:.2f} GB (weights {weights / 1e9:.2f} GB mapped, shared per node; "
-          f"KV cache up to {kv / 1e9:.2f} GB)")
+          f"worker ~{fp.total / 1e9:.2f} GB (weights {weights / 1e9:.2f} GB in {fmt} with the {pool.head} head, "
+          f"mapped and shared per node; KV cache up to {kv / 1e9:.2f} GB; runtime {fp.runtime / 1e9:.2f} GB)")
     print(f"output:  {plan.spec.output}")
 
 
