@@ -116,11 +116,17 @@ class _Producer:
         # output std of a ternary linear on unit-RMS input: scale * sqrt(2/3 * fan_in)
         return _target_std(base) / np.sqrt(2.0 / 3.0 * fan_in)
 
+    def _embed_rows(self, spec: TensorSpec, rows: int = 8192):
+        rng = _rng(self.seed, spec.name)
+        vocab, hidden = spec.shape
+        for a in range(0, vocab, rows):
+            n = min(rows, vocab - a)
+            yield f32_to_bf16(rng.standard_normal((n, hidden), dtype=np.float32) * np.float32(_EMBED_STD))
+
     def __call__(self, spec: TensorSpec) -> np.ndarray:
         name = spec.name
-        if name == "model.embed_tokens.weight":
-            rng = _rng(self.seed, name)
-            return f32_to_bf16(rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(_EMBED_STD))
+        if name == "model.embed_tokens.weight":  # in row blocks: 100b's is 4 GB as float32
+            return self._embed_rows(spec)
         if name.endswith("norm.weight"):
             rng = _rng(self.seed, name)
             g = _norm_gain(name, self.s) * (1.0 + 0.1 * rng.standard_normal(spec.shape))
