@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ternpool.kernels import f32_to_bf16, pack_ternary
+from ternpool.kernels import f32_to_bf16, unpack_ternary
 
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, TensorSpec, write_safetensors
 
@@ -65,6 +65,11 @@ _EMBED_STD = 0.02  # the token embedding, small next to what blocks add
 _PROJ_STD = 1.0  # q/k/v, gate/up outputs
 _RESID_STD = 1.0  # o_proj/down_proj outputs added to the residual
 _LOGIT_STD = 4.0  # final logits
+
+
+# byte value of the four ternary codes (digit + 0..2 in bits 0-1, 2-3, 4-5, 6-7) of each n in 0..80
+_BASE81_TO_PACKED = np.array([sum((n // 3**i % 3) << (2 * i) for i in range(4)) for n in range(81)],
+                             dtype=np.uint8)
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -108,9 +113,11 @@ class _Producer:
     def __init__(self, s: Shape, seed: int, fmt: str, linear_class: str):
         self.s, self.seed, self.fmt, self.linear_class = s, seed, fmt, linear_class
 
-    def ternary(self, base: str, shape: tuple[int, int]) -> np.ndarray:
+    def packed(self, base: str, shape: tuple[int, int]) -> np.ndarray:
+        """Uniform ternary weights (out, in), already packed: one draw in 0..80 is four base-3 digits."""
+        out, fan_in = shape
         rng = _rng(self.seed, base)
-        return (rng.integers(0, 3, size=shape, dtype=np.int8) - 1).astype(np.int8)  # (out, in)
+        return _BASE81_TO_PACKED[rng.integers(0, 81, size=(out // 4, fan_in), dtype=np.uint8)]
 
     def scale(self, base: str, fan_in: int) -> float:
         # output std of a ternary linear on unit-RMS input: scale * sqrt(2/3 * fan_in)
@@ -134,13 +141,14 @@ class _Producer:
         base, _, leaf = name.rpartition(".")
         linear = base.split(".", 3)[3]  # "self_attn.q_proj"
         out, fan_in = _linear_shapes(self.s)[linear]
-        t = self.ternary(base, (out, fan_in))
         scale = self.scale(base, fan_in)
         if leaf == "weight_scale":
             stored = 1.0 / scale if self.linear_class == "bitlinear" else scale
             return f32_to_bf16(np.array([stored], dtype=np.float32))
+        packed = self.packed(base, (out, fan_in))
         if self.fmt == "packed":
-            return pack_ternary(t)
+            return packed
+        t = unpack_ternary(packed)
         # bf16 "online" weights: |W| / mean|W| stays clear of the rounding boundaries 0.5 and 1.5
         # (zeros below 0.15, non-zeros in 1.1..1.85), so re-ternarizing recovers t exactly.
         rng = _rng(self.seed, base + ".noise")
