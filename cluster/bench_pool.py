@@ -15,18 +15,23 @@ import time
 from pathlib import Path
 
 
+def bench_prompts(rows: int) -> list[str]:
+    """Prompts of 1 to 24 words, the same for every run."""
+    from ternpool.jobs.demo import WORDS
+
+    return [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(1 + i % 24)) for i in range(rows)]
+
+
 def bench_pool(model: str, rows: int = 256, max_tokens: int = 32, slots: int = 8, threads: int | None = None,
                shard_rows: int = 32, json_path: str | None = None) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ternpool.engine import Engine, Request, SamplingParams
-    from ternpool.jobs.demo import WORDS
-
     from .driver import JobHandle, PoolConfig, prepare
     from ternpool.jobs import JobSpec
 
-    prompts = [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(1 + i % 24)) for i in range(rows)]
+    prompts = bench_prompts(rows)
     engine = Engine.load(model, threads=threads, slots=slots)
     engine.generate([Request(0, prompt="warm up", params=SamplingParams(max_tokens=2))])
     t0 = time.perf_counter()

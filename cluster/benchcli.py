@@ -1,4 +1,4 @@
-"""`ternpool bench kernels | model | pool`: benchmarks that print ratios measured side by side in one run."""
+"""`ternpool bench kernels | model | head | memory`: benchmarks that print ratios measured side by side in one run."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def cmd_bench_model(args) -> int:
     from ternpool.kernels import set_threads
     from ternpool.kernels.bench import read_bandwidth
 
-    model = args.model or _shape_model(args.shape)
+    model = resolve_model(args)
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
     set_threads(args.threads)  # the bandwidth is measured with the threads the model runs with
     bw = read_bandwidth()
@@ -88,7 +88,7 @@ def cmd_bench_model(args) -> int:
 def cmd_bench_head(args) -> int:
     from ternpool.engine.bench import head_agreement
 
-    model = args.model or _shape_model(args.shape)
+    model = resolve_model(args)
     r = head_agreement(model, prompts=args.prompts, prompt_len=args.prompt_len, threads=args.threads)
     miss = r["median_exact_margin_on_misses"]
     print(f"{model}: int8 head top-1 agrees with the bf16 head at {r['top1_agreement'] * 100:.2f}% of "
@@ -105,7 +105,7 @@ def cmd_bench_head(args) -> int:
 def cmd_bench_memory(args) -> int:
     from ternpool.engine.bench import memory_sharing
 
-    model = args.model or _shape_model(args.shape)
+    model = resolve_model(args)
     r = memory_sharing(model, workers=args.workers, head=args.head, weights_format=args.weights_format)
     gb = 1e9
     for i, w in enumerate(r["per_worker"]):
@@ -119,13 +119,18 @@ def cmd_bench_memory(args) -> int:
     return 0
 
 
-def _model_source(p) -> None:
+def add_model_source(p, default_shape: str = "2b4t") -> None:
     from ternpool.engine.modelgen import SHAPES
 
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="model directory")
-    src.add_argument("--shape", default="2b4t", choices=list(SHAPES),
-                     help="a random model of this shape, made once under ~/.cache/ternpool (default: 2b4t)")
+    src.add_argument("--shape", default=default_shape, choices=list(SHAPES),
+                     help=f"a random model of this shape, made once under ~/.cache/ternpool (default: {default_shape})")
+
+
+def resolve_model(args) -> str:
+    """--model, or the cached random model of --shape (made on first use)."""
+    return args.model or _shape_model(args.shape)
 
 
 def add_bench_commands(bsub) -> None:
@@ -146,7 +151,7 @@ def add_bench_commands(bsub) -> None:
                         description="Prefill tokens/s, time to first token, single-stream decode tokens/s (with "
                         "the bandwidth ceiling measured in the same run) and aggregate decode at each concurrency "
                         "under continuous batching, as the worker pool runs it; peak RSS.")
-    _model_source(m)
+    add_model_source(m)
     m.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
     m.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
     m.add_argument("--gen", type=int, default=128, help="generated tokens per sequence (default: 128)")
@@ -158,7 +163,7 @@ def add_bench_commands(bsub) -> None:
     h = bsub.add_parser("head", help="top-1 agreement and speed of the int8 output head against the bf16 one",
                         description="Runs random prompts through the model and compares, at every position, the "
                         "int8 head's top token with the exact bf16 head's, and times both heads.")
-    _model_source(h)
+    add_model_source(h)
     h.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
     h.add_argument("--prompts", type=int, default=8, help="random prompts (default: 8)")
     h.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (default: 128)")
@@ -169,7 +174,7 @@ def add_bench_commands(bsub) -> None:
                         description="Starts N processes that each load the model and generate a few tokens, then "
                         "measures each one's RSS and PSS (proportional set size) while all are alive: the mapped "
                         "weight file is shared through the page cache, so its PSS adds up to about one copy.")
-    _model_source(s)
+    add_model_source(s)
     s.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
     add_model_options(s)
     s.add_argument("--json", help="also write the numbers to this JSON file")

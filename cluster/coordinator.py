@@ -36,6 +36,7 @@ from .metrics import JobMetrics
 log = logging.getLogger(__name__)
 
 DONE, WAIT = "done", "wait"
+MANIFEST_SAVE_S = 1.0  # save the manifest at most this often while shards complete (and always at the end)
 
 
 @dataclass
@@ -57,6 +58,9 @@ class _WorkerState:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     busy_since: float | None = None
+    registered: float = field(default_factory=time.monotonic)
+    lease_wait_s: float = 0.0  # the worker's own counts of time its engine stood still waiting on us:
+    idle_s: float = 0.0  # in lease calls, and with nothing to run
 
 
 class Coordinator:
@@ -90,6 +94,15 @@ class Coordinator:
         self.first_lease: float | None = None  # processing time: first lease to last shard written
         self.last_written: float | None = None
         self.remaining = {s.shard_id for s in shards if not manifest.is_done(s.shard_id)}
+        # scheduling overhead, for `ternpool bench cluster` and the busy-seconds metric
+        self.lease_s = 0.0  # in lease(): picking a piece and reading its rows
+        self.complete_s = 0.0  # in complete(): taking results, writing part files and the manifest
+        self.write_s = 0.0  # of which writing part files and the manifest
+        self.shards_written = 0
+        self.pieces_leased = 0
+        self._saved = 0.0  # when the manifest was last saved (time.monotonic)
+        self._unsaved = 0  # shards recorded since
+        self.shard_s = 0.0  # summed over written shards: first lease to part file
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -103,6 +116,7 @@ class Coordinator:
 
     def lease(self, worker_id: str):
         """The next piece for this worker: (key, Arrow table), WAIT (nothing queued now) or DONE."""
+        t0 = time.perf_counter()
         with self.lock:
             w = self.workers.setdefault(worker_id, _WorkerState("?"))
             w.last_seen = time.monotonic()
@@ -115,25 +129,53 @@ class Coordinator:
                 self.first_lease = time.time()
             self.shard_started.setdefault(piece.shard.shard_id, time.monotonic())
             w.leased[piece.key] = piece
+            self.pieces_leased += 1
             w.busy_since = w.busy_since or time.monotonic()
-        return piece.key, read_shard(self.inputs, piece.shard)
+        rows = read_shard(self.inputs, piece.shard)
+        self._busy("lease_s", time.perf_counter() - t0)
+        return piece.key, rows
 
-    def heartbeat(self, worker_id: str, running: int | None = None) -> None:
+    def _busy(self, what: str, seconds: float) -> None:
+        with self.lock:
+            setattr(self, what, getattr(self, what) + seconds)
+            self.metrics.coordinator_busy(seconds)
+
+    def heartbeat(self, worker_id: str, running: int | None = None, waits: tuple | None = None) -> None:
         with self.lock:
             w = self.workers.get(worker_id)
             if w is not None:
                 w.last_seen = time.monotonic()
                 if running is not None:
                     self.metrics.worker_heartbeat(worker_id, w.node, running)
+                self._waited(worker_id, w, waits)
 
-    def complete(self, worker_id: str, key: tuple[int, int], results: list[Result]) -> bool:
+    def _waited(self, worker_id: str, w: _WorkerState, waits: tuple | None) -> None:
+        """Workers send running totals of seconds spent waiting on the coordinator: (in lease calls, idle)."""
+        if waits is None:
+            return
+        lease_s, idle_s = max(waits[0], w.lease_wait_s), max(waits[1], w.idle_s)
+        added = lease_s + idle_s - w.lease_wait_s - w.idle_s
+        if added > 0:
+            self.metrics.worker_waited(worker_id, w.node, added)
+        w.lease_wait_s, w.idle_s = lease_s, idle_s
+
+    def complete(self, worker_id: str, key: tuple[int, int], results: list[Result],
+                 waits: tuple | None = None) -> bool:
         """A worker finished a piece. Returns False when the lease was no longer its own."""
+        t0 = time.perf_counter()
+        try:
+            return self._complete(worker_id, key, results, waits)
+        finally:
+            self._busy("complete_s", time.perf_counter() - t0)
+
+    def _complete(self, worker_id: str, key: tuple[int, int], results: list[Result], waits: tuple | None) -> bool:
         with self.lock:
             w = self.workers.get(worker_id)
             piece = w.leased.pop(tuple(key), None) if w else None
             if piece is None:
                 return False  # lost and requeued meanwhile: the requeued copy will be written
             w.last_seen = time.monotonic()
+            self._waited(worker_id, w, waits)
             if not w.leased:
                 w.busy_since = None
             w.rows += len(results)
@@ -205,19 +247,34 @@ class Coordinator:
             self.cancelled = True
             self.queue.clear()
             return
+        t0 = time.perf_counter()
         table = result_table(read_shard(self.inputs, shard), got, self.inputs.passthrough)
         write_part(self.manifest.output, shard_id, table)
         failed = sum(1 for r in got.values() if r.error is not None)
-        self.manifest.record(shard_id, rows=shard.num_rows, failed_rows=failed)
+        # Saving rewrites the whole manifest: batched to once a second, or a 100,000-shard job would spend
+        # most of the coordinator's time there. A crash loses at most that second's records; those shards
+        # are done again on resume and their part files replaced (same names), never duplicated.
+        self.manifest.record(shard_id, rows=shard.num_rows, failed_rows=failed, save=False)
+        self._unsaved += 1
+        self._save_manifest(force=len(self.remaining) == 1)
+        self.write_s += time.perf_counter() - t0
         self.last_written = time.time()
-        self.metrics.shard_written(shard.num_rows, failed, time.monotonic() - self.shard_started.pop(shard_id, time.monotonic()),
-                                   self.shard_tokens.pop(shard_id, {}))
+        took = time.monotonic() - self.shard_started.pop(shard_id, time.monotonic())
+        self.shards_written += 1
+        self.shard_s += took
+        self.metrics.shard_written(shard.num_rows, failed, took, self.shard_tokens.pop(shard_id, {}))
         self.remaining.discard(shard_id)
         del self.partial[shard_id]
         self.rows_done += shard.num_rows
         self.failed_rows += failed
         self.prompt_tokens += sum(r.prompt_tokens for r in got.values())
         self.generated_tokens += sum(r.completion_tokens for r in got.values())
+
+    def _save_manifest(self, force: bool = False) -> None:
+        with self.lock:
+            if self._unsaved and (force or time.monotonic() - self._saved >= MANIFEST_SAVE_S):
+                self.manifest.save()
+                self._saved, self._unsaved = time.monotonic(), 0
 
     def stats(self) -> dict:
         with self.lock:
@@ -243,9 +300,13 @@ class Coordinator:
                 "done": not self.remaining,
                 "cancelled": self.cancelled,
                 "active_workers": len(self.workers),
+                "scheduling": {"lease_s": self.lease_s, "complete_s": self.complete_s, "write_s": self.write_s,
+                               "shards_written": self.shards_written, "shard_s": self.shard_s,
+                               "pieces_leased": self.pieces_leased},
                 "workers": {wid: {"node": w.node, "rows": w.rows, "prompt_tokens": w.prompt_tokens,
                                   "generated_tokens": w.generated_tokens, "leased": len(w.leased),
-                                  "lost": wid in self.lost}
+                                  "lost": wid in self.lost, "lease_wait_s": w.lease_wait_s, "idle_s": w.idle_s,
+                                  "alive_s": (w.last_seen if wid in self.lost else time.monotonic()) - w.registered}
                             for wid, w in list(self.workers.items()) + list(self.lost.items())},
             }
 
@@ -253,7 +314,8 @@ class Coordinator:
         s = self.stats()
         if state == "finished" and self.manifest.finished is None:
             self.manifest.finished = time.time()
-            self.manifest.save()
+            self._unsaved += 1
+        self._save_manifest(force=state != "running")  # records batched since the last save
         if state != "running":  # the job ends: final metrics for jobs shorter than a scrape interval
             self.metrics.write_file(self.manifest.output)
             if self.pushgateway:

@@ -73,6 +73,7 @@ class JobSummary:
     per_worker: dict
     error: str | None = None
     processing_s: float = 0.0  # first shard handed out to last shard written
+    scheduling: dict = field(default_factory=dict)  # the coordinator's own time, see Coordinator.stats
 
     @property
     def tokens_per_s(self) -> float:
@@ -280,7 +281,8 @@ class JobHandle:
             self._summary = JobSummary(
                 self.output, self.job_id, state, stats["rows_done"], stats["failed_rows"], stats["prompt_tokens"],
                 stats["generated_tokens"], time.time() - self._started, stats["retries"], self._restarts,
-                stats["workers"], None if self._error is None else str(self._error), stats["processing_s"])
+                stats["workers"], None if self._error is None else str(self._error), stats["processing_s"],
+                stats.get("scheduling", {}))
         finally:
             if self._owns_ray:
                 ray.shutdown()

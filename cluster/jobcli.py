@@ -205,14 +205,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_bench_pool(args) -> int:
-    from .bench_pool import bench_pool, print_bench_pool
-
-    print_bench_pool(bench_pool(args.model, rows=args.rows, max_tokens=args.max_tokens, slots=args.slots,
-                                threads=args.threads, shard_rows=args.shard_rows, json_path=args.json))
-    return 0
-
-
 def add_commands(sub) -> None:
     s = sub.add_parser("submit", help="run a batch job over Parquet prompts on a Ray worker pool",
                        description="Generate for every row of INPUT (a Parquet file, directory, glob or URI with a "
@@ -244,14 +236,6 @@ def add_commands(sub) -> None:
     from .benchcli import add_bench_commands
 
     add_bench_commands(bsub)
-    bp = bsub.add_parser("pool", help="a job on the embedded cluster vs the engine alone, same prompts",
-                         description="Run the same prompts through the engine in this process and through a "
-                         "one-worker job on the embedded Ray cluster; print rows/s, tokens/s and their ratio.")
-    bp.add_argument("--model", "-m", required=True, help="model directory")
-    bp.add_argument("--rows", type=int, default=256, help="prompts (default: 256)")
-    bp.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt (default: 32)")
-    bp.add_argument("--slots", type=int, default=8, help="engine slots (default: 8)")
-    bp.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
-    bp.add_argument("--shard-rows", type=int, default=32, help="rows per shard (default: 32)")
-    bp.add_argument("--json", help="also write the numbers to this JSON file")
-    bp.set_defaults(func=cmd_bench_pool)
+    from .benchpoolcli import add_pool_bench_commands
+
+    add_pool_bench_commands(bsub)

