@@ -140,8 +140,9 @@ def coordinator_capacity(shards: int = 4000, shard_rows: int = 16, text_tokens: 
     rows = shards * shard_rows
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "prompts.parquet"
-        pq.write_table(pa.table({"prompt": [f"prompt number {i}" for i in range(rows)]}), src,
-                       row_group_size=shard_rows)
+        # pyarrow's default row groups (a million rows), as most prompt files have
+        pq.write_table(pa.table({"prompt": [f"prompt number {i} about the river, the mill and the bread"
+                                            for i in range(rows)]}), src)
         spec = JobSpec(inputs=str(src), output=str(Path(tmp) / "out"), model="synthetic", shard_rows=shard_rows)
         inputs = open_inputs(spec.inputs)
         plan = plan_shards(inputs, shard_rows)

@@ -29,7 +29,7 @@ from ternpool.jobs.manifest import Manifest
 from ternpool.jobs.output import error_results, result_table, write_part
 from ternpool.jobs.plan import Shard, split_shard
 from ternpool.jobs.progress import owns_output, write_progress
-from ternpool.jobs.rows import read_shard
+from ternpool.jobs.rows import RowGroupCache, read_shard
 
 from .metrics import JobMetrics
 
@@ -80,6 +80,7 @@ class Coordinator:
         self.lock = threading.RLock()
         self.queue: deque[_Piece] = deque(_Piece(s) for s in shards if not manifest.is_done(s.shard_id))
         self.shards = {s.shard_id: s for s in shards}
+        self.row_groups = RowGroupCache()  # leasing and writing a shard both read its input rows
         self.partial: dict[int, dict[int, Result]] = {}  # shard_id -> row_index -> result
         self.workers: dict[str, _WorkerState] = {}
         self.lost: dict[str, _WorkerState] = {}  # kept for the per-worker summary
@@ -131,7 +132,7 @@ class Coordinator:
             w.leased[piece.key] = piece
             self.pieces_leased += 1
             w.busy_since = w.busy_since or time.monotonic()
-        rows = read_shard(self.inputs, piece.shard)
+        rows = read_shard(self.inputs, piece.shard, self.row_groups)
         self._busy("lease_s", time.perf_counter() - t0)
         return piece.key, rows
 
@@ -248,7 +249,7 @@ class Coordinator:
             self.queue.clear()
             return
         t0 = time.perf_counter()
-        table = result_table(read_shard(self.inputs, shard), got, self.inputs.passthrough)
+        table = result_table(read_shard(self.inputs, shard, self.row_groups), got, self.inputs.passthrough)
         write_part(self.manifest.output, shard_id, table)
         failed = sum(1 for r in got.values() if r.error is not None)
         # Saving rewrites the whole manifest: batched to once a second, or a 100,000-shard job would spend

@@ -24,7 +24,7 @@ from ternpool.engine import ModelConfig
 from ternpool.engine.engine import DEFAULT_MAX_CONTEXT
 from ternpool.engine.footprint import fit_problem
 from ternpool.engine.hub import resolve_model_dir
-from ternpool.engine.native import is_native, native_info
+from ternpool.engine.native import resolved_weights_format
 from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
 from ternpool.jobs.errors import JobInputError
 from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel, request_cancel,
@@ -109,8 +109,7 @@ def check_memory(plan: Plan, pool: PoolConfig) -> None:
     cache of the configured slots (one slot when automatic: those shrink to fit) and the runtime,
     against what Ray gives the node for workers (its object store already taken out)."""
     cfg = plan.config
-    fmt = pool.weights_format or (native_info(plan.model_dir)["weights_format"] if is_native(plan.model_dir)
-                                  else "2bit")
+    fmt = resolved_weights_format(plan.model_dir, pool.weights_format)
     ctx = min(pool.max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
     for node in ray.nodes():
         res = node.get("Resources", {})

@@ -17,6 +17,9 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, help="output directory (part files + _manifest.json)")
     p.add_argument("--address", help="Ray cluster to join ('auto' for the one this node belongs to); "
                    "default: start an embedded local cluster")
+    p.add_argument("--object-store-mb", type=int,
+                   help="object store of the embedded cluster, MB (default: 512; it carries prompts and results "
+                   "only, the model is mapped from disk); a cluster joined with --address keeps its own")
     p.add_argument("--workers", type=int, help="number of worker actors (default: one per node)")
     p.add_argument("--threads-per-worker", type=int, help="Numba threads (CPUs) per worker (default: all of the node's)")
     p.add_argument("--slots", type=int, help="sequences each worker decodes at once (default: 8, fewer when "
@@ -59,19 +62,19 @@ def _pool(args):
                       slots=args.slots, max_context=args.max_context, head=args.head,
                       weights_format=args.weights_format, hang_timeout=args.hang_timeout,
                       metrics_host=args.metrics_host, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                      pushgateway=args.pushgateway)
+                      pushgateway=args.pushgateway,
+                      object_store_memory=None if args.object_store_mb is None else args.object_store_mb << 20)
 
 
 def _print_plan(plan, pool) -> None:
     cfg = plan.config
     from ternpool.engine.engine import DEFAULT_MAX_CONTEXT, auto_slots
     from ternpool.engine.footprint import footprint
-    from ternpool.engine.native import is_native, native_info
+    from ternpool.engine.native import resolved_weights_format
 
     ctx = min(pool.max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
     slots = pool.slots or auto_slots(cfg, ctx)
-    fmt = pool.weights_format or (native_info(plan.model_dir)["weights_format"] if is_native(plan.model_dir)
-                                  else "2bit")
+    fmt = resolved_weights_format(plan.model_dir, pool.weights_format)
     fp = footprint(cfg, fmt, pool.head, slots, ctx)
     weights, kv = fp.weights, fp.kv_cache
     todo = plan.todo

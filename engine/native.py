@@ -284,6 +284,14 @@ def native_info(model_dir: str | Path) -> dict:
     return info
 
 
+def resolved_weights_format(model_dir: str | Path, requested: str | None) -> str:
+    """The weights format a load of `model_dir` will use: the one asked for, else a native directory's
+    own, else the default."""
+    if requested is not None:
+        return requested
+    return native_info(model_dir)["weights_format"] if is_native(model_dir) else DEFAULT_WEIGHTS_FORMAT
+
+
 def load_native(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
     """Map a native directory's tensors (no copies but the small norms)."""
     model_dir = Path(model_dir)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +24,10 @@ from .spec import SAMPLING_COLUMNS, JobSpec, derive_seed
 log = logging.getLogger(__name__)
 
 
-def read_shard(inputs: InputSet, shard: Shard) -> pa.Table:
+def read_shard(inputs: InputSet, shard: Shard, cache: "RowGroupCache | None" = None) -> pa.Table:
     """The rows of `shard` with an int64 `row_index` column in front. Reads only the row groups
-    the shard overlaps. JobInputError naming the file and shard when they cannot be read or the
-    file no longer matches its metadata at planning time."""
+    the shard overlaps (from `cache` when it holds them). JobInputError naming the file and shard
+    when they cannot be read or the file no longer matches its metadata at planning time."""
     if not 0 <= shard.file_index < len(inputs.files):
         raise ValueError(f"shard {shard.shard_id}: file_index {shard.file_index} out of range "
                          f"(the input set has {len(inputs.files)} files)")
@@ -38,6 +40,24 @@ def read_shard(inputs: InputSet, shard: Shard) -> pa.Table:
     first_group = bisect.bisect_right(starts, shard.row_start) - 1
     last_group = bisect.bisect_left(starts, shard.row_stop) - 1
     groups = list(range(first_group, last_group + 1))
+    if cache is None:
+        table = _read_groups(inputs, shard.file_index, groups, where)[0]
+    else:
+        table = cache.get(inputs, shard.file_index, groups, where)
+    table = table.slice(shard.row_start - starts[first_group], shard.num_rows)
+    if table.num_rows != shard.num_rows:
+        raise JobInputError(f"{where}: read {table.num_rows} rows, expected {shard.num_rows}")
+    row_index = pa.array(range(shard.first_row_index, shard.first_row_index + shard.num_rows),
+                         pa.int64())
+    return table.add_column(0, pa.field("row_index", pa.int64(), nullable=False), row_index)
+
+
+def _read_groups(inputs: InputSet, file_index: int, groups: list[int], where: str,
+                 read_ahead: int = 0) -> tuple[pa.Table, list[int]]:
+    """Row groups `groups` of one input file, and after them (when `read_ahead` > 0) the following
+    groups while they add up to at most `read_ahead` bytes (the file is opened once for all).
+    Returns the table and the groups it holds, in order."""
+    input_file = inputs.files[file_index]
     try:
         with inputs.filesystem().open_input_file(input_file.path) as handle:
             parquet = pq.ParquetFile(handle)
@@ -48,15 +68,56 @@ def read_shard(inputs: InputSet, shard: Shard) -> pa.Table:
                 raise JobInputError(
                     f"{where}: the file changed since the job was planned (row groups "
                     f"{list(input_file.row_group_rows)} expected, {list(found_groups)} found)")
-            table = parquet.read_row_groups(groups)
+            groups = list(groups)
+            budget = read_ahead
+            while budget > 0 and groups[-1] + 1 < metadata.num_row_groups:
+                budget -= metadata.row_group(groups[-1] + 1).total_byte_size
+                if budget >= 0:
+                    groups.append(groups[-1] + 1)
+            return parquet.read_row_groups(groups), groups
     except (pa.ArrowException, OSError) as exc:
         raise JobInputError(f"{where}: cannot read: {exc}") from None
-    table = table.slice(shard.row_start - starts[first_group], shard.num_rows)
-    if table.num_rows != shard.num_rows:
-        raise JobInputError(f"{where}: read {table.num_rows} rows, expected {shard.num_rows}")
-    row_index = pa.array(range(shard.first_row_index, shard.first_row_index + shard.num_rows),
-                         pa.int64())
-    return table.add_column(0, pa.field("row_index", pa.int64(), nullable=False), row_index)
+
+
+class RowGroupCache:
+    """The row groups read last, kept up to `max_bytes`: shards are handed out in order, so the shards
+    of one large row group (a file written with pyarrow's default of a million rows per group is a
+    single group) read it once instead of once each. Thread-safe."""
+
+    def __init__(self, max_bytes: int = 256 << 20, read_ahead: int = 8 << 20):
+        self.max_bytes, self.read_ahead = max_bytes, read_ahead
+        self._tables: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, inputs: InputSet, file_index: int, groups: list[int], where: str) -> pa.Table:
+        with self._lock:
+            missing = [g for g in groups if (file_index, g) not in self._tables]
+            if missing:
+                # the groups after a shard's are the next shards': read small ones ahead with it
+                ahead = self.read_ahead if missing[-1] == groups[-1] else 0
+                table, read = _read_groups(inputs, file_index, missing, where, ahead)
+                offset = 0
+                for g in read:
+                    n = inputs.files[file_index].row_group_rows[g]
+                    if (file_index, g) not in self._tables:
+                        self._put((file_index, g), table.slice(offset, n))
+                    offset += n
+            parts = []
+            for g in groups:
+                self._tables.move_to_end((file_index, g))
+                parts.append(self._tables[(file_index, g)])
+            self._evict(keep=len(groups))
+        return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+
+    def _put(self, key: tuple[int, int], table: pa.Table) -> None:
+        self._tables[key] = table
+        self._bytes += table.nbytes
+
+    def _evict(self, keep: int) -> None:
+        while self._bytes > self.max_bytes and len(self._tables) > keep:
+            _, table = self._tables.popitem(last=False)
+            self._bytes -= table.nbytes
 
 
 @dataclass(frozen=True)
