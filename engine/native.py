@@ -35,14 +35,14 @@ from typing import Iterator
 
 import numpy as np
 
-from ternpool.kernels import bf16_to_f32, pack_ternary, unpack_ternary
+from ternpool.kernels import pack_ternary
 from ternpool.kernels.base3 import pack_base3, packed_cols
 from ternpool.kernels.head8 import quantize_head
 
 from .config import ModelConfig, ModelFormatError
 from .safetensors_io import INDEX_FILE, TensorInfo, TensorSpec, index_model, read_header, read_metadata, \
     write_safetensors
-from .weights import LINEARS, LayerWeights, ModelWeights, TernaryLinear, check_tensors, linear_shapes, \
+from .weights import LINEARS, LayerWeights, as_f32, ModelWeights, TernaryLinear, check_tensors, linear_shapes, \
     module_of, online_factors
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,7 @@ class _Producer:
         self._online_scales: dict[str, float] = {}
 
     def _f32(self, name: str) -> np.ndarray:
-        info = self.t[name]
-        a = info.load()
-        return bf16_to_f32(a) if info.dtype == "BF16" else np.asarray(a, dtype=np.float32)
+        return as_f32(self.t[name])
 
     def _source_linear(self, layer: str, name: str) -> str:
         return f"model.layers.{layer}.{module_of(name)}.{name}."
@@ -126,7 +124,7 @@ class _Producer:
         if self.cfg.quantization_mode == "online":
             s = self._online(base)[0]
             for a in range(0, w.shape[0], _ROWS):
-                yield np.clip(np.round(self._rows_f32(w, a, a + _ROWS) * s), -1, 1).astype(np.int8)
+                yield np.clip(np.round(as_f32(w, a, a + _ROWS) * s), -1, 1).astype(np.int8)
         else:
             # HF packing: output row i * R + r sits in bits 2i of packed[r]; stripe by stripe
             packed = w.load()
@@ -136,17 +134,13 @@ class _Producer:
                     codes = (np.asarray(packed[a:a + step]) >> np.uint8(2 * i)) & np.uint8(3)
                     yield codes.astype(np.int8) - np.int8(1)
 
-    def _rows_f32(self, info: TensorInfo, a: int, b: int) -> np.ndarray:
-        rows = np.asarray(info.load()[a:b])
-        return bf16_to_f32(rows) if info.dtype == "BF16" else rows.astype(np.float32)
-
     def _online(self, base: str) -> tuple[np.float32, float]:
         """transformers' online rule needs mean|W| of the whole tensor: one streaming pass first."""
         if base not in self._online_scales:
             info = self.t[base + "weight"]
             total = 0.0
             for a in range(0, info.shape[0], _ROWS):
-                total += float(np.abs(self._rows_f32(info, a, a + _ROWS)).sum(dtype=np.float64))
+                total += float(np.abs(as_f32(info, a, a + _ROWS)).sum(dtype=np.float64))
             self._online_scales[base] = online_factors(float(np.float32(total / (info.shape[0] * info.shape[1]))))
         return self._online_scales[base]
 
@@ -184,7 +178,7 @@ class _Producer:
         step = max(1, _ROWS // 4)
         for a in range(0, R, step):
             b = min(R, a + step)
-            rows = np.concatenate([self._rows_f32(info, i * R + a, i * R + b) for i in range(4)])
+            rows = np.concatenate([as_f32(info, i * R + a, i * R + b) for i in range(4)])
             yield pack_ternary(np.clip(np.round(rows * s), -1, 1).astype(np.int8))
 
     def _head(self, name: str) -> Iterator[np.ndarray]:

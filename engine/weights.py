@@ -117,8 +117,11 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
     return out
 
 
-def _as_f32(info: TensorInfo) -> np.ndarray:
+def as_f32(info: TensorInfo, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    """A tensor (or its rows start:stop) as float32."""
     a = info.load()
+    if start is not None or stop is not None:
+        a = np.asarray(a[start:stop])
     if info.dtype == "BF16":
         return bf16_to_f32(a)
     return np.asarray(a, dtype=np.float32)
@@ -141,9 +144,9 @@ def ternarize(w: np.ndarray) -> tuple[np.ndarray, float]:
 def _linear(tensors: dict[str, TensorInfo], base: str, cfg: ModelConfig) -> TernaryLinear:
     weight = tensors[base + "weight"]
     if cfg.quantization_mode == "online":
-        t, scale = ternarize(_as_f32(weight))
+        t, scale = ternarize(as_f32(weight))
         return TernaryLinear(pack_ternary(t), scale)
-    ws = float(_as_f32(tensors[base + "weight_scale"])[0])
+    ws = float(as_f32(tensors[base + "weight_scale"])[0])
     if not np.isfinite(ws) or ws == 0.0:
         raise ModelFormatError(f"{weight.path}: tensor {base}weight_scale is {ws}, expected a finite non-zero scale")
     return TernaryLinear(weight.load(), ws, cfg.scale_divides)
@@ -178,14 +181,14 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
         p = f"model.layers.{n}."
         lin = {name: _linear(tensors, f"{p}{module_of(name)}.{name}.", cfg) for name in LINEARS}
         layers.append(LayerWeights(
-            input_norm=_as_f32(tensors[p + "input_layernorm.weight"]).copy(),
-            post_attention_norm=_as_f32(tensors[p + "post_attention_layernorm.weight"]).copy(),
-            attn_sub_norm=_as_f32(tensors[p + "self_attn.attn_sub_norm.weight"]).copy(),
-            ffn_sub_norm=_as_f32(tensors[p + "mlp.ffn_sub_norm.weight"]).copy(),
+            input_norm=as_f32(tensors[p + "input_layernorm.weight"]).copy(),
+            post_attention_norm=as_f32(tensors[p + "post_attention_layernorm.weight"]).copy(),
+            attn_sub_norm=as_f32(tensors[p + "self_attn.attn_sub_norm.weight"]).copy(),
+            ffn_sub_norm=as_f32(tensors[p + "mlp.ffn_sub_norm.weight"]).copy(),
             **lin,
         ))
     embed = tensors["model.embed_tokens.weight"].load()
-    norm = _as_f32(tensors["model.norm.weight"]).copy()
+    norm = as_f32(tensors["model.norm.weight"]).copy()
     w = ModelWeights(cfg, embed, norm, tuple(layers))
     log.info("loaded %d layers from %s (%.1f MB of weights, %s)", cfg.num_hidden_layers, model_dir,
              w.nbytes / 1e6, cfg.quantization_mode)
