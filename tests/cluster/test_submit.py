@@ -249,3 +249,15 @@ def test_ctrl_c_in_the_submitting_shell_cancels_and_rerun_resumes(tmp_path, tiny
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and "finished" in rerun.stdout, rerun.stdout + rerun.stderr
     _check_exactly_once(out, 2000, bad)
+
+
+def test_embedded_cluster_object_store_is_capped():
+    import ray
+
+    from ternpool.cluster.ray_env import connect
+
+    assert connect(None, object_store_memory=96 * 1024 ** 2)
+    try:
+        assert ray.cluster_resources()["object_store_memory"] == pytest.approx(96 * 1024 ** 2, rel=0.01)
+    finally:
+        ray.shutdown()

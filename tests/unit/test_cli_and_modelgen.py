@@ -101,3 +101,13 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", "generate", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--max-tokens" in out and "--json" in out
+
+
+def test_submit_object_store_option_reaches_the_pool_config():
+    from ternpool.cluster.cli import build_parser
+    from ternpool.cluster.jobcli import _pool
+
+    args = build_parser().parse_args(["submit", "in.parquet", "--model", "m", "--output", "o", "--object-store-mb", "96"])
+    assert _pool(args).object_store_memory == 96 * 1024 ** 2
+    args = build_parser().parse_args(["submit", "in.parquet", "--model", "m", "--output", "o"])
+    assert _pool(args).object_store_memory is None
