@@ -11,6 +11,14 @@ every byte decodes to digits in {0, 1, 2}). Digit k of a 32-byte block is thus t
 the contiguous activation slice x[160j + 32k : 160j + 32k + 32]. Columns past K in the last
 block hold code 1 (zero weight); the kernels never read them.
 
+Batch 1 (one token, or the last one of a batch) is compute-bound on the decode: there a task's
+rows r0 .. r1 - 1 go four per `dot_base3_rows4` call, which shares every activation load and
+interleaves four independent decode chains. The four are r, r + h, r + 2h, r + 3h (h = (r1 - r0)
+// 4) so that each call reads four long sequential streams (neighbouring rows would start new short
+streams every call, which the hardware prefetchers follow badly: ~25% slower on 45568 x 8192);
+for the same reason a batch-1 task holds _ROWS_PER_TASK_1 = 128 rows when the matrix has enough of
+them. The 2 or 3 rows left over go through `dot_base3_rows2` and then `dot_base3_1`.
+
 As in `ternary.py`, the kernel sums codes * q and subtracts the activation row sum, then
 dequantizes y = acc / div[t] * mul in that order (see `dequant_factors`).
 """
@@ -21,13 +29,15 @@ import numpy as np
 from numba import njit, prange
 
 from .config import NJIT, NJIT_PARALLEL
-from .simd_base3 import BLOCK, BLOCK_BYTES, DIGITS, dot_base3_1, dot_base3_2, dot_base3_4, dot_base3_8
+from .simd_base3 import (BLOCK, BLOCK_BYTES, DIGITS, dot_base3_1, dot_base3_2, dot_base3_4, dot_base3_8,
+                         dot_base3_rows2, dot_base3_rows4)
 
 _POW3 = np.array([81, 27, 9, 3, 1], dtype=np.int32)
 _M8 = np.int32(255)
 _S8 = np.int32(8)
 _THREE = np.int32(3)
 _ROWS_PER_TASK = 16  # rows per prange task; each token group is reused across them
+_ROWS_PER_TASK_1 = 128  # rows per task at batch 1 when that still makes >= 16 tasks (see the docstring)
 
 
 def packed_cols(K: int) -> int:
@@ -116,6 +126,12 @@ def _dots(p, q, t, nt, nb, nd):  # pragma: no cover - compiled
 
 
 @njit(**NJIT)
+def _sum1(acc, p, x, nb, nd, K, scalar):  # pragma: no cover - compiled
+    """A SIMD sum of packed row p with x, plus the scalar columns if any."""
+    return np.int32(acc + _tail(p, x, nb, nd, K)) if scalar else acc
+
+
+@njit(**NJIT)
 def _group(T, t):  # pragma: no cover - compiled
     """Tokens sharing one decode: 8 while at least 8 remain, then 4, 2, 1."""
     n = T - t
@@ -129,13 +145,29 @@ def _base3_matmul_i32(packed, q, qsum, out):  # pragma: no cover - compiled
     nb = K // BLOCK
     nd = (K - nb * BLOCK) // BLOCK_BYTES
     scalar = K > nb * BLOCK + nd * BLOCK_BYTES
-    for task in prange((n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        r0 = task * _ROWS_PER_TASK
-        r1 = min(n, r0 + _ROWS_PER_TASK)
+    rpt = _ROWS_PER_TASK_1 if T == 1 and n >= 16 * _ROWS_PER_TASK_1 else _ROWS_PER_TASK
+    for task in prange((n + rpt - 1) // rpt):
+        r0 = task * rpt
+        r1 = min(n, r0 + rpt)
         t = 0
         while t < T:  # a few tokens at a time, their activations stay in cache across the task's rows
             nt = _group(T, t)
-            for r in range(r0, r1):
+            rs = r0
+            if nt == 1:  # one token: 4 packed rows per decode call (see _ROWS_PER_TASK_1), then 2, then 1
+                x = q[t]
+                h = (r1 - r0) // 4
+                for i in range(r0, r0 + h):
+                    a = dot_base3_rows4(packed[i], packed[i + h], packed[i + 2 * h], packed[i + 3 * h], x, nb, nd)
+                    for j in range(4):
+                        r = i + j * h
+                        out[t, r] = _sum1(a[j], packed[r], x, nb, nd, K, scalar) - qsum[t]
+                rs = r0 + 4 * h
+                if r1 - rs >= 2:
+                    a0, a1 = dot_base3_rows2(packed[rs], packed[rs + 1], x, nb, nd)
+                    out[t, rs] = _sum1(a0, packed[rs], x, nb, nd, K, scalar) - qsum[t]
+                    out[t, rs + 1] = _sum1(a1, packed[rs + 1], x, nb, nd, K, scalar) - qsum[t]
+                    rs += 2
+            for r in range(rs, r1):
                 p = packed[r]
                 a = _dots(p, q, t, nt, nb, nd)
                 for j in range(nt):
@@ -153,13 +185,30 @@ def _base3_linear_f32(packed, q, qsum, div, mul, out):  # pragma: no cover - com
     nb = K // BLOCK
     nd = (K - nb * BLOCK) // BLOCK_BYTES
     scalar = K > nb * BLOCK + nd * BLOCK_BYTES
-    for task in prange((n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        r0 = task * _ROWS_PER_TASK
-        r1 = min(n, r0 + _ROWS_PER_TASK)
+    rpt = _ROWS_PER_TASK_1 if T == 1 and n >= 16 * _ROWS_PER_TASK_1 else _ROWS_PER_TASK
+    for task in prange((n + rpt - 1) // rpt):
+        r0 = task * rpt
+        r1 = min(n, r0 + rpt)
         t = 0
         while t < T:
             nt = _group(T, t)
-            for r in range(r0, r1):
+            rs = r0
+            if nt == 1:
+                x = q[t]
+                s, d = qsum[t], div[t]
+                h = (r1 - r0) // 4
+                for i in range(r0, r0 + h):
+                    a = dot_base3_rows4(packed[i], packed[i + h], packed[i + 2 * h], packed[i + 3 * h], x, nb, nd)
+                    for j in range(4):
+                        r = i + j * h
+                        out[t, r] = np.float32(_sum1(a[j], packed[r], x, nb, nd, K, scalar) - s) / d * mul
+                rs = r0 + 4 * h
+                if r1 - rs >= 2:
+                    a0, a1 = dot_base3_rows2(packed[rs], packed[rs + 1], x, nb, nd)
+                    out[t, rs] = np.float32(_sum1(a0, packed[rs], x, nb, nd, K, scalar) - s) / d * mul
+                    out[t, rs + 1] = np.float32(_sum1(a1, packed[rs + 1], x, nb, nd, K, scalar) - s) / d * mul
+                    rs += 2
+            for r in range(rs, r1):
                 p = packed[r]
                 a = _dots(p, q, t, nt, nb, nd)
                 for j in range(nt):

@@ -11,15 +11,18 @@ contiguous activation slice x[32k : 32k + 32] of that block.
     sum_c code(c) * x_row[c]    over the 160 * nblocks columns of the whole blocks, then over
                                 the first 32 * ndigits columns of block `nblocks` (ndigits < 5)
 
-for 1, 2, 4 or 8 activation rows that share one decode of the packed row. The caller does the
-remaining (< 32) columns in scalar code.
+for 1, 2, 4 or 8 activation rows that share one decode of the packed row. For batch 1,
+`dot_base3_rows{2,4}(packed_row..., x0, nblocks, ndigits)` return the same sums of 2 or 4 packed
+rows with one activation row: each 32-byte activation load serves every packed row, and the
+independent decode chains of the rows interleave. The caller does the remaining (< 32) columns in
+scalar code.
 
 ISA "avx2" decodes on bytes, without the 16-bit multiply-high of the textbook decode: with
 x' = x ^ 0x80 (x - 128 as a signed byte), 3x' = 3x - 128 (mod 256), so the state stays in the
-signed domain under `x' <- x' + x' + x'` (vpaddb; LLVM folds the chain into x' * 9, * 27, * 81),
-and the digit (3x) >> 8 = [x >= 86] + [x >= 171] = [x' > -43] + [x' > 42] is two vpcmpgtb
-(-1 when true) subtracted from zero. On Zen 3 this is as fast as the vpmulhuw / vpmullw decode
-(both ~44 vector instructions per 160 weights) with 2 multiplies per block instead of 16.
+signed domain under `x' <- x' + x' + x'` (two vpaddb; an empty inline asm keeps LLVM from folding
+the chain into x' * 9, * 27, * 81, which costs 3 to 5 instructions each on bytes), and the digit
+(3x) >> 8 = [x >= 86] + [x >= 171] = [x' > -43] + [x' > 42] is two vpcmpgtb (-1 when true)
+subtracted from zero: 39 vector instructions per 160 weights (43 with the folded chain).
 Codes (u8) times activations (s8) go through `vpmaddubsw` (pairs: |2 * 2 * -128| = 512); the
 pairs of all five digits are added in int16 lanes for CHUNK blocks (12 * 5 * 512 = 30720 < 32767)
 and only then widened into int32 lanes with one `vpmaddwd` against ones.
@@ -67,7 +70,10 @@ class _Avx2:
         code = builder.sub(builder.sub(zero, ge86), ge171)
         if last:
             return code, state
-        return code, [builder.add(builder.add(x, x), x)]  # LLVM may fold the chain into x * 9, x * 27, ...
+        # x' + x' + x' behind an empty asm (no instruction): otherwise LLVM folds the chain into
+        # x' * 9, x' * 27, x' * 81, which AVX2 lacks for bytes and emulates with 3-5 instructions
+        x3 = builder.add(builder.add(x, x), x)
+        return code, [builder.asm(ir.FunctionType(_V32I8, [_V32I8]), "", "=x,0", [x3], side_effect=False)]
 
     @staticmethod
     def product(builder, code, xv):
@@ -115,16 +121,20 @@ def _load32(builder, base, off):
     return builder.load(builder.bitcast(builder.gep(base, [off]), _V32I8.as_pointer()), align=1)
 
 
-def _block(isa, builder, w, xps, x_off, acc16):
-    """Decode the five digits of the 32 packed bytes `w`, multiply digit k by the activation slice at
-    x_off + 32k of every row in `xps` and add the products to the int16 pair accumulators `acc16`."""
-    state = isa.init(builder, w)
+def _block(isa, builder, ws, xps, x_off, acc16):
+    """Decode the five digits of the 32 packed bytes of every row in `ws`, multiply digit k by the
+    activation slice at x_off + 32k of every row in `xps` (each slice is loaded once and shared by
+    all packed rows) and add the products to the int16 pair accumulators acc16[i * len(xps) + j]."""
+    states = [isa.init(builder, w) for w in ws]
     acc16 = list(acc16)
+    nt = len(xps)
     for k in range(DIGITS):
-        code, state = isa.digit(builder, state, last=(k == DIGITS - 1))
         off = builder.add(x_off, ir.Constant(_I64, BLOCK_BYTES * k)) if k else x_off
-        for j, xp in enumerate(xps):
-            acc16[j] = builder.add(acc16[j], isa.product(builder, code, _load32(builder, xp, off)))
+        xvs = [_load32(builder, xp, off) for xp in xps]
+        for i in range(len(ws)):
+            code, states[i] = isa.digit(builder, states[i], last=(k == DIGITS - 1))
+            for j, xv in enumerate(xvs):
+                acc16[i * nt + j] = builder.add(acc16[i * nt + j], isa.product(builder, code, xv))
     return acc16
 
 
@@ -139,19 +149,22 @@ def _as_i64(builder, v):
     return builder.sext(v, _I64) if v.type.width < 64 else v
 
 
-def _emit(context, builder, signature, args, nt):
+def _emit(context, builder, signature, args, nr, nt):
+    """IR for the nr * nt sums of packed rows args[:nr] with activation rows args[nr:nr + nt],
+    in the order (row 0, x 0), (row 0, x 1), ..., (row 1, x 0), ..."""
     isa = _Avx2 if ISA == "avx2" else _Generic
     acc_t = isa.acc_type
     zero_acc = ir.Constant(acc_t, [0] * acc_t.count)
+    na = nr * nt
 
     def data(i):
         arr = context.make_array(signature.args[i])(context, builder, args[i])
         return builder.bitcast(arr.data, _I8.as_pointer())
 
-    pp = data(0)
-    xps = [data(1 + j) for j in range(nt)]
-    nb = _as_i64(builder, args[1 + nt])
-    ndig = _as_i64(builder, args[2 + nt])
+    pps = [data(i) for i in range(nr)]
+    xps = [data(nr + j) for j in range(nt)]
+    nb = _as_i64(builder, args[nr + nt])
+    ndig = _as_i64(builder, args[nr + nt + 1])
 
     # for each chunk of up to CHUNK whole blocks: int16 sums over the chunk, then widened to int32
     pair_t = isa.pair_type
@@ -171,7 +184,7 @@ def _emit(context, builder, signature, args, nt):
 
     builder.position_at_end(outer)
     ob = builder.phi(_I64)
-    accs = [builder.phi(acc_t) for _ in range(nt)]
+    accs = [builder.phi(acc_t) for _ in range(na)]
     ob.add_incoming(ir.Constant(_I64, 0), pre)
     for a in accs:
         a.add_incoming(zero_acc, pre)
@@ -184,15 +197,16 @@ def _emit(context, builder, signature, args, nt):
 
     builder.position_at_end(inner)
     idx = builder.phi(_I64)
-    acc16 = [builder.phi(pair_t) for _ in range(nt)]
+    acc16 = [builder.phi(pair_t) for _ in range(na)]
     idx.add_incoming(ob, inner_pre)
     for a in acc16:
         a.add_incoming(zero16, inner_pre)
     builder.cbranch(builder.icmp_signed("<", idx, end), body, inner_done)
 
     builder.position_at_end(body)
-    w = _load32(builder, pp, builder.mul(idx, ir.Constant(_I64, BLOCK_BYTES)))
-    new16 = _block(isa, builder, w, xps, builder.mul(idx, ir.Constant(_I64, BLOCK)), acc16)
+    woff = builder.mul(idx, ir.Constant(_I64, BLOCK_BYTES))
+    ws = [_load32(builder, pp, woff) for pp in pps]
+    new16 = _block(isa, builder, ws, xps, builder.mul(idx, ir.Constant(_I64, BLOCK)), acc16)
     idx.add_incoming(builder.add(idx, ir.Constant(_I64, 1)), builder.block)
     for a, v in zip(acc16, new16):
         a.add_incoming(v, builder.block)
@@ -209,28 +223,36 @@ def _emit(context, builder, signature, args, nt):
     builder.cbranch(builder.icmp_signed(">", ndig, ir.Constant(_I64, 0)), tpre, done)
 
     builder.position_at_end(tpre)
-    st0 = isa.init(builder, _load32(builder, pp, builder.mul(nb, ir.Constant(_I64, BLOCK_BYTES))))
+    tw = builder.mul(nb, ir.Constant(_I64, BLOCK_BYTES))
+    st0 = [isa.init(builder, _load32(builder, pp, tw)) for pp in pps]
     builder.branch(tloop)
 
     builder.position_at_end(tloop)
     k = builder.phi(_I64)
-    st_phis = [builder.phi(s.type) for s in st0]
-    taccs = [builder.phi(acc_t) for _ in range(nt)]
+    st_phis = [[builder.phi(s.type) for s in st] for st in st0]
+    taccs = [builder.phi(acc_t) for _ in range(na)]
     k.add_incoming(ir.Constant(_I64, 0), tpre)
-    for p, s in zip(st_phis, st0):
-        p.add_incoming(s, tpre)
+    for ps, st in zip(st_phis, st0):
+        for p, s in zip(ps, st):
+            p.add_incoming(s, tpre)
     for p, a in zip(taccs, accs):
         p.add_incoming(a, tpre)
     builder.cbranch(builder.icmp_signed("<", k, ndig), tbody, done)
 
     builder.position_at_end(tbody)
-    code, nxt = isa.digit(builder, st_phis, last=False)
     off = builder.add(builder.mul(nb, ir.Constant(_I64, BLOCK)), builder.mul(k, ir.Constant(_I64, BLOCK_BYTES)))
-    tnew = [builder.add(a, isa.widen(builder, isa.product(builder, code, _load32(builder, xp, off))))
-            for a, xp in zip(taccs, xps)]
+    xvs = [_load32(builder, xp, off) for xp in xps]
+    tnew = []
+    nxts = []
+    for i in range(nr):
+        code, nxt = isa.digit(builder, st_phis[i], last=False)
+        nxts.append(nxt)
+        tnew += [builder.add(taccs[i * nt + j], isa.widen(builder, isa.product(builder, code, xv)))
+                 for j, xv in enumerate(xvs)]
     k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), builder.block)
-    for p, s in zip(st_phis, nxt):
-        p.add_incoming(s, builder.block)
+    for ps, nxt in zip(st_phis, nxts):
+        for p, s in zip(ps, nxt):
+            p.add_incoming(s, builder.block)
     for p, v in zip(taccs, tnew):
         p.add_incoming(v, builder.block)
     builder.branch(tloop)
@@ -249,16 +271,18 @@ def _row_ok(t, dtype) -> bool:
     return isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" and t.dtype == dtype
 
 
-def _typed(nt, packed_row, x_rows, nblocks, ndigits):
-    if not (_row_ok(packed_row, types.uint8) and all(_row_ok(x, types.int8) for x in x_rows)
+def _typed(nt, packed_rows, x_rows, nblocks, ndigits):
+    if not (all(_row_ok(p, types.uint8) for p in packed_rows) and all(_row_ok(x, types.int8) for x in x_rows)
             and isinstance(nblocks, types.Integer) and isinstance(ndigits, types.Integer)):
         return None
-    ret = types.int32 if nt == 1 else types.UniTuple(types.int32, nt)
-    sig = ret(packed_row, *x_rows, nblocks, ndigits)
+    nr = len(packed_rows)
+    n = nr * nt
+    ret = types.int32 if n == 1 else types.UniTuple(types.int32, n)
+    sig = ret(*packed_rows, *x_rows, nblocks, ndigits)
 
     def codegen(context, builder, signature, args):
-        sums = _emit(context, builder, signature, args, nt)
-        return sums[0] if nt == 1 else context.make_tuple(builder, signature.return_type, sums)
+        sums = _emit(context, builder, signature, args, nr, nt)
+        return sums[0] if n == 1 else context.make_tuple(builder, signature.return_type, sums)
 
     return sig, codegen
 
@@ -266,22 +290,34 @@ def _typed(nt, packed_row, x_rows, nblocks, ndigits):
 @intrinsic
 def dot_base3_1(typingctx, packed_row, x0, nblocks, ndigits):
     """int32 sum of codes * x0 (C-contiguous uint8 / int8 rows)."""
-    return _typed(1, packed_row, (x0,), nblocks, ndigits)
+    return _typed(1, (packed_row,), (x0,), nblocks, ndigits)
 
 
 @intrinsic
 def dot_base3_2(typingctx, packed_row, x0, x1, nblocks, ndigits):
     """Two int32 sums (rows x0, x1) from one decode of packed_row."""
-    return _typed(2, packed_row, (x0, x1), nblocks, ndigits)
+    return _typed(2, (packed_row,), (x0, x1), nblocks, ndigits)
 
 
 @intrinsic
 def dot_base3_4(typingctx, packed_row, x0, x1, x2, x3, nblocks, ndigits):
     """Four int32 sums (rows x0..x3) from one decode of packed_row."""
-    return _typed(4, packed_row, (x0, x1, x2, x3), nblocks, ndigits)
+    return _typed(4, (packed_row,), (x0, x1, x2, x3), nblocks, ndigits)
 
 
 @intrinsic
 def dot_base3_8(typingctx, packed_row, x0, x1, x2, x3, x4, x5, x6, x7, nblocks, ndigits):
     """Eight int32 sums (rows x0..x7) from one decode of packed_row."""
-    return _typed(8, packed_row, (x0, x1, x2, x3, x4, x5, x6, x7), nblocks, ndigits)
+    return _typed(8, (packed_row,), (x0, x1, x2, x3, x4, x5, x6, x7), nblocks, ndigits)
+
+
+@intrinsic
+def dot_base3_rows2(typingctx, packed_row0, packed_row1, x0, nblocks, ndigits):
+    """Two int32 sums (packed rows 0, 1 with x0): batch 1, each activation load serves both rows."""
+    return _typed(1, (packed_row0, packed_row1), (x0,), nblocks, ndigits)
+
+
+@intrinsic
+def dot_base3_rows4(typingctx, packed_row0, packed_row1, packed_row2, packed_row3, x0, nblocks, ndigits):
+    """Four int32 sums (packed rows 0..3 with x0)."""
+    return _typed(1, (packed_row0, packed_row1, packed_row2, packed_row3), (x0,), nblocks, ndigits)

@@ -118,12 +118,11 @@ def test_token_groups_of_four_two_and_one(tokens):
 
 
 @pytest.mark.parametrize("cols", [493, 8192, 45568])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 18, 19, 31, 33, 35])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 14, 16, 17, 18, 19, 31, 33, 35])
 def test_batch_one_decodes_rows_in_groups(rows, cols):
-    """T = 1 decodes _ROWS_AT_ONCE packed rows per call within each task of _ROWS_PER_TASK rows;
-    odd leftovers (and rows past the last whole task) go one at a time. 493 = 3 blocks, 2 tail
-    digits and 13 scalar columns; 8192 = 51 blocks (4 chunks of 12 and 3) and 1 tail digit;
-    45568 = 284 whole blocks and 4 tail digits."""
+    """T = 1 decodes rows r, r + h, r + 2h, r + 3h of a task per call, then 2 neighbours, then 1:
+    every count of rows left over in a task. 493 = 3 blocks, 2 tail digits and 13 scalar columns;
+    8192 = 51 blocks (4 chunks of 12, then 3) and 1 tail digit; 45568 = 284 blocks and 4 tail digits."""
     rng = np.random.default_rng(rows * 7 + cols)
     w = _ternary(rng, rows, cols)
     packed = pack_base3(w)
@@ -133,7 +132,20 @@ def test_batch_one_decodes_rows_in_groups(rows, cols):
     for qrow in (np.full((1, cols), 127, np.int8), rng.integers(-128, 128, size=(1, cols)).astype(np.int8)):
         assert np.array_equal(base3_matmul(packed, qrow), base3_matmul_ref(packed, qrow))
     q, qsum, scale = quantize_rows(rng.standard_normal((1, cols)).astype(np.float32))
-    div, mul = dequant_factors(scale, 0.0371, False)
+    for divides in (False, True):
+        div, mul = dequant_factors(scale, 0.0371, divides)
+        np.testing.assert_array_equal(base3_linear(packed, q, qsum, div, mul), base3_linear_ref(packed, q, div, mul))
+
+
+@pytest.mark.parametrize("rows", [2047, 2048, 2048 + 37, 2048 + 38, 2048 + 39, 4096 + 130])
+def test_batch_one_with_long_tasks(rows):
+    """From 16 * 128 rows on, batch-1 tasks hold 128 rows (the last one fewer, any count)."""
+    rng = np.random.default_rng(rows)
+    packed = pack_base3(_ternary(rng, rows, 493))
+    q = _activations(rng, 1, 493)
+    assert np.array_equal(base3_matmul(packed, q), base3_matmul_ref(packed, q))
+    q, qsum, scale = quantize_rows(rng.standard_normal((1, 493)).astype(np.float32))
+    div, mul = dequant_factors(scale, 0.0371, True)
     np.testing.assert_array_equal(base3_linear(packed, q, qsum, div, mul), base3_linear_ref(packed, q, div, mul))
 
 
@@ -143,7 +155,7 @@ def test_batch_one_pairs_see_their_own_rows():
     rng = np.random.default_rng(1)
     base = _ternary(rng, 1, cols)
     w = np.concatenate([base, -base, np.zeros_like(base), np.ones_like(base), -np.ones_like(base),
-                        _ternary(rng, 4, cols)]).astype(np.int8)  # 9 rows: 4 pairs and a single
+                        _ternary(rng, 6, cols)]).astype(np.int8)  # 11 rows: 2 groups of 4, 2, 1
     packed = pack_base3(w)
     for q in (_activations(rng, 1, cols), np.full((1, cols), -128, np.int8)):
         want = (q.astype(np.int64) @ w.T.astype(np.int64)).astype(np.int32)
@@ -151,7 +163,7 @@ def test_batch_one_pairs_see_their_own_rows():
 
 
 def test_batch_one_matches_batched_rows():
-    """Each token of a batch gives the same int32 sums alone (pair path) as in a group of 8, 4, 2."""
+    """Each token of a batch gives the same int32 sums alone (batch-1 path) as in a group of 8, 4, 2."""
     rng = np.random.default_rng(2)
     packed = pack_base3(_ternary(rng, 41, 8192 + 7))
     q = _activations(rng, 15, 8192 + 7)
@@ -259,7 +271,8 @@ from ternpool.kernels.base3 import base3_linear, base3_linear_ref, base3_matmul,
 assert config.ISA == "generic", config.ISA
 rng = np.random.default_rng(3)
 for rows, cols, tokens in [(1, 1, 1), (3, 31, 2), (5, 161, 3), (7, 333, 8), (33, 2560, 5), (4, 6912, 1),
-                           (2, 160, 1), (3, 493, 1), (19, 493, 1), (35, 8192, 1), (6, 45568, 1), (17, 45555, 1)]:
+                           (2, 160, 1), (3, 493, 1), (19, 493, 1), (35, 8192, 1), (6, 45568, 1), (17, 45555, 1),
+                           (2048 + 39, 161, 1)]:
     packed = pack_base3(rng.integers(-1, 2, size=(rows, cols)))
     q = rng.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
     q[0] = -128
