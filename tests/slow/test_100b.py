@@ -38,16 +38,28 @@ def model_100b():
     return native
 
 
-def test_100b_generates_on_one_24gib_node_with_1_6bit_weights_and_int8_head(model_100b, tmp_path):
+@pytest.fixture(scope="module")
+def bench_100b(model_100b, tmp_path_factory):
+    """`ternpool bench model` on the converted model with the int8 head (prints its numbers; -s shows them)."""
     if os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") < 23 * GIB:
         pytest.skip("needs a 24 GiB machine")
-    out = tmp_path / "bench.json"
+    out = tmp_path_factory.mktemp("bench100b") / "bench.json"
     subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", "bench", "model", "--model", str(model_100b),
-                    "--head", "int8", "--prompt-len", "16", "--gen", "4", "--concurrency", "1,4",
+                    "--head", "int8", "--prompt-len", "16", "--gen", "16", "--concurrency", "1,4",
                     "--json", str(out)], check=True, timeout=3600)
-    r = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_100b_generates_on_one_24gib_node_with_1_6bit_weights_and_int8_head(bench_100b):
+    r = bench_100b
     assert r["weights_format"] == "1.6bit" and r["head"] == "int8"
     assert r["peak_rss_bytes"] < 24 * GIB
-    # memory-bound at batch 1: at least 0.6 of read bandwidth / bytes read per token
-    assert r["decode_tokens_per_s"] >= 0.6 * r["ceiling_tokens_per_s"], r
+    assert r["load_weights_s"] < 5.0  # mapped, not read
+    assert r["decode_tokens_per_s"] > 0
     assert r["concurrency"]["4"]["aggregate_decode_tokens_per_s"] > r["decode_tokens_per_s"]
+
+
+def test_100b_decode_reaches_0_6_of_the_bandwidth_ceiling(bench_100b):
+    # the bandwidth is measured in the same run; on a shared machine both move by ~20% between runs
+    r = bench_100b
+    assert r["decode_tokens_per_s"] >= 0.6 * r["ceiling_tokens_per_s"], r
