@@ -91,7 +91,8 @@ def _run_stats(n: int, cluster_s: float, summary) -> dict:
     coordinator = s["lease_s"] + s["complete_s"]
     shard_mean = s["shard_s"] / shards
     return {
-        "nodes": n, "workers": len(workers),  # that did any rows: a short job can end before a late one starts "rows": summary.rows, "generated_tokens": summary.generated_tokens,
+        # workers that did any rows: a short job can end before a late one has started
+        "nodes": n, "workers": len(workers), "rows": summary.rows, "generated_tokens": summary.generated_tokens,
         "cluster_start_s": cluster_s, "job_s": summary.wall_s, "processing_s": summary.processing_s,
         "tokens_per_s": summary.generated_tokens / summary.processing_s,
         "rows_per_s": summary.rows / summary.processing_s,

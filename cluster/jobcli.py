@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .cliopts import add_model_options
@@ -95,8 +97,19 @@ def _run(handle, show_progress: bool):
 
     total = handle.plan.manifest.num_rows
     bar = tqdm(total=total, unit="row", disable=not show_progress, dynamic_ncols=True, file=sys.stderr)
+    # Ctrl-C sets a flag instead of raising: a KeyboardInterrupt raised inside a Ray call can come out
+    # as another exception (and be missed); a second Ctrl-C stops waiting for the cancel
+    interrupted = threading.Event()
+
+    def on_sigint(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
-        while True:
+        while not interrupted.is_set():
             try:
                 return handle.wait(timeout=0.5)
             except TimeoutError:
@@ -109,12 +122,13 @@ def _run(handle, show_progress: bool):
             bar.set_postfix(tok_s=f"{s['tokens_per_s']:.1f}", workers=s["active_workers"], failed=s["failed_rows"],
                             refresh=False)
             bar.refresh()
-    except KeyboardInterrupt:
         bar.write("interrupted: cancelling (completed shards are kept; rerun the same command to resume)")
         handle.cancel()
         return handle.wait()
     finally:
         bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def print_summary(summary) -> None:
