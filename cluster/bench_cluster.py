@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
-
 
 def bench_cluster(model: str, nodes: tuple[int, ...] = (1, 2, 4), cpus_per_node: int = 1, streams: int = 32,
                   rows: int | None = None, max_tokens: int = 16, shard_rows: int = 16, head: str = "bf16",
@@ -129,7 +127,8 @@ def coordinator_capacity(shards: int = 4000, shard_rows: int = 16, text_tokens: 
                          sample: int = 200) -> dict:
     """The coordinator alone, in this process, on a synthetic job: lease and complete every shard as fast
     as possible (results of `text_tokens` tokens), timing the first and the last `sample` shards. The
-    manifest is rewritten at every shard, so the time per shard grows with the number of shards."""
+    manifest grows with the shards written (it is rewritten whole, at most once a second), so compare
+    the two."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

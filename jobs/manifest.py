@@ -152,7 +152,8 @@ class Manifest:
 
     def record(self, shard_id: int, rows: int, failed_rows: int, save: bool = True) -> None:
         """Mark a shard complete (its part file written) and, unless `save=False`, save the manifest
-        atomically. When every shard of the plan is complete, `finished` is set too (and it is saved).
+        atomically. When every shard of the plan is complete, `finished` is set too; with `save=False`
+        the caller saves (the coordinator saves at once when it writes the last shard).
 
         A shard written but not yet saved as complete (the coordinator batches saves) is simply done
         again on resume: its part file has a fixed name, so the new one replaces it."""
@@ -161,7 +162,6 @@ class Manifest:
         if self.finished is None and len(self.completed) >= self.num_shards \
                 and len(self.done_shards()) == self.num_shards:
             self.finished = time.time()
-            save = True
         if save:
             self.save()
 
@@ -183,7 +183,7 @@ class Manifest:
     def save(self) -> None:
         """Write `_manifest.json.tmp`, then rename it onto `_manifest.json` (atomic)."""
         fs, base = storage.resolve(self.output)
-        # compact: json's C encoder only runs without indent (40x faster on a 10,000-shard manifest)
+        # compact: json's C encoder only runs without indent (16 ms a save at 1,000 shards with indent=1)
         data = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode("utf-8")
         storage.write_bytes_atomic(fs, storage.join(base, MANIFEST_FILE), data,
                                    tmp_path=storage.join(base, MANIFEST_FILE + ".tmp"))
