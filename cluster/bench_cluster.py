@@ -127,7 +127,7 @@ def coordinator_capacity(shards: int = 4000, shard_rows: int = 16, text_tokens: 
                          sample: int = 200) -> dict:
     """The coordinator alone, in this process, on a synthetic job: lease and complete every shard as fast
     as possible (results of `text_tokens` tokens), timing the first and the last `sample` shards. The
-    manifest grows with the shards written (it is rewritten whole, at most once a second), so compare
+    manifest grows with the shards written (it is rewritten whole, at most 10% of the time), so compare
     the two."""
     import pyarrow as pa
     import pyarrow.parquet as pq
