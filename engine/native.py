@@ -37,6 +37,7 @@ import numpy as np
 
 from ternpool.kernels import pack_ternary
 from ternpool.kernels.base3 import pack_base3, packed_cols
+from ternpool.kernels.config import cache_root
 from ternpool.kernels.head8 import quantize_head
 
 from .config import ModelConfig, ModelFormatError
@@ -64,9 +65,8 @@ def is_native(model_dir: str | Path) -> bool:
 
 
 def default_cache_dir() -> Path:
-    """TERNPOOL_CACHE_DIR, else ~/.cache/ternpool; converted models go under `native/`."""
-    base = os.environ.get("TERNPOOL_CACHE_DIR") or Path.home() / ".cache" / "ternpool"
-    return Path(base) / "native"
+    """Converted models go under `native/` of ternpool's cache (TERNPOOL_CACHE_DIR, else ~/.cache/ternpool)."""
+    return cache_root() / "native"
 
 
 def source_fingerprint(model_dir: Path) -> str:

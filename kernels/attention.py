@@ -8,9 +8,9 @@ Query head h reads KV head h // (H // KVH).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from .config import NJIT_PARALLEL_FAST
+from .config import NJIT_PARALLEL_FAST, njit
 
 
 @njit(**NJIT_PARALLEL_FAST)

@@ -26,9 +26,9 @@ dequantizes y = acc / div[t] * mul in that order (see `dequant_factors`).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from .config import NJIT, NJIT_PARALLEL
+from .config import NJIT, NJIT_PARALLEL, njit
 from .simd_base3 import (BLOCK, BLOCK_BYTES, DIGITS, dot_base3_1, dot_base3_2, dot_base3_4, dot_base3_8,
                          dot_base3_rows2, dot_base3_rows4)
 

@@ -8,10 +8,10 @@ import time
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from .bf16 import bf16_matmul, f32_to_bf16
-from .config import NJIT_PARALLEL_FAST
+from .config import NJIT_PARALLEL_FAST, njit
 from .head8 import head_i8, quantize_head
 from .quantize import quantize_rows
 from .base3 import base3_linear, pack_base3

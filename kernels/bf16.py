@@ -8,9 +8,9 @@ embedding matrix without ever materializing a float32 copy of it.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from .config import NJIT_PARALLEL_FAST
+from .config import NJIT_PARALLEL_FAST, njit
 
 _ROWS_PER_TASK = 16
 

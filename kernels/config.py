@@ -1,22 +1,29 @@
 """Numba flags and thread control for every kernel, in one place.
 
-Kernels import `NJIT` / `NJIT_PARALLEL` from here so that caching and
-fast-math choices are made once. Integer kernels are exact whatever the
-flags; float kernels keep IEEE semantics (no fast-math) so that results do
-not depend on how many tokens share a batch.
+Kernels decorate with `njit(**NJIT)` / `njit(**NJIT_PARALLEL)` from here so
+that caching and fast-math choices are made once. Integer kernels are exact
+whatever the flags; float kernels keep IEEE semantics (no fast-math) so that
+results do not depend on how many tokens share a batch.
+
+Compiled kernels are cached on disk (so a second process starts without
+recompiling) in `kernel_cache_dir()`, under the user's ternpool cache, never
+inside the installed package: a `__pycache__` left there by a non-editable
+install outlives `pip uninstall` and shadows a later editable install.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import logging
 import os
+import tempfile
+from pathlib import Path
 
 import numba
 from llvmlite import binding as _llvm
 
-# cache=True writes compiled kernels next to the sources (or NUMBA_CACHE_DIR),
-# so a second process starts without recompiling.
-NJIT = dict(cache=True, nogil=True)
-NJIT_PARALLEL = dict(NJIT, parallel=True)
+log = logging.getLogger(__name__)
 
 
 def available_threads() -> int:
@@ -42,11 +49,6 @@ def set_threads(n: int | None) -> int:
     numba.set_num_threads(n)
     return n
 
-# Float reductions (dot products) may be vectorized by re-association. Each
-# output element is still computed by the same instruction sequence whatever
-# the batch size, so results stay batch-invariant and deterministic.
-NJIT_PARALLEL_FAST = dict(NJIT_PARALLEL, fastmath=True)
-
 
 def _host_isa() -> str:
     try:
@@ -58,7 +60,81 @@ def _host_isa() -> str:
 
 # Instruction set of the SIMD kernels: "avx2" (vpmaddubsw/vpmaddwd) when the CPU has it, else
 # "generic" (plain LLVM vector code, any x86-64). TERNPOOL_ISA=generic forces the portable path;
-# use it with a fresh NUMBA_CACHE_DIR, as Numba's cache does not know about this switch.
+# the kernel cache is keyed by it (see kernel_cache_dir).
 ISA = os.environ.get("TERNPOOL_ISA") or _host_isa()
 if ISA not in ("avx2", "generic"):
     raise ValueError(f"TERNPOOL_ISA must be 'avx2' or 'generic', got {ISA!r}")
+
+
+def cache_root() -> Path:
+    """ternpool's cache directory: $TERNPOOL_CACHE_DIR, else ~/.cache/ternpool.
+
+    Compiled kernels go under `numba/`, converted models under `native/` (engine/native.py)."""
+    return Path(os.environ.get("TERNPOOL_CACHE_DIR") or Path.home() / ".cache" / "ternpool")
+
+
+def kernel_cache_key() -> str:
+    """Names the compiled code: ternpool version, ISA, host CPU, and a hash of every kernel source.
+
+    Numba checks each cached function against its own source file only; a kernel also depends on
+    the intrinsics of another file (simd.py), on TERNPOOL_ISA and on the Numba version, so all of
+    those pick a separate folder and stale code is never loaded."""
+    try:
+        version = importlib.metadata.version("ternpool")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree: the source hash decides
+        version = "src"
+    h = hashlib.sha256(f"numba {numba.__version__}\n".encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        source = path.read_bytes()
+        h.update(f"{path.name} {len(source)}\n".encode())
+        h.update(source)
+    return f"{version}-{ISA}-{_llvm.get_host_cpu_name()}-{h.hexdigest()[:16]}"
+
+
+def kernel_cache_dir() -> Path:
+    """Where Numba caches ternpool's kernels: $NUMBA_CACHE_DIR if the user set it, else
+    `cache_root()/numba/<kernel_cache_key()>`."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    return cache_root() / "numba" / kernel_cache_key()
+
+
+def _writable_cache_dir() -> Path | None:
+    path = kernel_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        # Numba would fall back to the package's own __pycache__: compile in memory instead
+        log.warning("kernel cache %s is not writable (%s): kernels are compiled in every process; set "
+                    "TERNPOOL_CACHE_DIR to a writable directory to cache them", path, e)
+        return None
+    return path
+
+
+KERNEL_CACHE_DIR = _writable_cache_dir()
+
+# cache=True keeps compiled kernels in KERNEL_CACHE_DIR, so a second process starts without recompiling.
+NJIT = dict(cache=KERNEL_CACHE_DIR is not None, nogil=True)
+NJIT_PARALLEL = dict(NJIT, parallel=True)
+# Float reductions (dot products) may be vectorized by re-association. Each
+# output element is still computed by the same instruction sequence whatever
+# the batch size, so results stay batch-invariant and deterministic.
+NJIT_PARALLEL_FAST = dict(NJIT_PARALLEL, fastmath=True)
+
+
+def njit(**flags):
+    """`numba.njit(**flags)` whose on-disk cache goes to KERNEL_CACHE_DIR.
+
+    Numba picks a function's cache directory when it is decorated, from `numba.config.CACHE_DIR`;
+    it is set only for the decoration, so other Numba code in the process keeps its own."""
+    def decorate(fn):
+        if not flags.get("cache"):
+            return numba.njit(**flags)(fn)
+        saved = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = str(KERNEL_CACHE_DIR)
+        try:
+            return numba.njit(**flags)(fn)
+        finally:
+            numba.config.CACHE_DIR = saved
+    return decorate

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.extending import intrinsic
 
 from .bf16 import bf16_to_f32
-from .config import ISA, NJIT, NJIT_PARALLEL
+from .config import ISA, NJIT, NJIT_PARALLEL, njit
 from .simd import BLOCK, emit_block_loop
 
 _ROWS_PER_TASK = 8

@@ -9,9 +9,9 @@ s to dequantize.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from .config import NJIT_PARALLEL
+from .config import NJIT_PARALLEL, njit
 
 _EPS = np.float32(1e-5)
 

@@ -17,9 +17,9 @@ transformers' BitLinear (`acc / (s * weight_scale)`).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from .config import NJIT, NJIT_PARALLEL
+from .config import NJIT, NJIT_PARALLEL, njit
 from .simd import BLOCK, dot4_tile1, dot4_tile2
 
 _M3 = np.int32(3)

@@ -8,6 +8,11 @@ import tempfile
 import pytest
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # the transformers oracle uses @torch.compile helpers
+# compiled kernels stay in the user's cache (keyed by source, version and CPU) across test sessions;
+# pinned before TERNPOOL_CACHE_DIR changes below, for this process and the workers it starts
+from ternpool.kernels.config import kernel_cache_dir  # noqa: E402
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(kernel_cache_dir()))
 # models converted to the native format go to a cache of this test session, not the user's
 os.environ["TERNPOOL_CACHE_DIR"] = tempfile.mkdtemp(prefix="ternpool-test-cache-")
 
