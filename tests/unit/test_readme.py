@@ -129,7 +129,7 @@ def _skip_reason(argv, ns) -> str | None:
 class Sandbox:
     def __init__(self, root: Path, tiny: str):
         self.root, self.tiny = root, tiny
-        self.done: dict[str, tuple[int, str]] = {}  # command -> (exit code, stdout)
+        self.done: dict[str, tuple[int, str]] = {}  # command -> (exit code, output)
         # outputs of README's commands: `models/x` -> the command that makes it
         self.makers = {}
         for _, c in TERNPOOL:
@@ -165,10 +165,11 @@ class Sandbox:
             argv = _argv(command)
             made = _opt(argv, "--out")
             self.provide([a for a in argv if not a.startswith("-") and a != made])
-            buf = io.StringIO()
-            with self.cwd(), contextlib.redirect_stdout(buf):
+            out, err = io.StringIO(), io.StringIO()
+            with self.cwd(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 code = main(argv)
-            self.done[command] = (code, buf.getvalue())
+            # stdout, and stderr (what went wrong) when the command failed
+            self.done[command] = (code, out.getvalue() if code == 0 else out.getvalue() + err.getvalue())
         return self.done[command]
 
 
