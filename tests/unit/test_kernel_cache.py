@@ -118,3 +118,14 @@ def test_native_weight_cache_shares_the_root(tmp_path, monkeypatch):
     assert default_cache_dir() == tmp_path / "native"
     monkeypatch.delenv("TERNPOOL_CACHE_DIR")
     assert default_cache_dir() == Path.home() / ".cache" / "ternpool" / "native"
+
+
+def test_unwritable_cache_compiles_in_memory_and_writes_nothing_to_the_package(tmp_path):
+    """Numba would fall back to the package's __pycache__ when the cache dir cannot be made: caching is off."""
+    site = tmp_path / "site"
+    shutil.copytree(KERNELS_SRC, site / "ternpool" / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    out = _run(_COMPILE, _env(PYTHONPATH=str(site), TERNPOOL_CACHE_DIR=str(blocked)))
+    assert out[-1] == "None", out
+    assert _numba_files(site) == [] and _numba_files(tmp_path) == []

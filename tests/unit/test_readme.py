@@ -103,8 +103,13 @@ def _argv(command: str) -> list[str]:
     return out.decode().split("\0")[:-1]
 
 
+def _program(command: str) -> str:
+    """The program a simple command runs (after `NAME=value` environment assignments)."""
+    return next(w for w in command.split() + [""] if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", w))
+
+
 EXAMPLES = _examples()
-TERNPOOL = [(line, c) for line, c in EXAMPLES if c.split()[0] == "ternpool"]
+TERNPOOL = [(line, c) for line, c in EXAMPLES if _program(c) == "ternpool"]
 PYTHON_BLOCKS = [b for b in readme.code_blocks(TEXT) if b.lang == "python"]
 
 
@@ -218,7 +223,7 @@ def test_readme_has_examples_to_check():
 
 @pytest.mark.parametrize("line,command", EXAMPLES, ids=[f"L{line}:{c[:60]}" for line, c in EXAMPLES])
 def test_every_shell_example_is_a_known_program(line, command):
-    program = command.split()[0]
+    program = _program(command)
     assert program == "ternpool" or program in OTHER_PROGRAMS, (
         f"README.md:{line}: `{command}` runs {program!r}: run it in a test, or add it to OTHER_PROGRAMS with "
         "who runs it")
@@ -243,7 +248,10 @@ def test_ternpool_example(line, command, sandbox):
         assert text, out
         if ns.stop:
             _check_stop(command, argv, ns, text, sandbox)
-    if ns.command == "status":
+    if ns.command == "status" and ns.json:
+        s = json.loads(out)
+        assert (s["state"], s["rows_done"]) == ("finished", JOB_ROWS), s
+    elif ns.command == "status":
         assert f": finished; {JOB_ROWS}/{JOB_ROWS} rows" in out, out
 
 
