@@ -244,8 +244,8 @@ def test_ternpool_example(line, command, sandbox):
     if getattr(ns, "out", None):
         assert (sandbox.root / ns.out).is_dir(), f"README.md:{line}: `{command}` made no {ns.out}"
     if ns.command == "generate":
-        text = out[:-1] if out.endswith("\n") else out  # print() adds one newline
-        assert text, out
+        assert out.endswith("\n"), out  # the text, then print()'s newline
+        text = out[:-1]
         if ns.stop:
             _check_stop(command, argv, ns, text, sandbox)
     if ns.command == "status" and ns.json:
