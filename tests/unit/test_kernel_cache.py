@@ -15,7 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-KERNELS_SRC = Path(__file__).resolve().parents[2] / "kernels"
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS_SRC = ROOT / "kernels"
 
 # Compiles one cached kernel and prints where ternpool.kernels was imported from and its cache dir.
 _COMPILE = """
@@ -129,3 +130,25 @@ def test_unwritable_cache_compiles_in_memory_and_writes_nothing_to_the_package(t
     out = _run(_COMPILE, _env(PYTHONPATH=str(site), TERNPOOL_CACHE_DIR=str(blocked)))
     assert out[-1] == "None", out
     assert _numba_files(site) == [] and _numba_files(tmp_path) == []
+
+
+def test_pip_installed_package_leaves_nothing_behind_after_uninstall(tmp_path):
+    """The bug as it happened: a non-editable `pip install` of this source runs a kernel; pip's uninstall then
+    removes the files of the wheel's RECORD (and their .pyc): anything else under the package (compiled
+    kernels in kernels/__pycache__) outlived it and shadowed the next, editable, install."""
+    src = tmp_path / "src"  # a copy: building in the work tree would leave build/ there
+    for name in ("kernels", "engine", "jobs", "cluster"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(src)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = _run(_COMPILE, _env(PYTHONPATH=str(site), TERNPOOL_CACHE_DIR=str(tmp_path / "cache")))
+    assert Path(out[0]).parent == site / "ternpool" / "kernels", out
+    (record,) = site.glob("ternpool-*.dist-info/RECORD")
+    installed = {(site / line.split(",")[0]).resolve() for line in record.read_text().splitlines() if line}
+    left = [p for p in (site / "ternpool").rglob("*") if p.is_file() and p.resolve() not in installed
+            and p.suffix != ".pyc"]
+    assert left == [], f"pip uninstall would leave these behind: {left}"
