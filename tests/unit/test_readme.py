@@ -333,7 +333,7 @@ def test_ci_runs_the_quickstart_as_written():
     assert len(commands) == 2, commands
     assert commands[0] == "pip install . && ternpool demo"
     assert "pip install -e '.[test]'" in commands[-1] and 'python -m pytest -m "not slow"' in commands[-1]
-    printed = subprocess.run(["python3", str(ROOT / ".ci" / "readme_commands.py"), "quickstart"],
+    printed = subprocess.run([sys.executable, str(ROOT / ".ci" / "readme_commands.py"), "quickstart"],
                              capture_output=True, text=True, check=True).stdout.splitlines()
     assert printed == commands
     ci = (ROOT / ".ci" / "run").read_text()
