@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from . import storage
+from .errors import JobInputError
 from .manifest import Manifest
 from .runlock import RUNNING_STALE_AFTER, local_holder, uri_holder, when
 
@@ -49,8 +50,11 @@ def read_progress(output: str) -> dict | None:
 
 
 def request_cancel(output: str) -> None:
-    """Ask the job writing to `output` to stop: creates `OUT/_cancel`, which the driver polls."""
+    """Ask the job writing to `output` to stop: creates `OUT/_cancel`, which the driver polls.
+    JobInputError when `output` holds no ternpool job (ternpool writes only into outputs it owns)."""
     fs, base = storage.resolve(output)
+    if not storage.exists(fs, storage.join(base, storage.MANIFEST_FILE)):
+        raise JobInputError(f"no job manifest in {output}: it holds no ternpool job, nothing to cancel")
     storage.write_bytes_atomic(fs, storage.join(base, CANCEL_FILE),
                                json.dumps({"requested": time.time()}).encode("utf-8"))
     log.info("cancel requested for %s", output)
@@ -153,5 +157,5 @@ def status(output: str) -> dict[str, Any]:
         "tokens_per_s": progress.get("tokens_per_s"),
         "updated": updated,
         "error": error,
-        "driver": driver if state == "running" else None,
+        "driver": driver,
     }

@@ -225,6 +225,10 @@ def test_progress_roundtrip(tmp_path):
 
 def test_cancel_flag(tmp_path):
     out = str(tmp_path / "out")
+    with pytest.raises(JobInputError, match="nothing to cancel"):
+        request_cancel(out)  # not a ternpool output: nothing is written there
+    assert not os.path.exists(out)
+    open_manifest(tmp_path)
     assert not cancel_requested(out)
     request_cancel(out)
     assert cancel_requested(out) and os.path.exists(os.path.join(out, CANCEL_FILE))
