@@ -154,7 +154,7 @@ class JobHandle:
         OUT before us may have completed shards since `prepare`."""
         plan = self.plan
         fresh = Manifest.for_job(plan.spec.output, plan.spec, plan.inputs, plan.shards, plan.manifest.model)
-        if fresh.resumed:
+        if fresh.resumed or plan.manifest.resumed:
             self.plan = replace(plan, manifest=fresh)
             self.job_id = fresh.job_id
         self.plan.manifest.create()

@@ -12,11 +12,10 @@ from typing import Any
 from . import storage
 from .errors import JobInputError
 from .manifest import Manifest
-from .runlock import RUNNING_STALE_AFTER, local_holder, uri_holder, when
+from .runlock import local_holder, uri_holder, when
+from .storage import CANCEL_FILE, OWNER_FILE, PROGRESS_FILE  # noqa: F401 (importers use them from here)
 
 log = logging.getLogger(__name__)
-
-from .storage import CANCEL_FILE, OWNER_FILE, PROGRESS_FILE  # noqa: F401 (importers use them from here)
 
 
 def write_progress(output: str, data: dict) -> None:

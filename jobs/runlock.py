@@ -55,6 +55,7 @@ class OutputLock:
         self.path = os.path.join(self.output, storage.LOCK_FILE) if self.local else None
         self._fd: int | None = None
         self._made: list[str] = []  # what acquire created (directories, then the lock file)
+        self._previous: tuple[bytes, os.stat_result] | None = None  # a lock file's content before ours
 
     def acquire(self) -> None:
         """Take OUT for this run; OutputBusyError naming the holder when another live run has it."""
@@ -81,6 +82,8 @@ class OutputLock:
                 continue
             if created:
                 self._made.append(self.path)
+            else:
+                self._previous = (_read_all(fd), os.fstat(fd))
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                      "since": time.time()}).encode("utf-8"))
@@ -93,6 +96,11 @@ class OutputLock:
         if self._fd is None:
             return
         try:
+            if undo and self._previous is not None:  # the last run's record, as it was
+                data, st = self._previous
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, data, 0)
+                os.utime(self._fd, ns=(st.st_atime_ns, st.st_mtime_ns))
             if undo:
                 for path in reversed(self._made):
                     try:
@@ -104,6 +112,7 @@ class OutputLock:
             os.close(self._fd)  # releases the flock
             self._fd = None
             self._made = []
+            self._previous = None
 
     def _make_dirs(self, directory: str) -> None:
         missing = []
@@ -129,6 +138,13 @@ def _open_lock(path: str) -> tuple[int, bool]:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
     except FileExistsError:
         return os.open(path, os.O_RDWR), False
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.pread(fd, 1 << 16, sum(len(c) for c in chunks)):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -264,6 +264,14 @@ def test_a_refused_run_removes_the_lock_and_directories_it_made(tmp_path):
     lock.acquire()
     lock.release(undo=True)
     assert snapshot(tmp_path / "kept") == {}
+    (tmp_path / "kept" / "_lock").write_text('{"pid": 1, "host": "h", "since": 0}')  # a past run's
+    before, mtime = snapshot(tmp_path / "kept"), (tmp_path / "kept" / "_lock").stat().st_mtime_ns
+    lock = OutputLock(str(tmp_path / "kept"))
+    lock.acquire()
+    assert json.loads((tmp_path / "kept" / "_lock").read_text())["pid"] == os.getpid()
+    lock.release(undo=True)
+    assert snapshot(tmp_path / "kept") == before
+    assert (tmp_path / "kept" / "_lock").stat().st_mtime_ns == mtime
 
 
 # -- item 6: status tells the truth --------------------------------------------------------------
