@@ -71,7 +71,8 @@ def _check_not_nested(output: str, inputs: InputSet) -> None:
 
 
 def _fs_name(location: str) -> str:
-    return location.split("://", 1)[0] if storage.is_uri(location) else "local"
+    scheme = location.split("://", 1)[0] if storage.is_uri(location) else "file"
+    return "local" if scheme == "file" else scheme
 
 
 def _real(path: str) -> str:
@@ -83,7 +84,8 @@ def _canonical(location: str) -> tuple[str, str]:
     if not storage.is_uri(location):
         return "local", _real(location)
     _, path = storage.resolve(location)
-    return _fs_name(location), path.rstrip("/")
+    name = _fs_name(location)
+    return name, _real(path) if name == "local" else path.rstrip("/")
 
 
 def _inside(path: tuple[str, str], directory: tuple[str, str]) -> bool:

@@ -104,6 +104,9 @@ def test_output_uri_inside_the_input_uri_is_refused(tmp_path):
     spec, inputs, plan = job(tmp_path, inputs=f"file://{tmp_path}/in", out=f"file://{tmp_path}/in/out")
     with pytest.raises(JobInputError, match="is inside the input location"):
         Manifest.for_job(spec.output, spec, inputs, plan, MODEL)
+    spec, inputs, plan = job(tmp_path, inputs=f"file://{tmp_path}/in", out=str(tmp_path / "in" / "o2"))
+    with pytest.raises(JobInputError, match="is inside the input location"):
+        Manifest.for_job(spec.output, spec, inputs, plan, MODEL)
 
 
 def test_write_atomic_only_ever_replaces_ternpool_names(tmp_path):
