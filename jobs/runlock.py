@@ -89,6 +89,7 @@ class OutputLock:
                                      "since": time.time()}).encode("utf-8"))
             self._fd = fd
             return
+        raise OutputBusyError(busy_message(self.output, read_holder(self.path) or {}))
 
     def release(self, undo: bool = False) -> None:
         """Let OUT go. `undo=True` (the job was refused before writing anything) also removes what
