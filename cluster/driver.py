@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -27,8 +27,9 @@ from ternpool.engine.hub import resolve_model_dir
 from ternpool.engine.native import resolved_weights_format
 from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
 from ternpool.jobs.errors import JobInputError
-from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel, request_cancel,
+from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel, read_progress, request_cancel,
                                     write_progress)
+from ternpool.jobs.runlock import OutputLock
 
 from .coordinator import CoordinatorActor
 from .metrics import check_port_free
@@ -95,12 +96,14 @@ class Plan:
 
 
 def prepare(spec: JobSpec) -> Plan:
-    """All checks before compute; creates or resumes OUT/_manifest.json."""
+    """All checks before compute that need no cluster: inputs, model, that ternpool may write OUT
+    and, when OUT holds a manifest, that it is this job (then the plan resumes it). Writes nothing:
+    `JobHandle` creates or claims OUT once every check has passed."""
     inputs = open_inputs(spec.inputs)
     model_dir = str(resolve_model_dir(spec.model))
     cfg = ModelConfig.from_dir(model_dir)
     shards = plan_shards(inputs, spec.shard_rows)
-    manifest = Manifest.open(spec.output, spec, inputs, shards, model_fingerprint(model_dir))
+    manifest = Manifest.for_job(spec.output, spec, inputs, shards, model_fingerprint(model_dir))
     return Plan(spec, inputs, shards, manifest, model_dir, cfg)
 
 
@@ -130,13 +133,34 @@ class JobHandle:
         self.job_id = plan.manifest.job_id
         if pool.metrics_port is not None:  # the coordinator serves on this node: check before starting anything
             check_port_free(pool.metrics_host, pool.metrics_port)
-        self._owns_ray = connect(pool.address, pool.object_store_memory)
+        self._lock = OutputLock(self.output)  # one run per OUT, taken before any write and before Ray starts
+        self._lock.acquire()
+        self._claimed = False  # True once OUT has been written (the manifest created or resumed)
         try:
-            self._start(plan, pool)
+            self._owns_ray = connect(pool.address, pool.object_store_memory)
+            try:
+                self._start(plan, pool)
+            except BaseException:
+                if self._owns_ray:
+                    ray.shutdown()
+                raise
         except BaseException:
-            if self._owns_ray:
-                ray.shutdown()
+            self._lock.release(undo=not self._claimed)  # a refused job leaves OUT as it was
             raise
+
+    def _claim(self) -> str:
+        """Create or resume OUT/_manifest.json and become its writer: the first writes of the job,
+        made under the lock once every check has passed. The plan is checked again: a run that held
+        OUT before us may have completed shards since `prepare`."""
+        plan = self.plan
+        fresh = Manifest.for_job(plan.spec.output, plan.spec, plan.inputs, plan.shards, plan.manifest.model)
+        if fresh.resumed or plan.manifest.resumed:
+            self.plan = replace(plan, manifest=fresh)
+            self.job_id = fresh.job_id
+        self.plan.manifest.create()
+        self._claimed = True
+        clear_cancel(self.output)
+        return claim_output(self.output)  # a stale run of this job (killed driver) stops writing
 
     def _start(self, plan: Plan, pool: PoolConfig) -> None:
         check_memory(plan, pool)
@@ -147,8 +171,8 @@ class JobHandle:
         self._restarts = 0
         self._cancel = threading.Event()
         self._done = threading.Event()
-        clear_cancel(self.output)
-        run_id = claim_output(self.output)  # a stale run of this job (killed driver) stops writing
+        run_id = self._claim()
+        plan = self.plan
         here = ray.get_runtime_context().get_node_id()
         self.coordinator = CoordinatorActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
@@ -277,6 +301,11 @@ class JobHandle:
             self._workers.clear()
             if state == "cancelled":
                 clear_cancel(self.output)
+            if state == "failed":  # status shows failed and why
+                progress = read_progress(self.output) or {}
+                write_progress(self.output, dict(progress, state="failed", updated=time.time(),
+                                                 error=str(self._error) if self._error is not None
+                                                 else "the job failed"))
             self._summary = JobSummary(
                 self.output, self.job_id, state, stats["rows_done"], stats["failed_rows"], stats["prompt_tokens"],
                 stats["generated_tokens"], time.time() - self._started, stats["retries"], self._restarts,
@@ -285,6 +314,7 @@ class JobHandle:
         finally:
             if self._owns_ray:
                 ray.shutdown()
+            self._lock.release()
             self._done.set()
 
     def _stats_from_manifest(self, state: str) -> dict:

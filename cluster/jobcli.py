@@ -175,6 +175,11 @@ def cmd_status(args) -> int:
     print(f"job {s.get('job_id')}: {s['state']}; {s['rows_done']}/{s['rows_total']} rows, "
           f"{s['shards_done']}/{s['shards_total']} shards, {s.get('failed_rows', 0)} failed rows"
           + (f", {s['tokens_per_s']:.1f} tokens/s" if s.get("tokens_per_s") else ""))
+    if s.get("driver"):
+        d = s["driver"]
+        print(f"driver: pid {d.get('pid', '?')} on host {d.get('host', '?')}")
+    if s.get("error"):
+        print(f"error: {s['error']}")
     return 0
 
 

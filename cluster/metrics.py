@@ -17,10 +17,11 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, push_to_gateway
 
+from ternpool.jobs.storage import METRICS_FILE  # noqa: F401 (one list of the names ternpool writes in OUT)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9469
-METRICS_FILE = "_metrics.prom"
 _RATE_WINDOW_S = 30.0
 
 J = ("job_id",)

@@ -41,6 +41,7 @@ from ternpool.kernels.config import cache_root
 from ternpool.kernels.head8 import quantize_head
 
 from .config import ModelConfig, ModelFormatError
+from .identity import SIDE_FILE_PATTERNS, model_digests
 from .safetensors_io import INDEX_FILE, TensorInfo, TensorSpec, index_model, read_header, read_metadata, \
     write_safetensors
 from .weights import LINEARS, LayerWeights, as_f32, ModelWeights, TernaryLinear, check_tensors, linear_shapes, \
@@ -57,7 +58,7 @@ DEFAULT_WEIGHTS_FORMAT = "2bit"
 NORMS = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
          "attn_sub_norm": "self_attn.attn_sub_norm", "ffn_sub_norm": "mlp.ffn_sub_norm"}
 _ROWS = 4096  # row block for streaming large tensors
-_COPY = ("*.json", "*.txt", "*.model", "*.jinja", "tokenizer*")  # config, generation and tokenizer files
+_COPY = SIDE_FILE_PATTERNS  # config, generation and tokenizer files
 
 
 def is_native(model_dir: str | Path) -> bool:
@@ -70,17 +71,11 @@ def default_cache_dir() -> Path:
 
 
 def source_fingerprint(model_dir: Path) -> str:
-    """sha256 of config.json and of each weight file's name, size, mtime and header."""
+    """sha256 over the content of every file of the source model (weights, config, tokenizer and
+    chat template files: `identity.model_files`), so that any change makes a new conversion."""
     h = hashlib.sha256()
-    h.update((model_dir / "config.json").read_bytes())
-    files = sorted(p for p in model_dir.glob("*.safetensors"))
-    if (model_dir / INDEX_FILE).exists():
-        h.update((model_dir / INDEX_FILE).read_bytes())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(1 << 16))
+    for name, digest in model_digests(model_dir).items():
+        h.update(f"{name}:{digest}\n".encode())
     return h.hexdigest()
 
 

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.fs as pafs
+from ternpool.engine.identity import file_role, model_digests
 
 from . import storage
 from .errors import JobInputError
@@ -52,13 +52,25 @@ class Manifest:
     job_id: str = ""
     created: float = 0.0
     finished: float | None = None
+    resumed: bool = field(default=False, compare=False)  # found in OUT by for_job (not saved)
 
     @classmethod
     def open(cls, output: str, spec: JobSpec, inputs: InputSet, plan: list[Shard],
              model: dict) -> "Manifest":
-        """The manifest of `output` for this job: a new one (saved at once) when the directory
-        has none, or the existing one to resume when it describes the same job. JobInputError
-        saying what differs when the directory holds a different job."""
+        """`for_job`, then `create`: the manifest of this job in `output`, saved."""
+        manifest = cls.for_job(output, spec, inputs, plan, model)
+        manifest.create()
+        return manifest
+
+    @classmethod
+    def for_job(cls, output: str, spec: JobSpec, inputs: InputSet, plan: list[Shard],
+                model: dict) -> "Manifest":
+        """The manifest of `output` for this job, writing nothing: a new one (not yet saved) when
+        the directory has none, or the existing one to resume when it describes the same job.
+        JobInputError when ternpool may not write `output` (ownership.check_output) or saying what
+        differs when the directory holds a different job."""
+        from .ownership import check_output  # ownership -> inputs; kept out of the import-time graph
+
         output = storage.normalize(output)  # actors may run in another working directory
         wanted = cls(
             output=output,
@@ -73,22 +85,7 @@ class Manifest:
         )
         fs, base = storage.resolve(output)
         if not storage.exists(fs, storage.join(base, MANIFEST_FILE)):
-            base_type = fs.get_file_info(base).type
-            if base_type not in (pafs.FileType.NotFound, pafs.FileType.Directory):
-                raise JobInputError(f"output {output} exists and is not a directory")
-            if base_type == pafs.FileType.Directory:
-                strays = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base))
-                          if i.base_name.startswith("part-")]
-                if strays:
-                    log.warning("output %s has %d part file(s) but no manifest; they will be "
-                                "overwritten or ignored", output, len(strays))
-            try:
-                wanted.save()
-            except OSError as exc:
-                raise JobInputError(f"cannot create the job manifest in output {output}: "
-                                    f"{exc}") from None
-            log.info("job %s: new output %s, %d shards, %d rows", wanted.job_id, output,
-                     wanted.num_shards, wanted.num_rows)
+            check_output(output, inputs, len(plan), None)
             return wanted
         existing = cls.load(output)
         differences = existing._differences(wanted)
@@ -97,13 +94,27 @@ class Manifest:
                 f"output {output} holds a different job (job_id {existing.job_id}): "
                 + "; ".join(differences)
                 + ". Use a new --output directory (or delete this one) to run this job.")
+        check_output(output, inputs, existing.num_shards, set(existing.completed))
         existing._forget_missing_parts()
         if existing.finished is not None and len(existing.done_shards()) < existing.num_shards:
             existing.finished = None
-        existing.save()
-        log.info("job %s: resuming in %s, %d of %d shards done", existing.job_id, output,
-                 len(existing.done_shards()), existing.num_shards)
+        existing.resumed = True
         return existing
+
+    def create(self) -> None:
+        """Write this manifest into its output, creating the directory: the first write of a job
+        into OUT, made once every check has passed."""
+        try:
+            self.save()
+        except OSError as exc:
+            raise JobInputError(f"cannot write the job manifest in output {self.output}: "
+                                f"{exc}") from None
+        if self.resumed:
+            log.info("job %s: resuming in %s, %d of %d shards done", self.job_id, self.output,
+                     len(self.done_shards()), self.num_shards)
+        else:
+            log.info("job %s: new output %s, %d shards, %d rows", self.job_id, self.output,
+                     self.num_shards, self.num_rows)
 
     def _differences(self, wanted: "Manifest") -> list[str]:
         """What differs between this (stored) manifest and the job `wanted` describes."""
@@ -122,7 +133,10 @@ class Manifest:
                 out.append(f"input {path} changed ({', '.join(changes)})")
         if not out and [f["path"] for f in self.inputs] != [f["path"] for f in wanted.inputs]:
             out.append("the input files are in a different order")
-        for name in ("model", "sampling"):
+        by_content = isinstance(wanted.model, dict) and "files" in wanted.model  # model_fingerprint's
+        if by_content:
+            out += model_changes(self.model if isinstance(self.model, dict) else {}, wanted.model)
+        for name in ("sampling",) if by_content else ("model", "sampling"):
             old, new = getattr(self, name), getattr(wanted, name)
             for key in sorted(old.keys() | new.keys()):
                 if old.get(key) != new.get(key):
@@ -227,16 +241,46 @@ class Manifest:
 
 
 def model_fingerprint(model_dir: str) -> dict[str, Any]:
-    """What identifies a local model directory without loading it: the sha256 of config.json
-    and the names and sizes of its `*.safetensors` files and safetensors index."""
-    config = os.path.join(model_dir, "config.json")
+    """What identifies a local model directory: the sha256 of every file it is made of (weights,
+    config, tokenizer, chat template: `engine.identity.model_files`; hashed once and cached) and of
+    the chat template inside tokenizer_config.json, if any."""
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise JobInputError(f"model {model_dir}: no config.json (not a model directory)")
     try:
-        with open(config, "rb") as handle:
-            config_sha256 = hashlib.sha256(handle.read()).hexdigest()
+        files = model_digests(model_dir)
     except OSError as exc:
-        raise JobInputError(f"model {model_dir}: cannot read config.json ({exc})") from None
-    weights = []
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
-            weights.append({"name": name, "size": os.path.getsize(os.path.join(model_dir, name))})
-    return {"config_sha256": config_sha256, "weights": weights}
+        raise JobInputError(f"model {model_dir}: cannot read {exc.filename or 'a file'} ({exc})") from None
+    template = None
+    try:
+        with open(os.path.join(model_dir, "tokenizer_config.json"), "rb") as handle:
+            config = json.loads(handle.read())
+        if isinstance(config, dict) and config.get("chat_template") is not None:
+            template = hashlib.sha256(json.dumps(config["chat_template"], sort_keys=True).encode()).hexdigest()
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        raise JobInputError(f"model {model_dir}: cannot read tokenizer_config.json ({exc})") from None
+    return {"files": files, "chat_template": template}
+
+
+def model_changes(old: dict, new: dict) -> list[str]:
+    """What changed between two model fingerprints, by role: 'model weights changed
+    (model.safetensors)', 'tokenizer changed (tokenizer.json)', 'chat template changed', ..."""
+    if "files" not in old:
+        return ["the model was identified by an older ternpool (file names and sizes, not content)"]
+    changed: dict[str, list[str]] = {}
+    old_files, new_files = old.get("files", {}), new.get("files", {})
+    template_changed = old.get("chat_template") != new.get("chat_template")
+    for name in sorted(old_files.keys() | new_files.keys()):
+        if old_files.get(name) == new_files.get(name):
+            continue
+        role = file_role(name)
+        if name == "tokenizer_config.json" and template_changed:
+            role = "chat template"
+        what = name if name in old_files and name in new_files else \
+            f"{name} {'removed' if name in old_files else 'added'}"
+        changed.setdefault(role, []).append(what)
+    if template_changed and "chat template" not in changed:
+        changed["chat template"] = []
+    return [f"{role} changed" + (f" ({', '.join(names)})" if names else "")
+            for role, names in changed.items()]

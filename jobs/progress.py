@@ -10,14 +10,12 @@ import time
 from typing import Any
 
 from . import storage
+from .errors import JobInputError
 from .manifest import Manifest
+from .runlock import local_holder, uri_holder, when
+from .storage import CANCEL_FILE, OWNER_FILE, PROGRESS_FILE  # noqa: F401 (importers use them from here)
 
 log = logging.getLogger(__name__)
-
-PROGRESS_FILE = "_progress.json"
-CANCEL_FILE = "_cancel"
-OWNER_FILE = "_owner"  # the run that may write this output now (fencing against a stale run)
-RUNNING_STALE_AFTER = 60.0  # seconds without a progress update before "running" is doubted
 
 
 def write_progress(output: str, data: dict) -> None:
@@ -51,8 +49,11 @@ def read_progress(output: str) -> dict | None:
 
 
 def request_cancel(output: str) -> None:
-    """Ask the job writing to `output` to stop: creates `OUT/_cancel`, which the driver polls."""
+    """Ask the job writing to `output` to stop: creates `OUT/_cancel`, which the driver polls.
+    JobInputError when `output` holds no ternpool job (ternpool writes only into outputs it owns)."""
     fs, base = storage.resolve(output)
+    if not storage.exists(fs, storage.join(base, storage.MANIFEST_FILE)):
+        raise JobInputError(f"no job manifest in {output}: it holds no ternpool job, nothing to cancel")
     storage.write_bytes_atomic(fs, storage.join(base, CANCEL_FILE),
                                json.dumps({"requested": time.time()}).encode("utf-8"))
     log.info("cancel requested for %s", output)
@@ -73,13 +74,28 @@ def clear_cancel(output: str) -> None:
 def claim_output(output: str) -> str:
     """Make a new run the only writer of `output`; returns its run id. A run that finds another
     id in OUT/_owner (it was superseded, e.g. its driver died and the job was rerun) must stop."""
+    import os
+    import socket
     import uuid
 
     run_id = uuid.uuid4().hex
     fs, base = storage.resolve(output)
-    storage.write_bytes_atomic(fs, storage.join(base, OWNER_FILE),
-                               json.dumps({"run_id": run_id, "claimed": time.time()}).encode("utf-8"))
+    record = {"run_id": run_id, "claimed": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    storage.write_bytes_atomic(fs, storage.join(base, OWNER_FILE), json.dumps(record).encode("utf-8"))
     return run_id
+
+
+def read_owner(output: str) -> dict | None:
+    """OUT/_owner of the last run that claimed `output` (run_id, claimed, pid, host), or None;
+    `since` is set to its claim time."""
+    fs, base = storage.resolve(output)
+    try:
+        raw = storage.read_bytes(fs, storage.join(base, OWNER_FILE))
+        data = None if raw is None else json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable owner file in %s: %s", output, exc)
+        return None
+    return {**data, "since": data.get("claimed")} if isinstance(data, dict) else None
 
 
 def owns_output(output: str, run_id: str) -> bool:
@@ -95,9 +111,15 @@ def owns_output(output: str, run_id: str) -> bool:
 
 def status(output: str) -> dict[str, Any]:
     """The state of the job in `output` from its manifest and progress file:
-    job_id, state ("running" | "finished" | "cancelled" | "incomplete"), rows_total, rows_done,
-    shards_total, shards_done, failed_rows, tokens_per_s (None without progress) and updated
-    (time of the last progress update, else of the manifest's finish or creation).
+    job_id, state ("running" | "finished" | "cancelled" | "failed" | "incomplete"), rows_total,
+    rows_done, shards_total, shards_done, failed_rows, tokens_per_s (None without progress),
+    updated (time of the last progress update, else of the manifest's finish or creation),
+    error (why the job failed, or that its driver is gone; else None) and driver (the live
+    driver's pid, host and since, else None).
+
+    "running" needs a live driver: for a local OUT one holding OUT/_lock, for a URI a progress
+    update within RUNNING_STALE_AFTER seconds. A job whose progress says running without one is
+    "incomplete" (rerun the command to resume), with error saying the driver is gone.
     JobInputError when `output` has no manifest."""
     manifest = Manifest.load(output)
     progress = read_progress(output) or {}
@@ -107,15 +129,22 @@ def status(output: str) -> dict[str, Any]:
     if updated is None:
         updated = manifest.finished if manifest.finished is not None else manifest.created
     progress_state = progress.get("state")
+    driver = local_holder(output) if not storage.is_uri(output) else uri_holder(output)
+    error = None
     if len(done) == manifest.num_shards:
         state = "finished"
     elif progress_state == "cancelled":
         state = "cancelled"
-    elif progress_state == "running" and isinstance(updated, (int, float)) \
-            and time.time() - updated <= RUNNING_STALE_AFTER:
+    elif progress_state == "failed":
+        state = "failed"
+        error = progress.get("error") or "the job failed (no error was recorded)"
+    elif progress_state == "running" and driver is not None:
         state = "running"
     else:
         state = "incomplete"
+        if progress_state == "running":
+            error = (f"the driver is gone (last update {when(updated)}); rerun the same command to "
+                     "resume")
     return {
         "job_id": manifest.job_id,
         "state": state,
@@ -126,4 +155,6 @@ def status(output: str) -> dict[str, Any]:
         "failed_rows": sum(int(e.get("failed_rows", 0)) for e in entries),
         "tokens_per_s": progress.get("tokens_per_s"),
         "updated": updated,
+        "error": error,
+        "driver": driver,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 
 import pyarrow as pa
@@ -15,11 +16,38 @@ from .errors import JobInputError
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "_manifest.json"
+PROGRESS_FILE = "_progress.json"  # kept current by the driver
+CANCEL_FILE = "_cancel"  # written by `ternpool cancel`, polled by the driver
+OWNER_FILE = "_owner"  # the run that may write this output now (fencing against a stale run)
+LOCK_FILE = "_lock"  # flock'ed by the live driver for the job's whole life (local outputs)
+METRICS_FILE = "_metrics.prom"  # the job's final metrics
+# Every name ternpool writes in an output directory besides part files: nothing else is ours.
+FIXED_NAMES = frozenset({MANIFEST_FILE, PROGRESS_FILE, CANCEL_FILE, OWNER_FILE, LOCK_FILE, METRICS_FILE})
+_PART = re.compile(r"part-(\d{5,})\.parquet")
+# write_atomic's temporaries: ".NAME.tmp-<32 hex>", and the manifest's fixed "_manifest.json.tmp"
+_TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9a-f]{32}")
 
 
 def part_name(shard_id: int) -> str:
     """The file name of one shard's output part."""
     return f"part-{shard_id:05d}.parquet"
+
+
+def part_shard(name: str) -> int | None:
+    """The shard id of a part file name (`part-00012.parquet` -> 12), else None."""
+    match = _PART.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def is_ternpool_name(name: str) -> bool:
+    """True for a name ternpool writes in an output directory: a fixed name, a part file, or a
+    temporary of one of them (which part files an output may hold is ownership.py's business)."""
+    temporary = _TEMPORARY.fullmatch(name)
+    if temporary:
+        name = temporary.group(1)
+    elif name == MANIFEST_FILE + ".tmp":
+        return True
+    return name in FIXED_NAMES or part_shard(name) is not None
 
 
 def is_uri(location: str) -> bool:
@@ -76,6 +104,8 @@ def write_atomic(fs: pafs.FileSystem, path: str, write, tmp_path: str | None = N
     `write(stream)` fills a temporary file in the same directory, which is then renamed onto
     `path`. The directory is created when missing. Returns `path`."""
     directory, _, name = path.rpartition("/")
+    if not is_ternpool_name(name):  # the rename replaces what is there: only ever one of our own files
+        raise ValueError(f"ternpool does not write {path}: {name!r} is not a ternpool output file name")
     if tmp_path is None:
         tmp_path = join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
     if directory:

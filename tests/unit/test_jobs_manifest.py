@@ -16,6 +16,7 @@ from ternpool.jobs import JobInputError, JobSpec, Manifest, model_fingerprint, o
 from ternpool.jobs.manifest import FORMAT_VERSION
 from ternpool.jobs.progress import CANCEL_FILE, PROGRESS_FILE, cancel_requested, clear_cancel, \
     read_progress, write_progress
+from ternpool.jobs.runlock import OutputLock
 
 pytestmark = pytest.mark.unit
 
@@ -193,14 +194,16 @@ def test_model_fingerprint(tmp_path):
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"x" * 7)
     (tmp_path / "model.safetensors.index.json").write_bytes(b"{}")
     (tmp_path / "tokenizer.json").write_bytes(b"{}")
+    (tmp_path / "README.md").write_bytes(b"not part of the model")
     fingerprint = model_fingerprint(str(tmp_path))
     import hashlib
 
-    assert fingerprint == {
-        "config_sha256": hashlib.sha256(b'{"model_type": "bitnet"}').hexdigest(),
-        "weights": [{"name": "model-00001-of-00002.safetensors", "size": 7},
-                    {"name": "model-00002-of-00002.safetensors", "size": 5},
-                    {"name": "model.safetensors.index.json", "size": 2}]}
+    def sha(name):
+        return hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+    names = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "model.safetensors.index.json", "tokenizer.json"]
+    assert fingerprint == {"files": {n: sha(n) for n in names}, "chat_template": None}
     with pytest.raises(JobInputError, match="config.json"):
         model_fingerprint(str(tmp_path / "nowhere"))
 
@@ -222,6 +225,10 @@ def test_progress_roundtrip(tmp_path):
 
 def test_cancel_flag(tmp_path):
     out = str(tmp_path / "out")
+    with pytest.raises(JobInputError, match="nothing to cancel"):
+        request_cancel(out)  # not a ternpool output: nothing is written there
+    assert not os.path.exists(out)
+    open_manifest(tmp_path)
     assert not cancel_requested(out)
     request_cancel(out)
     assert cancel_requested(out) and os.path.exists(os.path.join(out, CANCEL_FILE))
@@ -236,15 +243,20 @@ def test_status_states(tmp_path):
     st = status(out)
     assert st == {"job_id": manifest.job_id, "state": "incomplete", "rows_total": 10,
                   "rows_done": 0, "shards_total": 3, "shards_done": 0, "failed_rows": 0,
-                  "tokens_per_s": None, "updated": manifest.created}
+                  "tokens_per_s": None, "updated": manifest.created, "error": None, "driver": None}
     touch_part(manifest, 0)
     manifest.record(0, 4, 1)
     write_progress(out, {"state": "running", "tokens_per_s": 33.0})
+    lock = OutputLock(out)
+    lock.acquire()  # a live driver holds OUT
     st = status(out)
     assert st["state"] == "running" and st["rows_done"] == 4 and st["shards_done"] == 1
     assert st["failed_rows"] == 1 and st["tokens_per_s"] == 33.0
-    write_progress(out, {"state": "running", "updated": time.time() - 120})
-    assert status(out)["state"] == "incomplete"  # the driver stopped updating: it died
+    assert st["driver"]["pid"] == os.getpid() and st["error"] is None
+    lock.release()
+    st = status(out)  # the same fresh progress, but its driver is gone
+    assert st["state"] == "incomplete" and st["driver"] is None
+    assert st["error"].startswith("the driver is gone (last update ")
     write_progress(out, {"state": "cancelled"})
     assert status(out)["state"] == "cancelled"
     for shard_id in (1, 2):

@@ -150,14 +150,48 @@ def test_cache_converts_once_even_with_concurrent_loaders(model_factory, tmp_pat
     assert two != Path(dirs[0]) and native_info(two)["weights_format"] == "2bit"
 
 
-def test_cache_key_follows_the_source(model_factory, tmp_path):
+def _same_stat(path: Path, data: bytes) -> None:
+    """Replace a file's bytes keeping its size and mtime (what a name/size/mtime key cannot see)."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_cache_key_follows_the_weights_content(model_factory, tmp_path):
     import shutil
 
     src = tmp_path / "m"
     shutil.copytree(model_factory("tiny-packed-auto"), src)
     first = ensure_native(src, None, tmp_path / "cache")
-    os.utime(src / "model.safetensors", ns=(1, 1))  # the weights were replaced
-    assert ensure_native(src, None, tmp_path / "cache") != first
+    # the last layers' weights of another model of the same shape: same size, same header and first
+    # 64 KB, same mtime
+    mine = (src / "model.safetensors").read_bytes()
+    other = (Path(model_factory("tiny-packed-auto", seed=1)) / "model.safetensors").read_bytes()
+    assert len(mine) > 80_000 and mine[80_000:] != other[80_000:]
+    _same_stat(src / "model.safetensors", mine[:80_000] + other[80_000:])
+    second = ensure_native(src, None, tmp_path / "cache")
+    assert second != first
+    assert (second / WEIGHTS_FILE).read_bytes() != (first / WEIGHTS_FILE).read_bytes()
+
+
+def test_cache_key_follows_the_tokenizer_and_chat_template(model_factory, tmp_path):
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(model_factory("tiny-packed-auto"), src)
+    first = ensure_native(src, None, tmp_path / "cache")
+    tok = src / "tokenizer.json"
+    _same_stat(tok, tok.read_bytes().replace(b'"<|begin_of_text|>"', b'"<|begin_of_texT|>"'))
+    second = ensure_native(src, None, tmp_path / "cache")
+    assert second != first
+    assert (second / "tokenizer.json").read_bytes() == tok.read_bytes()  # never the stale copy
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages[0]['content'] }}"
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    third = ensure_native(src, None, tmp_path / "cache")
+    assert third not in (first, second)
+    assert json.loads((third / "tokenizer_config.json").read_text())["chat_template"] == config["chat_template"]
 
 
 def test_convert_command(model_factory, tmp_path, capsys):
