@@ -249,6 +249,9 @@ class JobHandle:
                 if stats["done"]:
                     state = "finished"
                     break
+                if stats.get("error"):  # a part file or the manifest could not be written: stop the workers
+                    log.error("job %s failed: %s", self.job_id, stats["error"])
+                    break
                 self._kill_hung()
                 self._fill_nodes()
                 if time.monotonic() - last_progress > 1.0:
@@ -280,7 +283,8 @@ class JobHandle:
             self._summary = JobSummary(
                 self.output, self.job_id, state, stats["rows_done"], stats["failed_rows"], stats["prompt_tokens"],
                 stats["generated_tokens"], time.time() - self._started, stats["retries"], self._restarts,
-                stats["workers"], None if self._error is None else str(self._error), stats["processing_s"],
+                stats["workers"], str(self._error) if self._error is not None else stats.get("error"),
+                stats["processing_s"],
                 stats.get("scheduling", {}))
         finally:
             if self._owns_ray:
