@@ -34,7 +34,8 @@ from ternpool.engine.requests import Result
 from ternpool.jobs.manifest import Manifest
 from ternpool.jobs.output import error_results, result_table, write_part
 from ternpool.jobs.plan import Shard, split_shard
-from ternpool.jobs.progress import owns_output, write_progress
+from ternpool.jobs import storage
+from ternpool.jobs.progress import PROGRESS_FILE, owns_output, write_progress
 from ternpool.jobs.rows import RowGroupCache, read_shard
 
 from .metrics import JobMetrics
@@ -392,18 +393,34 @@ class Coordinator:
         # records batched since the last save (a final state tries once more a save that failed)
         self._save_manifest(force=state != "running", retrying=state != "running")
         if state != "running":  # the job ends: final metrics for jobs shorter than a scrape interval
-            self.metrics.write_file(self.manifest.output)
+            try:
+                self.metrics.write_file(self.manifest.output)
+            except OSError as e:
+                log.error("could not write the final metrics file of %s: %s", self.manifest.output, e)
             if self.pushgateway:
                 try:
                     self.metrics.push(self.pushgateway)
                 except OSError as e:
                     log.error("could not push metrics to %s: %s", self.pushgateway, e)
-        try:
-            write_progress(self.manifest.output, dict(s, state=state, updated=time.time(),
-                                                      metrics_port=self.metrics_port))
-        except OSError as e:  # progress is advisory; the job's outcome is decided by the manifest and `error`
-            log.error("could not write the progress file of %s: %s", self.manifest.output, e)
+        self._write_progress_file(dict(s, state=state, updated=time.time(), metrics_port=self.metrics_port))
         return s
+
+    def _write_progress_file(self, data: dict) -> None:
+        """Progress is advisory (status falls back to the manifest): on a full disk the old file is
+        removed to make room for the new one (it is written next to it, then renamed); a write that
+        still fails is logged, never raised."""
+        try:
+            write_progress(self.manifest.output, data)
+            return
+        except OSError as e:
+            log.warning("could not write the progress file of %s (%s): removing the old one and trying again",
+                        self.manifest.output, e)
+        fs, base = storage.resolve(self.manifest.output)
+        storage.delete_quietly(fs, storage.join(base, PROGRESS_FILE))
+        try:
+            write_progress(self.manifest.output, data)
+        except OSError as e:
+            log.error("could not write the progress file of %s: %s", self.manifest.output, e)
 
     def shutdown(self) -> None:
         self.metrics.stop()

@@ -296,8 +296,11 @@ class JobHandle:
         stats = {"rows_done": sum(v["rows"] for v in m.completed.values()),
                  "failed_rows": sum(v.get("failed_rows", 0) for v in m.completed.values()),
                  "prompt_tokens": 0, "generated_tokens": 0, "retries": 0, "workers": {}, "processing_s": 0.0}
-        write_progress(self.output, dict(stats, state=state, job_id=m.job_id, rows_total=m.num_rows,
-                                         shards_total=m.num_shards, shards_done=len(m.completed)))
+        try:
+            write_progress(self.output, dict(stats, state=state, job_id=m.job_id, rows_total=m.num_rows,
+                                             shards_total=m.num_shards, shards_done=len(m.completed)))
+        except OSError as e:  # e.g. a full disk: progress is advisory, the summary still reports the job
+            log.error("could not write the progress file of %s: %s", self.output, e)
         return stats
 
 
