@@ -25,6 +25,7 @@ from ternpool.engine.engine import DEFAULT_MAX_CONTEXT
 from ternpool.engine.footprint import fit_problem
 from ternpool.engine.hub import resolve_model_dir
 from ternpool.engine.native import resolved_weights_format
+from ternpool.engine.validate import validate_model
 from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
 from ternpool.jobs.errors import JobInputError
 from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel, request_cancel,
@@ -98,7 +99,7 @@ def prepare(spec: JobSpec) -> Plan:
     """All checks before compute; creates or resumes OUT/_manifest.json."""
     inputs = open_inputs(spec.inputs)
     model_dir = str(resolve_model_dir(spec.model))
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = validate_model(model_dir)  # config, tensor headers, tokenizer and chat template: before any worker
     shards = plan_shards(inputs, spec.shard_rows)
     manifest = Manifest.open(spec.output, spec, inputs, shards, model_fingerprint(model_dir))
     return Plan(spec, inputs, shards, manifest, model_dir, cfg)

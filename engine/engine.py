@@ -20,13 +20,16 @@ import numpy as np
 
 from ternpool.kernels import set_threads
 
-from .config import ModelConfig
+from .config import ModelConfig, ModelFormatError
+from .footprint import fit_problem
 from .hub import resolve_model_dir
 from .model import BitNetModel
 from .requests import Request, Result, SamplingParams
 from .sampling import make_rng, sample
 from .tokenizer import Tokenizer
-from .native import ensure_native, load_native
+from .modelfiles import check_links
+from .native import ensure_native, load_native, resolved_weights_format
+from .validate import load_tokenizer
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -68,6 +71,16 @@ def available_memory() -> int:
     except OSError:
         pass
     return 0
+
+
+def check_fits(model_dir, cfg: ModelConfig, weights_format: str, head: str, slots: int, max_context: int,
+               memory: int | None = None) -> None:
+    """Refuse, before anything is mapped or allocated, a model whose weights and KV cache (`slots` of
+    them, `max_context` tokens each) cannot fit this machine's available memory (unknown: no check)."""
+    memory = available_memory() if memory is None else memory
+    problem = fit_problem(cfg, weights_format, head, slots, max_context, memory) if memory > 0 else None
+    if problem:
+        raise ModelFormatError(f"{model_dir}: does not fit this machine's available memory: {problem}")
 
 
 def auto_slots(cfg: ModelConfig, max_context: int, memory: int | None = None) -> int:
@@ -113,16 +126,16 @@ class Engine:
         t0 = time.perf_counter()
         threads = set_threads(threads)
         model_dir = resolve_model_dir(model)
+        check_links(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
-        native_dir = ensure_native(model_dir, weights_format, cache_dir)
-        t1 = time.perf_counter()
-        weights = load_native(native_dir, cfg)
-        t2 = time.perf_counter()
-        tokenizer = Tokenizer(native_dir)
-        t3 = time.perf_counter()
-        if len(tokenizer) > cfg.vocab_size:
-            raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer)} ids but vocab_size is {cfg.vocab_size}")
         ctx = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
+        check_fits(model_dir, cfg, resolved_weights_format(model_dir, weights_format), head, slots or 1, ctx)
+        native_dir = ensure_native(model_dir, weights_format, cache_dir)  # checks the source's tensor headers
+        t1 = time.perf_counter()
+        weights = load_native(native_dir, cfg)  # checks the native file's tensor headers
+        t2 = time.perf_counter()
+        tokenizer = load_tokenizer(native_dir, cfg)
+        t3 = time.perf_counter()
         if slots is None:
             slots = auto_slots(cfg, ctx)
         engine = cls(BitNetModel(weights, slots, ctx, head=head), tokenizer, threads, step_tokens, truncate)

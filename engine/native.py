@@ -39,11 +39,11 @@ from ternpool.kernels import pack_ternary
 from ternpool.kernels.base3 import pack_base3, packed_cols
 from ternpool.kernels.head8 import quantize_head
 
-from .config import ModelConfig, ModelFormatError
+from .config import ModelConfig, ModelFormatError, read_json
 from .safetensors_io import INDEX_FILE, TensorInfo, TensorSpec, index_model, read_header, read_metadata, \
     write_safetensors
-from .weights import LINEARS, LayerWeights, as_f32, ModelWeights, TernaryLinear, check_tensors, linear_shapes, \
-    module_of, online_factors
+from .weights import LINEARS, LayerWeights, as_f32, ModelWeights, TernaryLinear, check_native_tensors, \
+    check_tensors, linear_shapes, module_of, online_factors
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,13 @@ def default_cache_dir() -> Path:
 
 
 def source_fingerprint(model_dir: Path) -> str:
-    """sha256 of config.json and of each weight file's name, size, mtime and header."""
+    """sha256 of the config, generation and tokenizer files (the ones a conversion copies) and of each
+    weight file's name, size, mtime and header: a changed tokenizer or chat template converts again."""
     h = hashlib.sha256()
     h.update((model_dir / "config.json").read_bytes())
+    for p in sorted({p for pattern in _COPY for p in model_dir.glob(pattern)}):
+        if p.is_file():
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
     files = sorted(p for p in model_dir.glob("*.safetensors"))
     if (model_dir / INDEX_FILE).exists():
         h.update((model_dir / INDEX_FILE).read_bytes())
@@ -266,10 +270,7 @@ def ensure_native(model_dir: str | Path, weights_format: str | None = None,
 def native_info(model_dir: str | Path) -> dict:
     """`ternpool.json` of a native directory, with its format version checked."""
     path = Path(model_dir) / MARKER
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{path}: unreadable ({e})") from None
+    info = read_json(path)
     if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
         raise ModelFormatError(f"{path}: format {info.get('format')!r} version {info.get('format_version')!r}; "
                                f"this ternpool reads {FORMAT} version {FORMAT_VERSION}: convert the model again")
@@ -297,13 +298,7 @@ def load_native(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
         raise ModelFormatError(f"{path}: metadata {meta} does not match {MARKER} "
                                f"({FORMAT} version {FORMAT_VERSION}, {fmt}); convert the model again")
     tensors = read_header(path)
-    for spec in native_specs(cfg, fmt):
-        t = tensors.get(spec.name)
-        if t is None:
-            raise ModelFormatError(f"{path}: missing tensor {spec.name}")
-        if t.dtype != spec.dtype or t.shape != spec.shape:
-            raise ModelFormatError(f"{path}: tensor {spec.name} is {t.dtype}{list(t.shape)}, expected "
-                                   f"{spec.dtype}{list(spec.shape)} for this config.json")
+    check_native_tensors(path, tensors, native_specs(cfg, fmt))
     layout = "i2" if fmt == "2bit" else "b3"
 
     def lin(n: int, name: str) -> TernaryLinear:
