@@ -52,6 +52,7 @@ class _Seq:
     finish: str | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    error: str | None = None  # why the sequence failed (finish "error")
 
     @property
     def pending(self) -> list[int]:
@@ -166,19 +167,26 @@ class Engine:
         return self.tokenizer.encode_chat(req.messages)
 
     def _admit(self, req: Request, slot: int) -> _Seq | Result:
+        """The request as a sequence in `slot`, or its failed Result: any exception while preparing
+        one request (a chat template that raises, a tokenizer error, a bad value) is that request's
+        error, never the batch's."""
         try:
             if not isinstance(req.params, SamplingParams):
                 raise ValueError(f"params must be SamplingParams, got {type(req.params).__name__}")
             ids = self._prompt_ids(req)
-        except ValueError as e:
+            if len(ids) >= self.model.max_context and self.truncate == "left":
+                ids = self._truncate_left(ids, req.params.max_tokens)
+            rng = make_rng(req.params.seed)
+        except ValueError as e:  # ours: the message says what is wrong with the request
             return Result.failed(req.key, str(e))
-        if len(ids) >= self.model.max_context and self.truncate == "left":
-            ids = self._truncate_left(ids, req.params.max_tokens)
+        except Exception as e:  # e.g. jinja2's TemplateError from the model's chat template
+            log.warning("request %r failed while preparing its prompt: %s: %s", req.key, type(e).__name__, e)
+            return Result.failed(req.key, f"{type(e).__name__}: {e}")
         if len(ids) >= self.model.max_context:
             return Result.failed(req.key, f"prompt has {len(ids)} tokens; the context holds "
                                           f"{self.model.max_context} including at least one generated token",
                                  prompt_tokens=len(ids))
-        return _Seq(req, slot, ids, make_rng(req.params.seed))
+        return _Seq(req, slot, ids, rng)
 
     def _truncate_left(self, ids: list[int], max_tokens: int) -> list[int]:
         """Keep the end of a prompt, leaving room for min(max_tokens, context / 2) new tokens."""
@@ -191,7 +199,7 @@ class Engine:
         now = time.perf_counter()
         ttft = None if s.first_token_at is None else s.first_token_at - s.started
         return Result(s.request.key, s.text, tuple(s.generated), len(s.prompt_ids), len(s.generated),
-                      s.finish or "length", None, tuple(s.prompt_ids), ttft, now - s.started)
+                      s.finish or "length", s.error, tuple(s.prompt_ids), ttft, now - s.started)
 
     def _accept(self, s: _Seq, token: int) -> None:
         """Record a sampled token and decide whether the sequence is finished."""
@@ -283,7 +291,12 @@ class Engine:
                                     np.array([row for _, row in sampled]))
         done = []
         for (s, _), row in zip(sampled, logits):
-            self._accept(s, sample(row, s.request.params, s.rng))
+            try:
+                self._accept(s, sample(row, s.request.params, s.rng))
+            except Exception as e:  # e.g. non-finite logits: this sequence fails, the others go on
+                log.warning("request %r failed at token %d: %s: %s", s.request.key, len(s.generated),
+                            type(e).__name__, e)
+                s.finish, s.error = "error", f"{type(e).__name__}: {e}"
             if s.finish:
                 done.append(s)
         return done, len(tokens)
