@@ -47,6 +47,7 @@ class ModelConfig:
             return ModelFormatError(f"{source}: {msg}")
 
         arch = cfg.get("architectures") or []
+        arch = arch if isinstance(arch, list) else [arch]
         if cfg.get("model_type") != "bitnet" or "BitNetForCausalLM" not in arch:
             raise bad(f"expected model_type 'bitnet' and architectures ['BitNetForCausalLM'], "
                       f"found model_type {cfg.get('model_type')!r}, architectures {arch!r}")

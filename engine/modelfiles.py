@@ -27,11 +27,11 @@ def model_file(model_dir: str | Path, name, what: str) -> Path:
     model_dir = Path(model_dir)
     if not isinstance(name, str) or not name or "\x00" in name or "\\" in name \
             or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
-        raise ModelFormatError(f"{model_dir}: {what} {_show(name)} must be a relative file name inside the "
+        raise ModelFormatError(f"{model_dir}: {what} {clip_repr(name)} must be a relative file name inside the "
                                "model directory")
     path = model_dir / name
     if not path.resolve().is_relative_to(model_root(model_dir)):
-        raise ModelFormatError(f"{path}: {what} {_show(name)} is a link to a file outside the model directory "
+        raise ModelFormatError(f"{path}: {what} {clip_repr(name)} is a link to a file outside the model directory "
                                f"{model_dir}; refused (copy the file into the directory instead)")
     return path
 
@@ -49,11 +49,11 @@ def check_tokenizer_config(model_dir: str | Path, config: dict) -> None:
     working directory, or absolute) instead of the model's own file: refuse any."""
     for key, value in config.items():
         if key.endswith(("_file", "_files")) and value is not None:
-            raise ModelFormatError(f"{Path(model_dir) / 'tokenizer_config.json'}: {key} = {_show(value)} points "
+            raise ModelFormatError(f"{Path(model_dir) / 'tokenizer_config.json'}: {key} = {clip_repr(value)} points "
                                    "the tokenizer at a file by path; remove the key (the model's own "
                                    "tokenizer files are found by name)")
 
 
-def _show(value, limit: int = 80) -> str:
+def clip_repr(value, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."

@@ -40,6 +40,7 @@ from ternpool.kernels.base3 import pack_base3, packed_cols
 from ternpool.kernels.head8 import quantize_head
 
 from .config import ModelConfig, ModelFormatError, read_json
+from .modelfiles import check_links
 from .safetensors_io import INDEX_FILE, TensorInfo, TensorSpec, index_model, read_header, read_metadata, \
     write_safetensors
 from .weights import LINEARS, LayerWeights, as_f32, ModelWeights, TernaryLinear, check_native_tensors, \
@@ -203,6 +204,7 @@ def convert(model_dir: str | Path, out_dir: str | Path, weights_format: str = DE
         raise ModelFormatError(f"{model_dir}: already a ternpool native model")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: already exists; remove it or choose another --out")
+    check_links(model_dir)  # the files copied below must be the model's own
     cfg = ModelConfig.from_dir(model_dir)
     tensors = index_model(model_dir)
     check_tensors(model_dir, tensors, cfg)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .config import ModelFormatError, read_json
-from .modelfiles import _show, model_file
+from .modelfiles import clip_repr, model_file
 
 # safetensors dtype -> (numpy storage dtype, bytes per element)
 DTYPES: dict[str, np.dtype] = {
@@ -93,12 +93,12 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        where = f"{path}: tensor {_show(name)}"
+        where = f"{path}: tensor {clip_repr(name)}"
         if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
             raise ModelFormatError(f"{where}: header entry needs 'dtype', 'shape' and 'data_offsets'")
         dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise ModelFormatError(f"{where}: unsupported dtype {_show(dtype, 20)} (ternpool reads {list(DTYPES)})")
+            raise ModelFormatError(f"{where}: unsupported dtype {clip_repr(dtype, 20)} (ternpool reads {list(DTYPES)})")
         if not isinstance(shape, list) or not all(_count(d) for d in shape):
             raise ModelFormatError(f"{where}: shape must be a list of integers >= 0")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets) \
@@ -126,7 +126,7 @@ def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
-            raise ModelFormatError(f"{path}: tensors {_show(a)} and {_show(b)} overlap (bytes {start}..{end - 1})")
+            raise ModelFormatError(f"{path}: tensors {clip_repr(a)} and {clip_repr(b)} overlap (bytes {start}..{end - 1})")
 
 
 def index_model(model_dir: str | Path) -> dict[str, TensorInfo]:

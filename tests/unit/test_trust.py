@@ -248,6 +248,7 @@ def _cfg(tiny_model, **changes) -> dict:
     ({"rms_norm_eps": float("nan")}, r"rms_norm_eps must be a finite number > 0, found nan"),
     ({"rms_norm_eps": 0}, r"rms_norm_eps must be a finite number > 0, found 0"),
     ({"rope_theta": "big"}, r"rope_theta must be a finite number > 0, found 'big'"),
+    ({"architectures": 5}, r"expected model_type 'bitnet' and architectures \['BitNetForCausalLM'\], found"),
     ({"eos_token_id": [1, "x"]}, r"eos_token_id must be an integer >= 0 or a list of them, found 'x'"),
 ])
 def test_bad_config_values_name_the_field_and_range(tiny_model, change, match):
@@ -318,6 +319,11 @@ def test_symlinks_out_of_the_model_directory_are_refused(model_copy, tmp_path, e
         validate_model(model_copy)
     with pytest.raises(ModelFormatError, match=r"is a link to a file outside"):
         Engine.load(model_copy, slots=1, max_context=64)
+    from ternpool.engine.native import convert
+
+    with pytest.raises(ModelFormatError, match=r"is a link to a file outside"):
+        convert(model_copy, tmp_path / "native")
+    assert not (tmp_path / "native").exists()
 
 
 def test_symlinks_inside_the_model_directory_are_fine(model_copy):
