@@ -114,6 +114,10 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
                                    f"{size} bytes (truncated file)")
         out[name] = TensorInfo(name, path, dtype, shape, base + start)
     _check_overlaps(path, out)
+    end = max((t.offset + t.nbytes for t in out.values()), default=base)
+    if end != size:  # safetensors' own reader refuses such files too
+        raise ModelFormatError(f"{path}: the file has {size} bytes but its tensors end at byte {end} "
+                               "(bytes after the last tensor: a damaged or mislabelled file)")
     return out
 
 

@@ -111,6 +111,11 @@ def _truncated(p):
     f.write_bytes(f.read_bytes()[:-64])
 
 
+def _trailing_bytes(p):
+    with open(p / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 16)
+
+
 def _broken_tokenizer(p):
     (p / "tokenizer.json").write_text('{"version": "1.0", "model": ')
 
@@ -127,6 +132,7 @@ def _template_does_not_render(p):
     (_overlap, r"model\.safetensors: tensors 'model\.layers\.0\.\w+\.weight' and "
                r"'model\.layers\.0\.\w+\.weight' overlap"),
     (_truncated, r"model\.safetensors: tensor '[\w.]+' ends at byte \d+ but the file has \d+ bytes \(truncated"),
+    (_trailing_bytes, r"model\.safetensors: the file has \d+ bytes but its tensors end at byte \d+"),
     (_broken_tokenizer, r"tokenizer\.json: not valid JSON"),
     (_template_does_not_render, r"model: the chat template does not render .*no_such_filter"),
 ])
