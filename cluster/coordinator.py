@@ -12,6 +12,12 @@ loss is retried as is; after that a piece with several rows is split in
 halves, so a row that keeps killing its worker ends up alone and, after
 `max_retries` more losses, is written with an error while the rest of its
 shard succeeds.
+
+Write failures: a part file or manifest write that raises OSError (disk full, I/O error, permission)
+keeps the shard's results in memory and is retried up to `WRITE_ATTEMPTS` times, `WRITE_BACKOFF_S`
+apart and doubling; the retries run from `stats()`, which the driver polls twice a second, so no call
+holds the lock while waiting. When the attempts run out the job fails with the OS error: `stats()`
+reports it, leases answer DONE, and the shards already written stay recorded.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from ternpool.engine.requests import Result
 from ternpool.jobs.manifest import Manifest
 from ternpool.jobs.output import error_results, result_table, write_part
 from ternpool.jobs.plan import Shard, split_shard
-from ternpool.jobs.progress import owns_output, write_progress
+from ternpool.jobs import storage
+from ternpool.jobs.progress import PROGRESS_FILE, owns_output, write_progress
 from ternpool.jobs.rows import RowGroupCache, read_shard
 
 from .metrics import JobMetrics
@@ -39,6 +46,9 @@ DONE, WAIT = "done", "wait"
 MANIFEST_SAVE_S = 0.0  # save the manifest at most this often while shards complete (and always at the end)
 MANIFEST_SAVE_SHARE = 0.1  # and spend at most this share of the time saving it: a small manifest is saved at
 # every shard (as status and resuming expect), a 100,000-shard one (6 MB, 0.3 s a save) every 3 s
+WRITE_ATTEMPTS = 5  # tries of one part file or manifest save before the job fails with the OS error
+WRITE_BACKOFF_S = 0.5  # wait before the second try; doubles after each failure (0.5 + 1 + 2 + 4 s in all)
+_MANIFEST = "manifest"  # key of the manifest save in Coordinator._retry
 
 
 @dataclass
@@ -103,10 +113,12 @@ class Coordinator:
         self.write_s = 0.0  # of which writing part files and the manifest
         self.shards_written = 0
         self.pieces_leased = 0
-        self._saved = 0.0  # when the manifest was last saved (time.monotonic)
+        self._saved: float | None = None  # when the manifest was last saved (time.monotonic); None: never
         self._unsaved = 0  # shards recorded since
         self._save_s = 0.0  # how long the last save took (a 100,000-shard manifest is 6 MB: 0.3 s)
         self.shard_s = 0.0  # summed over written shards: first lease to part file
+        self._retry: dict = {}  # shard_id or _MANIFEST -> (failed attempts, time.monotonic of the next try)
+        self.error: str | None = None  # set when a write kept failing: the job has failed
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -124,7 +136,7 @@ class Coordinator:
         with self.lock:
             w = self.workers.setdefault(worker_id, _WorkerState("?"))
             w.last_seen = time.monotonic()
-            if self.cancelled or not self.remaining:
+            if self.cancelled or self.error is not None or not self.remaining:
                 return DONE
             if not self.queue:
                 return WAIT
@@ -243,17 +255,28 @@ class Coordinator:
         got = self.partial.setdefault(shard_id, {})
         got.update(results)
         shard = self.shards[shard_id]
-        if len(got) < shard.num_rows or shard_id not in self.remaining:
-            return
+        if len(got) < shard.num_rows or shard_id not in self.remaining or shard_id in self._retry:
+            return  # incomplete, already written, or waiting for its next write attempt
         if self.run_id is not None and not owns_output(self.manifest.output, self.run_id):
             log.error("%s is now written by another run of this job: this run stops without writing",
                       self.manifest.output)
             self.cancelled = True
             self.queue.clear()
             return
+        self._write_shard(shard_id)
+
+    def _write_shard(self, shard_id: int) -> None:
+        """Write a shard whose results are all in: its part file, then its manifest record. A write
+        that raises OSError leaves the results in `partial` for a retry (see `_write_failed`)."""
+        shard, got = self.shards[shard_id], self.partial[shard_id]
         t0 = time.perf_counter()
         table = result_table(read_shard(self.inputs, shard, self.row_groups), got, self.inputs.passthrough)
-        write_part(self.manifest.output, shard_id, table)
+        try:
+            write_part(self.manifest.output, shard_id, table)
+        except OSError as e:
+            self._write_failed(shard_id, f"part file of shard {shard_id} in {self.manifest.output}", e)
+            return
+        self._retry.pop(shard_id, None)
         failed = sum(1 for r in got.values() if r.error is not None)
         # Saving rewrites the whole manifest: batched so that it takes at most 10% of the time, or a
         # 100,000-shard job would spend most of the coordinator's time there. A crash loses the records
@@ -275,16 +298,59 @@ class Coordinator:
         self.prompt_tokens += sum(r.prompt_tokens for r in got.values())
         self.generated_tokens += sum(r.completion_tokens for r in got.values())
 
-    def _save_manifest(self, force: bool = False) -> None:
+    def _save_manifest(self, force: bool = False, retrying: bool = False) -> None:
         with self.lock:
+            if _MANIFEST in self._retry and not retrying:
+                return  # a failed save is retried by `_retry_writes` on its schedule
             wait = max(MANIFEST_SAVE_S, self._save_s / MANIFEST_SAVE_SHARE)
-            if self._unsaved and (force or time.monotonic() - self._saved >= wait):
+            never = self._saved is None
+            if self._unsaved and (force or never or time.monotonic() - self._saved >= wait):
                 t0 = time.monotonic()
-                self.manifest.save()
+                try:
+                    self.manifest.save()
+                except OSError as e:
+                    self._write_failed(_MANIFEST, f"manifest of {self.manifest.output}", e)
+                    return
+                self._retry.pop(_MANIFEST, None)
                 self._saved, self._unsaved = time.monotonic(), 0
                 self._save_s = self._saved - t0
 
+    def _write_failed(self, key, what: str, e: OSError) -> None:
+        """A part file (key: shard_id) or the manifest (key: _MANIFEST) could not be written: schedule
+        another try, or fail the job with the OS error once WRITE_ATTEMPTS tries have failed."""
+        tries = self._retry.get(key, (0, 0.0))[0] + 1
+        if tries >= WRITE_ATTEMPTS:
+            if self.error is None:
+                self.error = f"{type(e).__name__}: {e}" + ("" if self.manifest.output in str(e)
+                                                           else f" (writing the {what})")
+                log.error("the %s could not be written after %d tries: the job fails: %s", what, tries, self.error)
+                self.queue.clear()
+            self._retry[key] = (tries, float("inf"))
+            return
+        delay = WRITE_BACKOFF_S * 2 ** (tries - 1)
+        log.warning("could not write the %s (try %d of %d, again in %.1f s; its results are kept): %s",
+                    what, tries, WRITE_ATTEMPTS, delay, e)
+        self._retry[key] = (tries, time.monotonic() + delay)
+
+    def _retry_writes(self) -> None:
+        """Try again the writes whose time has come (called from `stats`, which the driver polls)."""
+        with self.lock:
+            if self.error is not None:
+                return
+            now = time.monotonic()
+            for key, (_, at) in sorted(self._retry.items(), key=lambda kv: str(kv[0])):
+                if at > now or self.error is not None:
+                    continue
+                if key == _MANIFEST:
+                    self._save_manifest(force=True, retrying=True)
+                else:
+                    self._write_shard(key)
+
     def stats(self) -> dict:
+        """Counts for progress and the summary; also retries the writes that are due (see `_retry_writes`).
+        `error` is set when the job failed (a write kept failing); `done` once every shard is written
+        and recorded in a saved manifest."""
+        self._retry_writes()
         with self.lock:
             elapsed = max(time.time() - self.started, 1e-9)
             in_flight = sum(len(w.leased) for w in self.workers.values())
@@ -305,7 +371,8 @@ class Coordinator:
                 "tokens_per_s": self.generated_tokens / elapsed,
                 "elapsed_s": elapsed,
                 "processing_s": ((self.last_written or time.time()) - self.first_lease) if self.first_lease else 0.0,
-                "done": not self.remaining,
+                "done": not self.remaining and _MANIFEST not in self._retry,
+                "error": self.error,
                 "cancelled": self.cancelled,
                 "active_workers": len(self.workers),
                 "scheduling": {"lease_s": self.lease_s, "complete_s": self.complete_s, "write_s": self.write_s,
@@ -323,16 +390,37 @@ class Coordinator:
         if state == "finished" and self.manifest.finished is None:
             self.manifest.finished = time.time()
             self._unsaved += 1
-        self._save_manifest(force=state != "running")  # records batched since the last save
+        # records batched since the last save (a final state tries once more a save that failed)
+        self._save_manifest(force=state != "running", retrying=state != "running")
         if state != "running":  # the job ends: final metrics for jobs shorter than a scrape interval
-            self.metrics.write_file(self.manifest.output)
+            try:
+                self.metrics.write_file(self.manifest.output)
+            except OSError as e:
+                log.error("could not write the final metrics file of %s: %s", self.manifest.output, e)
             if self.pushgateway:
                 try:
                     self.metrics.push(self.pushgateway)
                 except OSError as e:
                     log.error("could not push metrics to %s: %s", self.pushgateway, e)
-        write_progress(self.manifest.output, dict(s, state=state, updated=time.time(), metrics_port=self.metrics_port))
+        self._write_progress_file(dict(s, state=state, updated=time.time(), metrics_port=self.metrics_port))
         return s
+
+    def _write_progress_file(self, data: dict) -> None:
+        """Progress is advisory (status falls back to the manifest): on a full disk the old file is
+        removed to make room for the new one (it is written next to it, then renamed); a write that
+        still fails is logged, never raised."""
+        try:
+            write_progress(self.manifest.output, data)
+            return
+        except OSError as e:
+            log.warning("could not write the progress file of %s (%s): removing the old one and trying again",
+                        self.manifest.output, e)
+        fs, base = storage.resolve(self.manifest.output)
+        storage.delete_quietly(fs, storage.join(base, PROGRESS_FILE))
+        try:
+            write_progress(self.manifest.output, data)
+        except OSError as e:
+            log.error("could not write the progress file of %s: %s", self.manifest.output, e)
 
     def shutdown(self) -> None:
         self.metrics.stop()

@@ -25,6 +25,7 @@ from ternpool.engine.engine import DEFAULT_MAX_CONTEXT
 from ternpool.engine.footprint import fit_problem
 from ternpool.engine.hub import resolve_model_dir
 from ternpool.engine.native import resolved_weights_format
+from ternpool.engine.validate import validate_model
 from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
 from ternpool.jobs.errors import JobInputError
 from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel, read_progress, request_cancel,
@@ -101,7 +102,7 @@ def prepare(spec: JobSpec) -> Plan:
     `JobHandle` creates or claims OUT once every check has passed."""
     inputs = open_inputs(spec.inputs)
     model_dir = str(resolve_model_dir(spec.model))
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = validate_model(model_dir)  # config, tensor headers, tokenizer and chat template: before any worker
     shards = plan_shards(inputs, spec.shard_rows)
     manifest = Manifest.for_job(spec.output, spec, inputs, shards, model_fingerprint(model_dir))
     return Plan(spec, inputs, shards, manifest, model_dir, cfg)
@@ -273,6 +274,9 @@ class JobHandle:
                 if stats["done"]:
                     state = "finished"
                     break
+                if stats.get("error"):  # a part file or the manifest could not be written: stop the workers
+                    log.error("job %s failed: %s", self.job_id, stats["error"])
+                    break
                 self._kill_hung()
                 self._fill_nodes()
                 if time.monotonic() - last_progress > 1.0:
@@ -309,7 +313,8 @@ class JobHandle:
             self._summary = JobSummary(
                 self.output, self.job_id, state, stats["rows_done"], stats["failed_rows"], stats["prompt_tokens"],
                 stats["generated_tokens"], time.time() - self._started, stats["retries"], self._restarts,
-                stats["workers"], None if self._error is None else str(self._error), stats["processing_s"],
+                stats["workers"], str(self._error) if self._error is not None else stats.get("error"),
+                stats["processing_s"],
                 stats.get("scheduling", {}))
         finally:
             if self._owns_ray:
@@ -322,8 +327,11 @@ class JobHandle:
         stats = {"rows_done": sum(v["rows"] for v in m.completed.values()),
                  "failed_rows": sum(v.get("failed_rows", 0) for v in m.completed.values()),
                  "prompt_tokens": 0, "generated_tokens": 0, "retries": 0, "workers": {}, "processing_s": 0.0}
-        write_progress(self.output, dict(stats, state=state, job_id=m.job_id, rows_total=m.num_rows,
-                                         shards_total=m.num_shards, shards_done=len(m.completed)))
+        try:
+            write_progress(self.output, dict(stats, state=state, job_id=m.job_id, rows_total=m.num_rows,
+                                             shards_total=m.num_shards, shards_done=len(m.completed)))
+        except OSError as e:  # e.g. a full disk: progress is advisory, the summary still reports the job
+            log.error("could not write the progress file of %s: %s", self.output, e)
         return stats
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import ray
 
 from ternpool.engine import Engine, Request, Result, SamplingParams
-from ternpool.jobs.rows import to_requests
+from ternpool.jobs.rows import RowRequest, to_requests
 
 from .coordinator import DONE, WAIT
 
@@ -102,7 +102,7 @@ class Worker:
                 continue
             key, table = lease
             pending = self.pending[tuple(key)] = _Pending(table.num_rows)
-            for rr in to_requests(table, self.spec, self.text_column):
+            for rr in self._requests(table):
                 if rr.request is None:
                     pending.results[rr.row_index] = Result.failed(rr.row_index, rr.error)
                     continue
@@ -111,6 +111,16 @@ class Worker:
                 yield Request((tuple(key), rr.row_index), rr.request.prompt, rr.request.messages,
                               rr.request.params, rr.request.prompt_token_ids)
             self._finish_if_complete(tuple(key))
+
+    def _requests(self, table) -> list[RowRequest]:
+        """The rows of a leased piece as requests; a piece that cannot be converted at all fails each
+        of its rows with the reason (the worker goes on)."""
+        try:
+            return to_requests(table, self.spec, self.text_column)
+        except Exception as e:
+            rows = table.column("row_index").to_pylist()
+            log.error("rows %d..%d cannot be converted to requests: %s: %s", rows[0], rows[-1], type(e).__name__, e)
+            return [RowRequest(r, None, f"row {r}: {type(e).__name__}: {e}") for r in rows]
 
     def _finish_if_complete(self, key: tuple) -> None:
         p = self.pending.get(key)

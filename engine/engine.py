@@ -20,13 +20,16 @@ import numpy as np
 
 from ternpool.kernels import set_threads
 
-from .config import ModelConfig
+from .config import ModelConfig, ModelFormatError
+from .footprint import fit_problem
 from .hub import resolve_model_dir
 from .model import BitNetModel
 from .requests import Request, Result, SamplingParams
 from .sampling import make_rng, sample
 from .tokenizer import Tokenizer
-from .native import ensure_native, load_native
+from .modelfiles import check_links
+from .native import ensure_native, load_native, resolved_weights_format
+from .validate import load_tokenizer
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -49,6 +52,7 @@ class _Seq:
     finish: str | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    error: str | None = None  # why the sequence failed (finish "error")
 
     @property
     def pending(self) -> list[int]:
@@ -68,6 +72,16 @@ def available_memory() -> int:
     except OSError:
         pass
     return 0
+
+
+def check_fits(model_dir, cfg: ModelConfig, weights_format: str, head: str, slots: int, max_context: int,
+               memory: int | None = None) -> None:
+    """Refuse, before anything is mapped or allocated, a model whose weights and KV cache (`slots` of
+    them, `max_context` tokens each) cannot fit this machine's available memory (unknown: no check)."""
+    memory = available_memory() if memory is None else memory
+    problem = fit_problem(cfg, weights_format, head, slots, max_context, memory) if memory > 0 else None
+    if problem:
+        raise ModelFormatError(f"{model_dir}: does not fit this machine's available memory: {problem}")
 
 
 def auto_slots(cfg: ModelConfig, max_context: int, memory: int | None = None) -> int:
@@ -113,16 +127,16 @@ class Engine:
         t0 = time.perf_counter()
         threads = set_threads(threads)
         model_dir = resolve_model_dir(model)
+        check_links(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
-        native_dir = ensure_native(model_dir, weights_format, cache_dir)
-        t1 = time.perf_counter()
-        weights = load_native(native_dir, cfg)
-        t2 = time.perf_counter()
-        tokenizer = Tokenizer(native_dir)
-        t3 = time.perf_counter()
-        if len(tokenizer) > cfg.vocab_size:
-            raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer)} ids but vocab_size is {cfg.vocab_size}")
         ctx = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
+        check_fits(model_dir, cfg, resolved_weights_format(model_dir, weights_format), head, slots or 1, ctx)
+        native_dir = ensure_native(model_dir, weights_format, cache_dir)  # checks the source's tensor headers
+        t1 = time.perf_counter()
+        weights = load_native(native_dir, cfg)  # checks the native file's tensor headers
+        t2 = time.perf_counter()
+        tokenizer = load_tokenizer(native_dir, cfg)
+        t3 = time.perf_counter()
         if slots is None:
             slots = auto_slots(cfg, ctx)
         engine = cls(BitNetModel(weights, slots, ctx, head=head), tokenizer, threads, step_tokens, truncate)
@@ -153,19 +167,26 @@ class Engine:
         return self.tokenizer.encode_chat(req.messages)
 
     def _admit(self, req: Request, slot: int) -> _Seq | Result:
+        """The request as a sequence in `slot`, or its failed Result: any exception while preparing
+        one request (a chat template that raises, a tokenizer error, a bad value) is that request's
+        error, never the batch's."""
         try:
             if not isinstance(req.params, SamplingParams):
                 raise ValueError(f"params must be SamplingParams, got {type(req.params).__name__}")
             ids = self._prompt_ids(req)
-        except ValueError as e:
+            if len(ids) >= self.model.max_context and self.truncate == "left":
+                ids = self._truncate_left(ids, req.params.max_tokens)
+            rng = make_rng(req.params.seed)
+        except ValueError as e:  # ours: the message says what is wrong with the request
             return Result.failed(req.key, str(e))
-        if len(ids) >= self.model.max_context and self.truncate == "left":
-            ids = self._truncate_left(ids, req.params.max_tokens)
+        except Exception as e:  # e.g. jinja2's TemplateError from the model's chat template
+            log.warning("request %r failed while preparing its prompt: %s: %s", req.key, type(e).__name__, e)
+            return Result.failed(req.key, f"{type(e).__name__}: {e}")
         if len(ids) >= self.model.max_context:
             return Result.failed(req.key, f"prompt has {len(ids)} tokens; the context holds "
                                           f"{self.model.max_context} including at least one generated token",
                                  prompt_tokens=len(ids))
-        return _Seq(req, slot, ids, make_rng(req.params.seed))
+        return _Seq(req, slot, ids, rng)
 
     def _truncate_left(self, ids: list[int], max_tokens: int) -> list[int]:
         """Keep the end of a prompt, leaving room for min(max_tokens, context / 2) new tokens."""
@@ -178,7 +199,7 @@ class Engine:
         now = time.perf_counter()
         ttft = None if s.first_token_at is None else s.first_token_at - s.started
         return Result(s.request.key, s.text, tuple(s.generated), len(s.prompt_ids), len(s.generated),
-                      s.finish or "length", None, tuple(s.prompt_ids), ttft, now - s.started)
+                      s.finish or "length", s.error, tuple(s.prompt_ids), ttft, now - s.started)
 
     def _accept(self, s: _Seq, token: int) -> None:
         """Record a sampled token and decide whether the sequence is finished."""
@@ -270,7 +291,12 @@ class Engine:
                                     np.array([row for _, row in sampled]))
         done = []
         for (s, _), row in zip(sampled, logits):
-            self._accept(s, sample(row, s.request.params, s.rng))
+            try:
+                self._accept(s, sample(row, s.request.params, s.rng))
+            except Exception as e:  # e.g. non-finite logits: this sequence fails, the others go on
+                log.warning("request %r failed at token %d: %s: %s", s.request.key, len(s.generated),
+                            type(e).__name__, e)
+                s.finish, s.error = "error", f"{type(e).__name__}: {e}"
             if s.finish:
                 done.append(s)
         return done, len(tokens)

@@ -40,12 +40,13 @@ from ternpool.kernels.base3 import pack_base3, packed_cols
 from ternpool.kernels.config import cache_root
 from ternpool.kernels.head8 import quantize_head
 
-from .config import ModelConfig, ModelFormatError
+from .config import ModelConfig, ModelFormatError, read_json
 from .identity import SIDE_FILE_PATTERNS, model_digests
+from .modelfiles import check_links
 from .safetensors_io import INDEX_FILE, TensorInfo, TensorSpec, index_model, read_header, read_metadata, \
     write_safetensors
-from .weights import LINEARS, LayerWeights, as_f32, ModelWeights, TernaryLinear, check_tensors, linear_shapes, \
-    module_of, online_factors
+from .weights import LINEARS, LayerWeights, as_f32, ModelWeights, TernaryLinear, check_native_tensors, \
+    check_tensors, linear_shapes, module_of, online_factors
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ def convert(model_dir: str | Path, out_dir: str | Path, weights_format: str = DE
         raise ModelFormatError(f"{model_dir}: already a ternpool native model")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: already exists; remove it or choose another --out")
+    check_links(model_dir)  # the files copied below must be the model's own
     cfg = ModelConfig.from_dir(model_dir)
     tensors = index_model(model_dir)
     check_tensors(model_dir, tensors, cfg)
@@ -261,10 +263,7 @@ def ensure_native(model_dir: str | Path, weights_format: str | None = None,
 def native_info(model_dir: str | Path) -> dict:
     """`ternpool.json` of a native directory, with its format version checked."""
     path = Path(model_dir) / MARKER
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{path}: unreadable ({e})") from None
+    info = read_json(path)
     if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
         raise ModelFormatError(f"{path}: format {info.get('format')!r} version {info.get('format_version')!r}; "
                                f"this ternpool reads {FORMAT} version {FORMAT_VERSION}: convert the model again")
@@ -292,13 +291,7 @@ def load_native(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:
         raise ModelFormatError(f"{path}: metadata {meta} does not match {MARKER} "
                                f"({FORMAT} version {FORMAT_VERSION}, {fmt}); convert the model again")
     tensors = read_header(path)
-    for spec in native_specs(cfg, fmt):
-        t = tensors.get(spec.name)
-        if t is None:
-            raise ModelFormatError(f"{path}: missing tensor {spec.name}")
-        if t.dtype != spec.dtype or t.shape != spec.shape:
-            raise ModelFormatError(f"{path}: tensor {spec.name} is {t.dtype}{list(t.shape)}, expected "
-                                   f"{spec.dtype}{list(spec.shape)} for this config.json")
+    check_native_tensors(path, tensors, native_specs(cfg, fmt))
     layout = "i2" if fmt == "2bit" else "b3"
 
     def lin(n: int, name: str) -> TernaryLinear:

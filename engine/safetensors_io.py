@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .config import ModelFormatError
+from .config import ModelFormatError, read_json
+from .modelfiles import clip_repr, model_file
 
 # safetensors dtype -> (numpy storage dtype, bytes per element)
 DTYPES: dict[str, np.dtype] = {
@@ -41,6 +42,10 @@ class TensorInfo:
     dtype: str  # safetensors dtype string, e.g. "BF16"
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the file
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
 
     def load(self) -> np.ndarray:
         """Read-only memory map of the tensor (bf16 as uint16)."""
@@ -67,18 +72,16 @@ def _raw_header(path: Path) -> tuple[dict, int, int]:
             if len(head) < 8:
                 raise ModelFormatError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise ModelFormatError(f"{path}: header length {n} does not fit a file of {size} bytes "
+            if n > _MAX_HEADER or 8 + n > size:  # the length is not quoted: it is 8 bytes of the file
+                raise ModelFormatError(f"{path}: the header length does not fit a file of {size} bytes "
                                        "(truncated or not a safetensors file)")
             raw = f.read(n)
     except FileNotFoundError:
         raise ModelFormatError(f"{path}: file not found") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(f"{path}: header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ModelFormatError(f"{path}: header is not a JSON object")
+        header = read_json(path, raw)
+    except ModelFormatError as e:
+        raise ModelFormatError(f"safetensors header of {e}") from None
     return header, 8 + n, size
 
 
@@ -90,21 +93,44 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}") from None
-        if dtype not in DTYPES:
-            raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        where = f"{path}: tensor {clip_repr(name)}"
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+            raise ModelFormatError(f"{where}: header entry needs 'dtype', 'shape' and 'data_offsets'")
+        dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ModelFormatError(f"{where}: unsupported dtype {clip_repr(dtype, 20)} (ternpool reads {list(DTYPES)})")
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise ModelFormatError(f"{where}: shape must be a list of integers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets) \
+                or offsets[0] > offsets[1]:
+            raise ModelFormatError(f"{where}: data_offsets must be [start, end] with 0 <= start <= end")
+        shape, (start, end) = tuple(shape), offsets
         expect = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
         if end - start != expect:
-            raise ModelFormatError(f"{path}: tensor {name!r} {dtype}{list(shape)} needs {expect} bytes, "
+            raise ModelFormatError(f"{where} {dtype}{list(shape)} needs {expect} bytes, "
                                    f"header gives {end - start}")
         if base + end > size:
-            raise ModelFormatError(f"{path}: tensor {name!r} ends at byte {base + end} but the file has "
+            raise ModelFormatError(f"{where} ends at byte {base + end} but the file has "
                                    f"{size} bytes (truncated file)")
         out[name] = TensorInfo(name, path, dtype, shape, base + start)
+    _check_overlaps(path, out)
+    end = max((t.offset + t.nbytes for t in out.values()), default=base)
+    if end != size:  # safetensors' own reader refuses such files too
+        raise ModelFormatError(f"{path}: the file has {size} bytes but its tensors end at byte {end} "
+                               "(bytes after the last tensor: a damaged or mislabelled file)")
     return out
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """No two tensors share bytes (a header pointing two tensors at one buffer is corrupt)."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ModelFormatError(f"{path}: tensors {clip_repr(a)} and {clip_repr(b)} overlap (bytes {start}..{end - 1})")
 
 
 def index_model(model_dir: str | Path) -> dict[str, TensorInfo]:
@@ -112,13 +138,12 @@ def index_model(model_dir: str | Path) -> dict[str, TensorInfo]:
     model_dir = Path(model_dir)
     index = model_dir / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ModelFormatError(f"{index}: expected a JSON object with a 'weight_map' ({e})") from None
+        weight_map = read_json(model_file(model_dir, INDEX_FILE, "index file")).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelFormatError(f"{index}: 'weight_map' must be an object of tensor name -> file name")
         tensors: dict[str, TensorInfo] = {}
         for file in sorted(set(weight_map.values())):
-            for name, info in read_header(model_dir / file).items():
+            for name, info in read_header(model_file(model_dir, file, f"shard in {INDEX_FILE}")).items():
                 if weight_map.get(name) != file:
                     raise ModelFormatError(f"{model_dir / file}: tensor {name!r} is not listed for this file "
                                            f"in {INDEX_FILE}")
@@ -129,7 +154,7 @@ def index_model(model_dir: str | Path) -> dict[str, TensorInfo]:
         return tensors
     single = model_dir / SINGLE_FILE
     if single.exists():
-        return read_header(single)
+        return read_header(model_file(model_dir, SINGLE_FILE, "weights file"))
     raise ModelFormatError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 

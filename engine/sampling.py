@@ -16,7 +16,10 @@ def make_rng(seed: int | None) -> np.random.Generator:
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """logits (vocab,) float32 -> token id."""
+    """logits (vocab,) float32 -> token id. ValueError when the logits hold NaN or +inf."""
+    top = logits.max()  # NaN propagates through max
+    if not np.isfinite(top):
+        raise ValueError(f"the model produced non-finite logits (max {top})")
     if params.temperature == 0.0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / params.temperature

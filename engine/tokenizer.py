@@ -27,8 +27,12 @@ class Tokenizer:
         """Plain text, with the beginning-of-text token the tokenizer adds."""
         return list(self.tok(prompt)["input_ids"])
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> str:
-        if not getattr(self.tok, "chat_template", None):
+        if not self.has_chat_template:
             raise ValueError("this model's tokenizer has no chat template; pass a plain prompt")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):

@@ -157,7 +157,8 @@ def check_tensors(model_dir: Path, tensors: dict[str, TensorInfo], cfg: ModelCon
     expected = expected_tensors(cfg)
     missing = [n for n in expected if n not in tensors]
     if missing:
-        raise ModelFormatError(f"{model_dir}: missing tensor(s) {missing[:5]}"
+        files = sorted({str(t.path) for t in tensors.values()}) or [str(model_dir)]
+        raise ModelFormatError(f"{', '.join(files[:3])}: missing tensor(s) {missing[:5]}"
                                f"{' and %d more' % (len(missing) - 5) if len(missing) > 5 else ''}")
     unknown = [n for n in tensors if n not in expected]
     if unknown:
@@ -169,6 +170,21 @@ def check_tensors(model_dir: Path, tensors: dict[str, TensorInfo], cfg: ModelCon
         if t.dtype not in dtypes or t.shape != shape:
             raise ModelFormatError(f"{t.path}: tensor {name} is {t.dtype}{list(t.shape)}, expected "
                                    f"{'/'.join(dtypes)}{list(shape)}")
+
+
+def check_native_tensors(path: Path, tensors: dict[str, TensorInfo], specs) -> None:
+    """Every tensor of a native weights file (`specs`: its `TensorSpec`s for the config) present and
+    of the expected shape and dtype, and no other."""
+    for spec in specs:
+        t = tensors.get(spec.name)
+        if t is None:
+            raise ModelFormatError(f"{path}: missing tensor {spec.name}")
+        if t.dtype != spec.dtype or t.shape != spec.shape:
+            raise ModelFormatError(f"{path}: tensor {spec.name} is {t.dtype}{list(t.shape)}, expected "
+                                   f"{spec.dtype}{list(spec.shape)} for this config.json")
+    unknown = sorted(set(tensors) - {spec.name for spec in specs})
+    if unknown:
+        raise ModelFormatError(f"{path}: unexpected tensor(s) {unknown[:5]} for this config.json")
 
 
 def load_weights(model_dir: str | Path, cfg: ModelConfig) -> ModelWeights:

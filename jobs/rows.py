@@ -152,21 +152,27 @@ def to_requests(table: pa.Table, spec: JobSpec, text_column: str) -> list[RowReq
     for i, row_index in enumerate(row_indices):
         if row_index is None:
             raise ValueError(f"to_requests: row {i} of the table has a null row_index")
-        row_overrides = {name: values[i] for name, values in overrides.items()
-                         if values[i] is not None}
-        text, error = _text_of(row_index, text_column, texts[i])
-        params = None
-        if error is None:
-            params, error = _params_of(row_index, defaults, row_overrides, spec.seed)
-        if error is not None:
-            out.append(RowRequest(row_index, None, error))
-            continue
-        if text_column == "prompt":
-            request = Request(key=row_index, prompt=text, params=params)
-        else:
-            request = Request(key=row_index, messages=text, params=params)
-        out.append(RowRequest(row_index, request, None))
+        try:
+            out.append(_row_request(row_index, text_column, texts[i], defaults,
+                                    {name: values[i] for name, values in overrides.items() if values[i] is not None},
+                                    spec.seed))
+        except Exception as exc:  # any surprise in one row is that row's error, not the shard's
+            log.warning("row %d cannot be converted to a request: %s: %s", row_index, type(exc).__name__, exc)
+            out.append(RowRequest(row_index, None, f"row {row_index}: {type(exc).__name__}: {exc}"))
     return out
+
+
+def _row_request(row_index: int, text_column: str, value: Any, defaults: dict[str, Any],
+                 row_overrides: dict[str, Any], job_seed: int) -> RowRequest:
+    text, error = _text_of(row_index, text_column, value)
+    params = None
+    if error is None:
+        params, error = _params_of(row_index, defaults, row_overrides, job_seed)
+    if error is not None:
+        return RowRequest(row_index, None, error)
+    if text_column == "prompt":
+        return RowRequest(row_index, Request(key=row_index, prompt=text, params=params), None)
+    return RowRequest(row_index, Request(key=row_index, messages=text, params=params), None)
 
 
 def _text_of(row_index: int, column: str, value: Any) -> tuple[Any, str | None]:

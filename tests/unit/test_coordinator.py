@@ -14,6 +14,7 @@ from ternpool.cluster.bench_cluster import coordinator_capacity
 from ternpool.cluster.coordinator import DONE, Coordinator
 from ternpool.engine.requests import Result
 from ternpool.jobs import JobSpec, Manifest, open_inputs, plan_shards, read_output
+from ternpool.jobs.output import write_part as real_write_part
 
 pytestmark = pytest.mark.unit
 
@@ -120,3 +121,115 @@ def test_coordinator_capacity_runs_every_shard():
     assert c["shards"] == 60 and c["shard_rows"] == 4
     assert 0 < c["first_ms"] and 0 < c["last_ms"] and c["shards_per_s_last"] > 0
     assert c["manifest_bytes"] > 60 * 20
+
+
+def test_the_first_completion_saves_even_when_the_machine_booted_a_minute_ago(tmp_path, monkeypatch):
+    # time.monotonic counts from boot: "never saved" must not look like "saved at boot"
+    monkeypatch.setattr(coordinator_mod, "MANIFEST_SAVE_S", 3600.0)
+    clock = iter(range(10, 10_000))
+    monkeypatch.setattr(coordinator_mod.time, "monotonic", lambda: float(next(clock)))
+    coord = _coordinator(tmp_path)
+    assert _finish_one(coord)
+    assert _on_disk(tmp_path) == {0}
+    _finish_one(coord)
+    assert _on_disk(tmp_path) == {0}  # the second waits for the interval
+
+
+def _full_disk(fails):
+    """A write_part that raises ENOSPC while `fails(shard_id)` says so, and counts the parts it wrote."""
+    written: list[int] = []
+
+    def write_part(output, shard_id, table):
+        if fails(shard_id):
+            raise OSError(28, "No space left on device", f"{output}/part-{shard_id:05d}.parquet")
+        written.append(shard_id)
+        return real_write_part(output, shard_id, table)
+
+    return write_part, written
+
+
+def test_a_part_write_that_fails_a_few_times_keeps_the_results_and_writes_the_part_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(coordinator_mod, "WRITE_BACKOFF_S", 0.0)
+    tries = {"n": 0}
+
+    def fails(shard_id):
+        if shard_id != 0:
+            return False
+        tries["n"] += 1
+        return tries["n"] <= 3  # three failures, then it works
+
+    write_part, written = _full_disk(fails)
+    monkeypatch.setattr(coordinator_mod, "write_part", write_part)
+    coord = _coordinator(tmp_path)
+    assert _finish_one(coord)  # the worker's call returns normally: nothing is raised at it
+    assert len(coord.partial[0]) == 4 and not (tmp_path / "out" / "part-00000.parquet").exists()
+    assert coord.stats()["error"] is None  # second try (fails)
+    assert coord.stats()["error"] is None  # third try (fails)
+    s = coord.stats()  # fourth try: written
+    assert s["error"] is None and s["shards_done"] == 1 and 0 not in coord.partial
+    while _finish_one(coord):
+        pass
+    assert coord.stats()["done"]
+    assert written == [0, 1, 2, 3, 4, 5]  # each part written once
+    assert _on_disk(tmp_path) == set(range(6))
+    assert read_output(str(tmp_path / "out")).column("row_index").to_pylist() == list(range(24))
+
+
+def test_a_part_write_that_keeps_failing_fails_the_job_with_the_os_error_and_keeps_written_shards(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(coordinator_mod, "WRITE_BACKOFF_S", 0.0)
+    write_part, written = _full_disk(lambda shard_id: shard_id >= 2)  # the disk fills up after two shards
+    monkeypatch.setattr(coordinator_mod, "write_part", write_part)
+    coord = _coordinator(tmp_path)
+    for _ in range(3):
+        _finish_one(coord)
+    for _ in range(coordinator_mod.WRITE_ATTEMPTS - 2):
+        assert coord.stats()["error"] is None
+    s = coord.stats()
+    assert s["error"].startswith("OSError: [Errno 28] No space left on device:")
+    assert "part-00002.parquet" in s["error"]
+    assert not s["done"] and coord.lease("w") == DONE  # workers stop
+    coord.write_progress("failed")
+    progress = json.loads((tmp_path / "out" / "_progress.json").read_text())
+    assert progress["state"] == "failed" and progress["error"] == s["error"]
+    assert _on_disk(tmp_path) == {0, 1} and written == [0, 1]
+    assert len(coord.partial[2]) == 4  # the failed shard's results were never dropped
+
+    monkeypatch.setattr(coordinator_mod, "write_part", _full_disk(lambda shard_id: False)[0])
+    again = _coordinator(tmp_path)  # a rerun with space
+    while _finish_one(again):
+        pass
+    assert again.stats()["done"]
+    assert read_output(str(tmp_path / "out")).column("row_index").to_pylist() == list(range(24))
+
+
+def test_a_manifest_save_that_fails_is_retried_and_then_fails_the_job(tmp_path, monkeypatch):
+    monkeypatch.setattr(coordinator_mod, "WRITE_BACKOFF_S", 0.0)
+    coord = _coordinator(tmp_path, rows=8)
+    real_save, calls = coord.manifest.save, {"n": 0}
+
+    def save():
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise OSError(5, "Input/output error", str(tmp_path / "out" / "_manifest.json"))
+        real_save()
+
+    monkeypatch.setattr(coord.manifest, "save", save)
+    _finish_one(coord)
+    _finish_one(coord)  # the last shard: its save fails, so the job is not done yet
+    assert coord.stats()["done"] is False  # second try fails
+    s = coord.stats()  # third try saves
+    assert s["done"] and s["error"] is None and _on_disk(tmp_path) == {0, 1}
+
+    (tmp_path / "b").mkdir()
+    again = _coordinator(tmp_path / "b", rows=8)
+
+    def broken():
+        raise OSError(5, "Input/output error", str(tmp_path / "b" / "out" / "_manifest.json"))
+
+    monkeypatch.setattr(again.manifest, "save", broken)
+    _finish_one(again)
+    for _ in range(coordinator_mod.WRITE_ATTEMPTS):
+        s = again.stats()
+    assert s["error"].startswith("OSError: [Errno 5] Input/output error:") and not s["done"]
+    assert again.lease("w") == DONE

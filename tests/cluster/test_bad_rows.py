@@ -1,0 +1,47 @@
+"""A row that raises inside the engine (here: the model's chat template refuses its role) is that
+row's error in the output; the worker is not lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ternpool.cluster.driver import PoolConfig, submit
+from ternpool.jobs import read_output
+
+pytestmark = pytest.mark.cluster
+
+# 2B4T's chat template, plus what real templates do with a role they do not know
+RAISING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+    "{% set content = message['role'] | capitalize + ': ' + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+
+def test_a_row_whose_chat_template_raises_fails_alone_and_the_worker_survives(tmp_path, tiny_model):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    tc = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(dict(tc, chat_template=RAISING_TEMPLATE)))
+    roles = ["user", "user", "tool", "user", "system", "user"]
+    src = tmp_path / "chats.parquet"
+    pq.write_table(pa.table({"messages": [[{"role": r, "content": f"hello {i}"}] for i, r in enumerate(roles)]}), src)
+    handle = submit(str(src), str(model), str(tmp_path / "out"), max_tokens=3, shard_rows=3,
+                    pool=PoolConfig(workers=1, threads_per_worker=1, slots=2))
+    summary = handle.wait(timeout=600)
+    assert summary.state == "finished" and summary.rows == 6 and summary.failed_rows == 1
+    assert summary.worker_restarts == 0 and summary.retries == 0
+    table = read_output(str(tmp_path / "out"))
+    assert table.column("error").to_pylist() == [None, None, "TemplateError: unknown role: tool", None, None, None]
+    assert table.column("finish_reason").to_pylist()[2] == "error"
+    assert table.column("completion_tokens").to_pylist() == [3, 3, 0, 3, 3, 3]
