@@ -32,7 +32,7 @@ from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel
 
 from .coordinator import CoordinatorActor
 from .metrics import ports_to_try
-from .ray_env import alive_nodes, connect
+from .ray_env import alive_nodes, connect, loss_reason
 from .worker import WorkerActor, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class JobHandle:
                     ray.kill(actor, no_restart=True)
                 n = ray.get(self.coordinator.worker_lost.remote(wid, type(e).__name__), timeout=30)
                 log.warning("worker %s on node %s was lost (%s); %d piece(s) requeued", wid, node[:8],
-                            type(e).__name__, n)
+                            loss_reason(e), n)
                 self._restarts += 1
                 if self._restarts > self.pool.max_worker_restarts:
                     raise RuntimeError(f"{self._restarts} worker losses: giving up (see the worker logs)") from e

@@ -6,9 +6,10 @@ routable one unless it runs as a single-machine cluster (its Windows/macOS mode,
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); in that mode every component binds to loopback. A multi-node
 cluster is the user's own (`ray start --head --node-ip-address ...`), joined with an address.
 
-What Ray writes to the driver's terminal is kept to real problems: no colour codes, no prefixed
-worker output (workers' logs stay in Ray's session directory; the driver reports lost and failed
-workers itself), and no notice that token authentication is on (it is, as Ray's default).
+Ray writes nothing of its own to the driver's terminal: no colour codes, no `(raylet)` or
+`(Worker pid=...)` prefixed lines (workers' logs stay in Ray's session directory, /tmp/ray/session_*/logs;
+the driver logs lost and failed workers itself, with Ray's reason: `loss_reason`), and no notice
+that token authentication is on (it is, as Ray's default).
 """
 
 from __future__ import annotations
@@ -58,10 +59,29 @@ def connect(address: str | None, object_store_memory: int | None = None, *, lean
         finally:
             if blocked:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        _mute_ray_messages()
         log.info("started an embedded local Ray cluster on %s", LOOPBACK)
         return True
     ray.init(address=address, **kwargs)
+    _mute_ray_messages()
     return False
+
+
+def _mute_ray_messages() -> None:
+    """Ray prints the errors its raylets publish (a worker died, memory is low) to the driver's stderr
+    as `(raylet) ...` lines, whatever log_to_driver says; the flag below is the one Ray's own debugger
+    uses to silence them. The driver reports each lost worker with Ray's reason instead."""
+    import ray._private.worker
+
+    ray._private.worker._worker_logs_enabled = False
+
+
+def loss_reason(e: BaseException) -> str:
+    """One line on why an actor was lost, from Ray's error (its exit detail when it has one)."""
+    text = " ".join(str(e).split())
+    detail = text.split("Worker exit detail:", 1)[1] if "Worker exit detail:" in text else ""
+    detail = detail.split(" Some common causes", 1)[0].strip()
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
 
 
 @contextmanager
