@@ -1,7 +1,7 @@
 """Where the start-up of a small job on the embedded cluster goes: one tiny job, timed phase by phase.
 
     python tests/tools/startup_time.py                 # ternpool's embedded cluster as it starts now
-    python tests/tools/startup_time.py --compare       # Ray's defaults first, then ternpool's, same run
+    python tests/tools/startup_time.py --compare --repeat 3   # both, alternating, medians of 3 runs each
 
 Phases (seconds from the start of each run): ray.init, the coordinator actor ready (its metrics
 endpoint answers), the worker actor ready (Engine.load and the warm-up generation done: it has
@@ -12,6 +12,7 @@ the embedded cluster the way ternpool did before its start-up cuts (see `ray_env
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,10 @@ def _time_job(model: str, work: Path, lean: bool, rows: int) -> dict[str, float]
                         pool=PoolConfig(slots=4, metrics_port=0))
         marks["coordinator ready"] = time.perf_counter() - t0
         while not handle._done.is_set():
-            s = handle.progress()
+            try:
+                s = handle.progress()
+            except Exception:  # the job is ending: its coordinator is gone
+                continue
             now = time.perf_counter() - t0
             if s["active_workers"] and "worker ready" not in marks:
                 marks["worker ready"] = now
@@ -58,20 +62,25 @@ def _time_job(model: str, work: Path, lean: bool, rows: int) -> dict[str, float]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ray-defaults", action="store_true", help="start the cluster without ternpool's cuts")
-    p.add_argument("--compare", action="store_true", help="both, one after the other, in this run")
+    p.add_argument("--compare", action="store_true", help="both, alternating, in this run")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each; the table shows medians")
     p.add_argument("--rows", type=int, default=40)
     args = p.parse_args()
     from ternpool.engine.modelgen import make_model
 
     work = Path(tempfile.mkdtemp(prefix="ternpool-startup-"))
     model = str(make_model(work / "model", "tiny"))
-    runs = [False, True] if args.compare else [not args.ray_defaults]
-    results = {lean: _time_job(model, work, lean, args.rows) for lean in runs}
-    names = list(next(iter(results.values())))
-    header = "".join(f"{'ternpool' if lean else 'ray defaults':>14}" for lean in results)
-    print(f"{'phase (s from start)':<22}{header}")
+    kinds = [True, False] if args.compare else [not args.ray_defaults]
+    runs: dict[bool, list] = {lean: [] for lean in kinds}
+    for i in range(args.repeat):
+        for lean in (kinds if i % 2 == 0 else kinds[::-1]):  # alternate who goes first (cold caches)
+            runs[lean].append(_time_job(model, work, lean, args.rows))
+    names = list(runs[kinds[0]][0])
+    header = "".join(f"{'ternpool' if lean else 'ray defaults':>14}" for lean in kinds)
+    print(f"{'phase (s from start)':<22}{header}   (median of {args.repeat})")
     for name in names:
-        print(f"{name:<22}" + "".join(f"{r.get(name, float('nan')):>14.2f}" for r in results.values()))
+        print(f"{name:<22}" + "".join(f"{statistics.median(r[name] for r in runs[lean] if name in r):>14.2f}"
+                                      for lean in kinds))
 
 
 if __name__ == "__main__":
