@@ -55,7 +55,7 @@ def connect(address: str | None, object_store_memory: int | None = None, *, lean
             with _single_machine(), _without_auth_notice():
                 ray.init(address="local", _node_ip_address=LOOPBACK,
                          object_store_memory=object_store_memory or DEFAULT_OBJECT_STORE_BYTES,
-                         _system_config=_LEAN_SYSTEM_CONFIG if lean else None, **kwargs)
+                         _system_config=dict(_LEAN_SYSTEM_CONFIG) if lean else None, **kwargs)  # Ray adds to it
         finally:
             if blocked:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
