@@ -59,3 +59,20 @@ def test_a_crashing_worker_is_reported_by_the_driver_not_by_ray(tmp_path, tiny_m
     # the worker that died on "story 3" is reported once per loss, with Ray's reason, by our driver
     assert "WARNING ternpool.cluster.driver: worker w-" in r.stderr and "was lost (ActorDiedError: " in r.stderr, both
     assert [n for n in RAY_NOISE if n in both] == [], both
+
+
+def test_connecting_twice_in_one_process_prints_nothing(capfd, monkeypatch):
+    import ray
+
+    from ternpool.cluster import ray_env
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    before = dict(ray_env._LEAN_SYSTEM_CONFIG)
+    for _ in range(2):
+        assert ray_env.connect(None)
+        ray.shutdown()
+    # Ray adds object_spilling_config to the system config it is given, and warns when a later start
+    # is given one (outside pytest: Ray keeps quiet under pytest): ours must not change
+    assert ray_env._LEAN_SYSTEM_CONFIG == before
+    out, err = capfd.readouterr()
+    assert out + err == "", out + err
