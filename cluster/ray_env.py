@@ -31,16 +31,11 @@ _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # Ray environment variables read when it prints: plain text, and nothing of the workers' output
 _QUIET_ENV = {"RAY_COLOR_PREFIX": "0", "RAY_DEDUP_LOGS": "1"}
-# The embedded cluster's start-up cuts (`lean=True`): no idle Python workers started ahead of the
-# actors that need them (ours are few and start their own), on top of Ray's own
-# include_dashboard=False. `tests/tools/startup_time.py --compare` measures them.
-_LEAN_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
 
 
-def connect(address: str | None, object_store_memory: int | None = None, *, lean: bool = True) -> bool:
+def connect(address: str | None, object_store_memory: int | None = None) -> bool:
     """Make sure this process is connected to Ray. Returns True when we started the cluster
-    (and so should shut it down). `lean=False` starts the embedded cluster without ternpool's
-    start-up cuts (for measuring them)."""
+    (and so should shut it down)."""
     if ray.is_initialized():
         return False
     for k, v in _QUIET_ENV.items():
@@ -54,8 +49,7 @@ def connect(address: str | None, object_store_memory: int | None = None, *, lean
         try:
             with _single_machine(), _without_auth_notice():
                 ray.init(address="local", _node_ip_address=LOOPBACK,
-                         object_store_memory=object_store_memory or DEFAULT_OBJECT_STORE_BYTES,
-                         _system_config=dict(_LEAN_SYSTEM_CONFIG) if lean else None, **kwargs)  # Ray adds to it
+                         object_store_memory=object_store_memory or DEFAULT_OBJECT_STORE_BYTES, **kwargs)
         finally:
             if blocked:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

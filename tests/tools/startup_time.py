@@ -1,18 +1,23 @@
-"""Where the start-up of a small job on the embedded cluster goes: one tiny job, timed phase by phase.
+"""Where the time of a small job on the embedded cluster goes: one tiny job, timed phase by phase.
 
-    python tests/tools/startup_time.py                 # ternpool's embedded cluster as it starts now
-    python tests/tools/startup_time.py --compare --repeat 3   # both, alternating, medians of 3 runs each
+    python tests/tools/startup_time.py --repeat 3
 
-Phases (seconds from the start of each run): ray.init, the coordinator actor ready (its metrics
-endpoint answers), the worker actor ready (Engine.load and the warm-up generation done: it has
-registered), the first shard written, the job's end, and ray.shutdown. `--ray-defaults` starts
-the embedded cluster the way ternpool did before its start-up cuts (see `ray_env.connect(lean=False)`).
+Each run times, in seconds from its start, through the Python API: ray.init (ternpool's
+`connect`), the coordinator actor ready (`submit` returns once its metrics endpoint answers), the
+worker actor ready (Engine.load and the warm-up generation done: it has registered), the first
+shard written, the job's end, and ray.shutdown. Then the same job as `ternpool submit` in a
+subprocess: its whole wall time, and the time from its summary line to its exit. Medians of
+`--repeat` runs are printed. The tool uses only `connect(None)`, `submit` and the CLI, so it runs
+unchanged against an older checkout of `cluster/` (before/after comparisons).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,19 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def _time_job(model: str, work: Path, lean: bool, rows: int) -> dict[str, float]:
+def _api_phases(model: str, src: Path, out: Path) -> dict[str, float]:
     import ray
 
     from ternpool.cluster.driver import PoolConfig, submit
     from ternpool.cluster.ray_env import connect
 
-    src = work / "prompts.parquet"
-    if not src.exists():
-        pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(rows)]}), src)
-    out = work / f"out-{'lean' if lean else 'defaults'}-{time.monotonic_ns()}"
     t0 = time.perf_counter()
     marks: dict[str, float] = {}
-    connect(None, lean=lean)  # the job below joins this cluster instead of starting its own
+    connect(None)  # the job below joins this cluster instead of starting its own
     marks["ray.init"] = time.perf_counter() - t0
     try:
         handle = submit(str(src), model, str(out), max_tokens=8, shard_rows=10,
@@ -43,7 +44,7 @@ def _time_job(model: str, work: Path, lean: bool, rows: int) -> dict[str, float]
             try:
                 s = handle.progress()
             except Exception:  # the job is ending: its coordinator is gone
-                continue
+                break
             now = time.perf_counter() - t0
             if s["active_workers"] and "worker ready" not in marks:
                 marks["worker ready"] = now
@@ -59,28 +60,41 @@ def _time_job(model: str, work: Path, lean: bool, rows: int) -> dict[str, float]
     return marks
 
 
+def _cli_phases(model: str, src: Path, out: Path) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "-m", model, "-o", str(out),
+           "--max-tokens", "8", "--shard-rows", "10", "--slots", "4", "--metrics-port", "0", "--no-progress"]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    summary_at = None
+    for line in p.stdout:
+        if ": finished;" in line:
+            summary_at = time.perf_counter() - t0
+    if p.wait() != 0 or summary_at is None:
+        raise RuntimeError(f"ternpool submit failed (exit {p.returncode})")
+    wall = time.perf_counter() - t0
+    return {"CLI summary line": summary_at, "CLI exit": wall, "CLI summary to exit": wall - summary_at}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ray-defaults", action="store_true", help="start the cluster without ternpool's cuts")
-    p.add_argument("--compare", action="store_true", help="both, alternating, in this run")
-    p.add_argument("--repeat", type=int, default=1, help="runs of each; the table shows medians")
+    p.add_argument("--repeat", type=int, default=1, help="runs; the table shows medians")
     p.add_argument("--rows", type=int, default=40)
     args = p.parse_args()
     from ternpool.engine.modelgen import make_model
 
     work = Path(tempfile.mkdtemp(prefix="ternpool-startup-"))
     model = str(make_model(work / "model", "tiny"))
-    kinds = [True, False] if args.compare else [not args.ray_defaults]
-    runs: dict[bool, list] = {lean: [] for lean in kinds}
+    src = work / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(args.rows)]}), src)
+    runs = []
     for i in range(args.repeat):
-        for lean in (kinds if i % 2 == 0 else kinds[::-1]):  # alternate who goes first (cold caches)
-            runs[lean].append(_time_job(model, work, lean, args.rows))
-    names = list(runs[kinds[0]][0])
-    header = "".join(f"{'ternpool' if lean else 'ray defaults':>14}" for lean in kinds)
-    print(f"{'phase (s from start)':<22}{header}   (median of {args.repeat})")
-    for name in names:
-        print(f"{name:<22}" + "".join(f"{statistics.median(r[name] for r in runs[lean] if name in r):>14.2f}"
-                                      for lean in kinds))
+        marks = _api_phases(model, src, work / f"api-{i}")
+        marks.update(_cli_phases(model, src, work / f"cli-{i}"))
+        runs.append(marks)
+    print(f"{'phase':<22}{'s from start':>14}   (median of {args.repeat})")
+    for name in runs[0]:
+        print(f"{name:<22}{statistics.median(r[name] for r in runs if name in r):>14.2f}")
 
 
 if __name__ == "__main__":
