@@ -69,7 +69,7 @@ class Coordinator:
     """Plain class; `CoordinatorActor` is its Ray actor."""
 
     def __init__(self, spec, inputs, shards: list[Shard], manifest: Manifest, max_retries: int,
-                 metrics_host: str = "127.0.0.1", metrics_port: int | tuple | None = None, pushgateway: str | None = None,
+                 metrics_host: str = "127.0.0.1", metrics_port: int | None = None, pushgateway: str | None = None,
                  run_id: str | None = None):
         self.spec, self.inputs, self.manifest = spec, inputs, manifest
         self.run_id = run_id  # OUT/_owner must still name this run before anything is written

@@ -42,8 +42,9 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hang-timeout", type=float, default=300.0,
                    help="seconds without progress before a worker is declared hung (default: 300)")
     p.add_argument("--metrics-port", type=int,
-                   help="serve Prometheus metrics on this port while the job runs (default: 9469, or a free port when "
-                   "that is taken, e.g. by another job; 0: a free port; -1: none); a given port that is taken is an error")
+                   help="serve Prometheus metrics on this port while the job runs (default: 9469, or a free port "
+                   "when that is taken, e.g. by another job; 0: a free port; -1: none); a given port that is taken "
+                   "is an error")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address the metrics endpoint binds to (default: 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--pushgateway", help="also push the final metrics to this Prometheus Pushgateway URL")

@@ -117,7 +117,8 @@ class JobMetrics:
         self.port: int | None = None
 
     def serve(self, host: str, ports: int | tuple[int, ...]) -> int:
-        """Serve on the first of `ports` that can be bound (see `ports_to_try`); returns the port."""
+        """Serve on the first of `ports` that can be bound (see `ports_to_try`: the coordinator's
+        `metrics_port` is what it returned); returns the port."""
         from prometheus_client import start_http_server
 
         ports = (ports,) if isinstance(ports, int) else tuple(ports)

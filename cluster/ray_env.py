@@ -104,8 +104,8 @@ class _DropAuthNotice(logging.Filter):
 @contextmanager
 def _without_auth_notice():
     """Ray 2.60 turns token authentication on for a new local cluster and logs a notice about it
-    to stderr, which a user of ternpool cannot act on: drop that one record (auth stays on; the
-    notice that it is *disabled*, when a user sets RAY_AUTH_MODE=disabled, still shows)."""
+    to stderr, which a user of ternpool cannot act on: drop that one record (auth stays on, and
+    RAY_AUTH_MODE set by the user is respected as Ray does; Ray's other notices still show)."""
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
     notice = _DropAuthNotice()
     logger.addFilter(notice)
