@@ -33,8 +33,8 @@ from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel
 from ternpool.jobs.runlock import OutputLock
 
 from .coordinator import CoordinatorActor
-from .metrics import check_port_free
-from .ray_env import alive_nodes, connect
+from .metrics import ports_to_try
+from .ray_env import alive_nodes, connect, loss_reason
 from .worker import WorkerActor, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class PoolConfig:
     object_store_memory: int | None = None
     faults: dict = field(default_factory=dict)  # test hooks, see WorkerConfig
     metrics_host: str = "127.0.0.1"  # where the coordinator serves Prometheus metrics
-    metrics_port: int | None = None  # None: no endpoint (the CLI's default is 9469); 0: a free port
+    metrics_port: int | None = None  # None: 9469, or a free port when that is taken; 0: a free port; -1: none
     pushgateway: str | None = None  # push the final metrics there
 
 
@@ -132,8 +132,8 @@ class JobHandle:
     def __init__(self, plan: Plan, pool: PoolConfig):
         self.plan, self.pool, self.output = plan, pool, plan.spec.output
         self.job_id = plan.manifest.job_id
-        if pool.metrics_port is not None:  # the coordinator serves on this node: check before starting anything
-            check_port_free(pool.metrics_host, pool.metrics_port)
+        # the coordinator serves on this node: an explicit port is checked before starting anything
+        self._metrics_ports = ports_to_try(pool.metrics_host, pool.metrics_port)
         self._lock = OutputLock(self.output)  # one run per OUT, taken before any write and before Ray starts
         self._lock.acquire()
         self._claimed = False  # True once OUT has been written (the manifest created or resumed)
@@ -178,18 +178,24 @@ class JobHandle:
         self.coordinator = CoordinatorActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
             plan.spec, plan.inputs, plan.shards, plan.manifest, plan.spec.max_retries,
-            pool.metrics_host, pool.metrics_port, pool.pushgateway, run_id)
+            pool.metrics_host, self._metrics_ports, pool.pushgateway, run_id)
         try:
             port = ray.get(self.coordinator.metrics_endpoint.remote(), timeout=60)
         except RayActorError as e:  # e.g. the metrics port was taken meanwhile
             raise OSError(f"the job coordinator could not start: {e}") from None
         self.metrics_url = None if port is None else f"http://{pool.metrics_host}:{port}/metrics"
+        if port is not None and port != self._metrics_ports[0] != 0:  # the default port was taken
+            log.warning("metrics port %d on %s is taken (another job?): this job serves its metrics on port %d "
+                        "(a Prometheus that scrapes port %d will not see it)", self._metrics_ports[0],
+                        pool.metrics_host, port, self._metrics_ports[0])
         self._thread = threading.Thread(target=self._supervise, name="ternpool-supervisor", daemon=True)
         self._thread.start()
 
     # -- public ----------------------------------------------------------------------------------
 
     def progress(self) -> dict:
+        if not ray.is_initialized():  # the job ended and stopped its cluster: a Ray call would start another
+            raise RuntimeError(f"job {self.job_id} has ended: see wait()")
         return ray.get(self.coordinator.stats.remote(), timeout=30)
 
     def cancel(self) -> None:
@@ -248,7 +254,7 @@ class JobHandle:
                     ray.kill(actor, no_restart=True)
                 n = ray.get(self.coordinator.worker_lost.remote(wid, type(e).__name__), timeout=30)
                 log.warning("worker %s on node %s was lost (%s); %d piece(s) requeued", wid, node[:8],
-                            type(e).__name__, n)
+                            loss_reason(e), n)
                 self._restarts += 1
                 if self._restarts > self.pool.max_worker_restarts:
                     raise RuntimeError(f"{self._restarts} worker losses: giving up (see the worker logs)") from e

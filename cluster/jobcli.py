@@ -41,9 +41,10 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    help="a prompt longer than the context: an error row (default), or keep its end")
     p.add_argument("--hang-timeout", type=float, default=300.0,
                    help="seconds without progress before a worker is declared hung (default: 300)")
-    p.add_argument("--metrics-port", type=int, default=9469,
-                   help="serve Prometheus metrics on this port while the job runs (default: 9469; 0: a free port; "
-                   "-1: none)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port while the job runs (default: 9469, or a free port "
+                   "when that is taken, e.g. by another job; 0: a free port; -1: none); a given port that is taken "
+                   "is an error")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address the metrics endpoint binds to (default: 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--pushgateway", help="also push the final metrics to this Prometheus Pushgateway URL")
@@ -63,7 +64,7 @@ def _pool(args):
     return PoolConfig(address=args.address, workers=args.workers, threads_per_worker=args.threads_per_worker,
                       slots=args.slots, max_context=args.max_context, head=args.head,
                       weights_format=args.weights_format, hang_timeout=args.hang_timeout,
-                      metrics_host=args.metrics_host, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                      metrics_host=args.metrics_host, metrics_port=args.metrics_port,
                       pushgateway=args.pushgateway,
                       object_store_memory=None if args.object_store_mb is None else args.object_store_mb << 20)
 

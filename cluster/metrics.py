@@ -22,6 +22,7 @@ from ternpool.jobs.storage import METRICS_FILE  # noqa: F401 (one list of the na
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9469
+OFF = -1  # `metrics_port` / `--metrics-port` value for no endpoint
 _RATE_WINDOW_S = 30.0
 
 J = ("job_id",)
@@ -81,6 +82,21 @@ def check_port_free(host: str, port: int) -> None:
                           f"with --metrics-port, or --metrics-port 0 to pick a free one") from None
 
 
+def ports_to_try(host: str, port: int | None) -> tuple[int, ...] | None:
+    """What the coordinator tries to serve on, in order, for a job's `metrics_port`: None (the
+    default) is DEFAULT_PORT or, when that is taken (say by another job on this machine), a free
+    port; OFF is no endpoint; any other number is exactly that port (0: a free one), which is
+    checked here, before anything starts, with a clear error when it is taken."""
+    if port is None:
+        return (DEFAULT_PORT, 0)
+    if port == OFF:
+        return None
+    if port < 0:
+        raise ValueError(f"metrics port {port}: expected a port number, 0 (a free port) or {OFF} (no endpoint)")
+    check_port_free(host, port)
+    return (port,)
+
+
 class JobMetrics:
     def __init__(self, job_id: str, rows_total: int):
         self.job_id = job_id
@@ -101,14 +117,23 @@ class JobMetrics:
         self.server = None
         self.port: int | None = None
 
-    def serve(self, host: str, port: int) -> int:
+    def serve(self, host: str, ports: int | tuple[int, ...]) -> int:
+        """Serve on the first of `ports` that can be bound (see `ports_to_try`: the coordinator's
+        `metrics_port` is what it returned); returns the port."""
         from prometheus_client import start_http_server
 
-        try:
-            self.server, _ = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as e:
-            raise OSError(f"cannot serve metrics on {host}:{port} ({e.strerror}); choose another --metrics-port, "
-                          "or --metrics-port 0 to pick a free one") from None
+        ports = (ports,) if isinstance(ports, int) else tuple(ports)
+        for i, port in enumerate(ports):
+            try:
+                self.server, _ = start_http_server(port, addr=host, registry=self.registry)
+                break
+            except OSError as e:
+                if i + 1 < len(ports):
+                    log.info("metrics port %d on %s is taken (%s); trying %s", port, host, e.strerror,
+                             ports[i + 1] or "a free one")
+                    continue
+                raise OSError(f"cannot serve metrics on {host}:{port} ({e.strerror}); choose another "
+                              "--metrics-port, or --metrics-port 0 to pick a free one") from None
         self.port = self.server.server_port
         return self.port
 
