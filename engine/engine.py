@@ -162,8 +162,9 @@ class Engine:
         if len(ids) >= self.model.max_context and self.truncate == "left":
             ids = self._truncate_left(ids, req.params.max_tokens)
         if len(ids) >= self.model.max_context:
-            return Result.failed(req.key, f"prompt has {len(ids)} tokens; the context holds "
-                                          f"{self.model.max_context} including at least one generated token",
+            return Result.failed(req.key, f"prompt too long: it has {len(ids)} tokens; the context holds "
+                                          f"{self.model.max_context} including at least one generated token; "
+                                          "--truncate left (truncate=\"left\" in Python) keeps its end",
                                  prompt_tokens=len(ids))
         return _Seq(req, slot, ids, make_rng(req.params.seed))
 
