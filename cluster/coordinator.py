@@ -41,6 +41,18 @@ MANIFEST_SAVE_SHARE = 0.1  # and spend at most this share of the time saving it:
 # every shard (as status and resuming expect), a 100,000-shard one (6 MB, 0.3 s a save) every 3 s
 
 
+def processed_tokens(results) -> tuple[int, int]:
+    """(prompt, generated) tokens of the rows that succeeded. A failed row (too long, bad sampling
+    values, ...) keeps its `prompt_tokens` in the output but was not processed: the counters,
+    metrics, summary and tokens/s leave it out."""
+    prompt = generated = 0
+    for r in results:
+        if r.error is None and r.finish_reason != "error":
+            prompt += r.prompt_tokens
+            generated += r.completion_tokens
+    return prompt, generated
+
+
 @dataclass
 class _Piece:
     shard: Shard  # a contiguous range of one planned shard (same shard_id)
@@ -183,8 +195,7 @@ class Coordinator:
             if not w.leased:
                 w.busy_since = None
             w.rows += len(results)
-            prompt = sum(r.prompt_tokens for r in results)
-            generated = sum(r.completion_tokens for r in results)
+            prompt, generated = processed_tokens(results)
             w.prompt_tokens += prompt
             w.generated_tokens += generated
             tokens = self.shard_tokens.setdefault(piece.shard.shard_id, {}).setdefault((worker_id, w.node), [0, 0])
@@ -272,8 +283,9 @@ class Coordinator:
         del self.partial[shard_id]
         self.rows_done += shard.num_rows
         self.failed_rows += failed
-        self.prompt_tokens += sum(r.prompt_tokens for r in got.values())
-        self.generated_tokens += sum(r.completion_tokens for r in got.values())
+        prompt, generated = processed_tokens(got.values())
+        self.prompt_tokens += prompt
+        self.generated_tokens += generated
 
     def _save_manifest(self, force: bool = False) -> None:
         with self.lock:

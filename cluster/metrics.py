@@ -3,7 +3,7 @@
 Every series carries `job_id` (never `job`: Prometheus overwrites that label
 with its scrape job's name); per-worker series add `worker` and `node`.
 Counters move when a shard is written to the output, so at the end they
-equal the rows and tokens in the output. The final values are also written
+equal the rows in the output and the tokens of its rows without an error. The final values are also written
 to `OUT/_metrics.prom` (text exposition format) for jobs shorter than a
 scrape interval, and can be pushed to a Pushgateway.
 """
@@ -33,8 +33,8 @@ SPEC = {
     "ternpool_rows_total": ("gauge", J, "Rows in the job's input"),
     "ternpool_rows_done": ("counter", J, "Rows written to the output (failed rows included)"),
     "ternpool_rows_failed": ("counter", J, "Rows written with an error"),
-    "ternpool_prompt_tokens": ("counter", W, "Prompt tokens of rows written to the output"),
-    "ternpool_generated_tokens": ("counter", W, "Generated tokens of rows written to the output"),
+    "ternpool_prompt_tokens": ("counter", W, "Prompt tokens of rows written to the output without an error"),
+    "ternpool_generated_tokens": ("counter", W, "Generated tokens of rows written to the output without an error"),
     "ternpool_shard_retries": ("counter", J, "Pieces of shards requeued after their worker was lost"),
     "ternpool_worker_restarts": ("counter", J, "Workers lost (died, removed or hung) and replaced"),
     "ternpool_shards_queued": ("gauge", J, "Shard pieces waiting for a worker"),

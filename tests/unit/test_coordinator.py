@@ -120,3 +120,38 @@ def test_coordinator_capacity_runs_every_shard():
     assert c["shards"] == 60 and c["shard_rows"] == 4
     assert 0 < c["first_ms"] and 0 < c["last_ms"] and c["shards_per_s_last"] > 0
     assert c["manifest_bytes"] > 60 * 20
+
+
+def test_failed_rows_tokens_are_not_counted(tmp_path, tiny_engine):
+    from ternpool.engine import Engine
+    from ternpool.engine.model import BitNetModel
+    from ternpool.jobs import to_requests
+
+    engine = Engine(BitNetModel(tiny_engine.model.weights, slots=2, max_context=32), tiny_engine.tokenizer,
+                    tiny_engine.threads)
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["Hello", "word " * 100, "World", "Bye"],
+                             "max_tokens": pa.array([3, None, 0, 2], pa.int64())}), src)
+    spec = JobSpec(str(src), str(tmp_path / "out"), "model", shard_rows=4)
+    inputs = open_inputs(spec.inputs)
+    plan = plan_shards(inputs, 4)
+    coord = Coordinator(spec, inputs, plan, Manifest.open(spec.output, spec, inputs, plan, {"m": 1}), 2)
+    coord.register("w", "node-a")
+    key, table = coord.lease("w")
+    results = []
+    for rr in to_requests(table, spec, inputs.text_column):
+        results.append(Result.failed(rr.row_index, rr.error) if rr.request is None
+                       else engine.generate([rr.request])[0])
+    assert coord.complete("w", key, results)
+    out = read_output(spec.output).to_pydict()
+    assert [e is None for e in out["error"]] == [True, False, False, True]
+    assert "too long" in out["error"][1] and out["prompt_tokens"][1] > 32  # the output keeps the count
+    good_prompt = out["prompt_tokens"][0] + out["prompt_tokens"][3]
+    good_generated = out["completion_tokens"][0] + out["completion_tokens"][3]
+    assert good_prompt > 0 and good_generated == 5
+    s = coord.stats()
+    assert (s["prompt_tokens"], s["generated_tokens"]) == (good_prompt, good_generated)
+    assert (s["workers"]["w"]["prompt_tokens"], s["workers"]["w"]["generated_tokens"]) == (good_prompt, 5)
+    text = coord.metrics.exposition().decode()
+    prompt_metric = [ln for ln in text.splitlines() if ln.startswith("ternpool_prompt_tokens_total{")]
+    assert len(prompt_metric) == 1 and float(prompt_metric[0].split()[-1]) == good_prompt
