@@ -21,8 +21,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ternpool.engine import ModelConfig
-from ternpool.engine.engine import DEFAULT_MAX_CONTEXT
-from ternpool.engine.footprint import fit_problem
+from ternpool.engine.engine import auto_slots, context_length
+from ternpool.engine.footprint import Footprint, fit_problem, footprint, kv_bytes_per_slot
 from ternpool.engine.hub import resolve_model_dir
 from ternpool.engine.native import resolved_weights_format
 from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
@@ -104,22 +104,86 @@ def prepare(spec: JobSpec) -> Plan:
     return Plan(spec, inputs, shards, manifest, model_dir, cfg)
 
 
-def check_memory(plan: Plan, pool: PoolConfig) -> None:
-    """Refuse, before any compute, a model that one worker cannot hold on some node: weights, the KV
-    cache of the configured slots (one slot when automatic: those shrink to fit) and the runtime,
-    against what Ray gives the node for workers (its object store already taken out)."""
+@dataclass(frozen=True)
+class NodeFit:
+    """Whether one worker of a job fits one node, in the memory Ray gives that node's workers."""
+
+    node_id: str
+    address: str
+    memory: int  # bytes for workers (Ray's `memory` resource: the object store is already taken out)
+    object_store: int
+    slots: int  # the configured slots, or what automatic slots would pick with this memory
+    footprint: Footprint  # one worker with `slots` slots
+    problem: str | None  # None when it fits; else what it needs and what would fit
+
+    @property
+    def fits(self) -> bool:
+        return self.problem is None
+
+    def verdict(self) -> str:
+        if self.fits:
+            return f"fits: {self.footprint.total / 1e9:.2f} GB of {self.memory / 1e9:.1f} GB"
+        return f"does not fit: {self.problem}"
+
+
+@dataclass(frozen=True)
+class JobSizing:
+    """What one worker of a job holds, and the verdict for every node (`size_job`)."""
+
+    model_dir: str
+    max_context: int
+    weights_format: str
+    head: str
+    slots: int | None  # as configured; None: automatic (per node, see NodeFit.slots)
+    nodes: tuple[NodeFit, ...]
+
+    @property
+    def fits(self) -> bool:
+        return all(n.fits for n in self.nodes)
+
+    def check(self) -> None:
+        """JobInputError naming every node that one worker does not fit, and what would fit."""
+        unfit = [n for n in self.nodes if not n.fits]
+        if unfit:
+            raise JobInputError("; ".join(f"model {self.model_dir} does not fit node {n.node_id[:12]} ({n.address}): "
+                                          f"{n.problem}" for n in unfit))
+
+
+def size_job(plan: Plan, pool: PoolConfig, nodes: list[dict] | None = None) -> JobSizing:
+    """Size one worker of the job (context, slots, weights format, footprint) and judge it against every
+    alive node with a CPU (`nodes`: `ray.nodes()` entries; default: this Ray cluster's): weights, the KV
+    cache of the configured slots (automatic slots: as many as the engine would pick, fewer when only
+    fewer fit, at least one) and the runtime, against what Ray gives the node for workers. `submit`
+    refuses the job unless every node fits (`JobSizing.check`); `--dry-run` prints the verdicts.
+    JobInputError when --max-context exceeds the model's limit."""
     cfg = plan.config
     fmt = resolved_weights_format(plan.model_dir, pool.weights_format)
-    ctx = min(pool.max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
-    for node in ray.nodes():
+    try:
+        ctx = context_length(cfg, pool.max_context)
+    except ValueError as e:
+        raise JobInputError(f"model {plan.model_dir}: {e}") from None
+    fits = []
+    for node in ray.nodes() if nodes is None else nodes:
         res = node.get("Resources", {})
         if not node.get("Alive") or res.get("CPU", 0) < 1 or "memory" not in res:
             continue
-        problem = fit_problem(cfg, fmt, pool.head, pool.slots or 1, ctx, int(res["memory"]),
-                              int(res.get("object_store_memory", 0)))
-        if problem:
-            raise JobInputError(f"model {plan.model_dir} does not fit node {node['NodeID'][:12]} "
-                                f"({node.get('NodeManagerAddress', '?')}): {problem}")
+        memory, store = int(res["memory"]), int(res.get("object_store_memory", 0))
+        slots = pool.slots
+        if slots is None:
+            fixed = footprint(cfg, fmt, pool.head, 0, ctx)
+            room = (memory - fixed.total) // kv_bytes_per_slot(cfg, ctx)
+            slots = max(1, min(auto_slots(cfg, ctx, memory), room))
+        fits.append(NodeFit(node["NodeID"], node.get("NodeManagerAddress", "?"), memory, store, slots,
+                            footprint(cfg, fmt, pool.head, slots, ctx),
+                            fit_problem(cfg, fmt, pool.head, slots, ctx, memory, store)))
+    return JobSizing(plan.model_dir, ctx, fmt, pool.head, pool.slots, tuple(fits))
+
+
+def check_memory(plan: Plan, pool: PoolConfig) -> JobSizing:
+    """Refuse, before any compute, a job one worker of which does not fit some node (see `size_job`)."""
+    sizing = size_job(plan, pool)
+    sizing.check()
+    return sizing
 
 
 class JobHandle:

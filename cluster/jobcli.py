@@ -68,27 +68,27 @@ def _pool(args):
                       object_store_memory=None if args.object_store_mb is None else args.object_store_mb << 20)
 
 
-def _print_plan(plan, pool) -> None:
+def _print_plan(plan, pool, sizing) -> None:
+    """The dry run's report: inputs, shards, model, and for every node whether one worker fits it
+    (`sizing` from `driver.size_job`, the check `submit` refuses a job with)."""
     cfg = plan.config
-    from ternpool.engine.engine import DEFAULT_MAX_CONTEXT, auto_slots
-    from ternpool.engine.footprint import footprint
-    from ternpool.engine.native import resolved_weights_format
-
-    ctx = min(pool.max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
-    slots = pool.slots or auto_slots(cfg, ctx)
-    fmt = resolved_weights_format(plan.model_dir, pool.weights_format)
-    fp = footprint(cfg, fmt, pool.head, slots, ctx)
-    weights, kv = fp.weights, fp.kv_cache
     todo = plan.todo
     print(f"input:   {plan.inputs.uri}: {len(plan.inputs.files)} file(s), {plan.inputs.num_rows} rows, "
           f"text column '{plan.inputs.text_column}', passthrough {list(plan.inputs.passthrough)}")
     print(f"shards:  {len(plan.shards)} of <= {plan.spec.shard_rows} rows; {len(todo)} to run "
           f"({sum(s.num_rows for s in todo)} rows), {len(plan.shards) - len(todo)} already done")
     print(f"model:   {plan.model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.quantization_mode})")
-    print(f"workers: {pool.workers or 'one per node'}, {slots} slots x {ctx} tokens each; memory per "
-          f"worker ~{fp.total / 1e9:.2f} GB (weights {weights / 1e9:.2f} GB in {fmt} with the {pool.head} head, "
-          f"mapped and shared per node; KV cache up to {kv / 1e9:.2f} GB; runtime {fp.runtime / 1e9:.2f} GB)")
+          f"{cfg.quantization_mode}); {sizing.weights_format} weights, {sizing.head} head, "
+          f"context {sizing.max_context} tokens")
+    print(f"workers: {pool.workers or 'one per node'}, "
+          + (f"{sizing.slots} slots each" if sizing.slots else "slots chosen per node"))
+    if not sizing.nodes:
+        print("nodes:   none with a CPU and memory in this Ray cluster")
+    for n in sizing.nodes:
+        fp = n.footprint
+        print(f"node {n.node_id[:12]} ({n.address}): {n.verdict()}" + (
+            f" (weights {fp.weights / 1e9:.2f} GB, KV cache {fp.kv_cache / 1e9:.2f} GB for {n.slots} slots, "
+            f"runtime {fp.runtime / 1e9:.2f} GB)" if n.fits else ""))
     print(f"output:  {plan.spec.output}")
 
 
@@ -149,9 +149,20 @@ def cmd_submit(args) -> int:
     spec = JobSpec(inputs=args.input, output=args.output, model=args.model, **_job_kwargs(args))
     plan = prepare(spec)
     pool = _pool(args)
-    if args.dry_run:
-        _print_plan(plan, pool)
-        return 0
+    if args.dry_run:  # the same sizing as submit, against the nodes of the cluster submit would use
+        import ray
+
+        from .driver import size_job
+        from .ray_env import connect
+
+        owns_ray = connect(pool.address, pool.object_store_memory)
+        try:
+            sizing = size_job(plan, pool)
+        finally:
+            if owns_ray:
+                ray.shutdown()
+        _print_plan(plan, pool, sizing)
+        return 0 if sizing.fits else 2
     if not plan.todo:
         print(f"nothing to do: all {len(plan.shards)} shards of {args.output} are complete")
         return 0

@@ -79,6 +79,18 @@ def auto_slots(cfg: ModelConfig, max_context: int, memory: int | None = None) ->
     return max(1, min(DEFAULT_SLOTS, int(0.5 * memory // per_slot)))
 
 
+def context_length(cfg: ModelConfig, max_context: int | None) -> int:
+    """The context of every slot: `max_context`, or DEFAULT_MAX_CONTEXT capped at the model's limit when
+    None. ValueError naming both numbers when `max_context` exceeds the model's max_position_embeddings."""
+    if not max_context:
+        return min(DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
+    if max_context > cfg.max_position_embeddings:
+        raise ValueError(f"max context {max_context} (--max-context / max_context=) is larger than the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings}; use at most "
+                         f"{cfg.max_position_embeddings}")
+    return max_context
+
+
 class Engine:
     """One model, its tokenizer and a KV cache of `slots` sequences."""
 
@@ -114,6 +126,7 @@ class Engine:
         threads = set_threads(threads)
         model_dir = resolve_model_dir(model)
         cfg = ModelConfig.from_dir(model_dir)
+        ctx = context_length(cfg, max_context)
         native_dir = ensure_native(model_dir, weights_format, cache_dir)
         t1 = time.perf_counter()
         weights = load_native(native_dir, cfg)
@@ -122,7 +135,6 @@ class Engine:
         t3 = time.perf_counter()
         if len(tokenizer) > cfg.vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {len(tokenizer)} ids but vocab_size is {cfg.vocab_size}")
-        ctx = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
         if slots is None:
             slots = auto_slots(cfg, ctx)
         engine = cls(BitNetModel(weights, slots, ctx, head=head), tokenizer, threads, step_tokens, truncate)
