@@ -190,9 +190,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from .driver import request_job_cancel
+    from ternpool.jobs import request_cancel  # not through the driver, which imports Ray
 
-    request_job_cancel(args.output)
+    request_cancel(args.output)
     print(f"cancel requested: the job writing {args.output} stops at its next check (within a second)")
     return 0
 
@@ -243,12 +243,24 @@ def add_commands(sub) -> None:
     add_job_options(s)
     s.set_defaults(func=cmd_submit)
 
-    st = sub.add_parser("status", help="progress of a running or finished job (reads OUT)")
+    st = sub.add_parser(
+        "status", help="progress of a running or finished job (reads OUT)",
+        description="Print the state of the job writing OUT, read from OUT/_manifest.json (the shards and rows "
+        "completed) and OUT/_progress.json (kept current by the submitting process: tokens/s, ETA). Works from "
+        "any shell that can read OUT, with no Ray address and without loading the model. States: running (the "
+        "submitting process updated the progress recently), finished (every shard is written), cancelled "
+        "(stopped by Ctrl-C or `ternpool cancel`), incomplete (stopped otherwise, e.g. its process was killed). "
+        "Rerun the same submit command to resume a cancelled or incomplete job.")
     st.add_argument("output", help="the job's output directory")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
 
-    c = sub.add_parser("cancel", help="stop a running job, keeping its completed shards")
+    c = sub.add_parser(
+        "cancel", help="stop a running job, keeping its completed shards",
+        description="Write OUT/_cancel, which the submitting process polls every half second: the job stops "
+        "handing out shards, keeps every shard already written and ends in the state cancelled (see `ternpool "
+        "status`). Works from any shell that can write OUT, with no Ray address. Rerun the same submit command "
+        "to resume.")
     c.add_argument("output", help="the job's output directory")
     c.set_defaults(func=cmd_cancel)
 
