@@ -30,7 +30,7 @@ from ternpool.jobs.errors import JobInputError
 from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel, request_cancel,
                                     write_progress)
 
-from .coordinator import CoordinatorActor
+from .coordinator import CoordinatorActor, tokens_per_s
 from .metrics import check_port_free
 from .ray_env import alive_nodes, connect
 from .worker import WorkerActor, WorkerConfig
@@ -60,6 +60,10 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class JobSummary:
+    """The end of a job. rows, failed_rows and the token counts are the whole job's (a resumed job adds
+    the earlier runs' shards, from the manifest); the `*_this_run` fields and tokens/s are this run's.
+    Tokens are those of rows without an error."""
+
     output: str
     job_id: str
     state: str  # finished | cancelled | failed
@@ -72,12 +76,31 @@ class JobSummary:
     worker_restarts: int
     per_worker: dict
     error: str | None = None
-    processing_s: float = 0.0  # first shard handed out to last shard written
+    processing_s: float = 0.0  # this run: first shard handed out to last shard written
     scheduling: dict = field(default_factory=dict)  # the coordinator's own time, see Coordinator.stats
+    rows_this_run: int = 0
+    prompt_tokens_this_run: int = 0
+    generated_tokens_this_run: int = 0
 
     @property
     def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        """Generated tokens of this run / its processing time: what `status` and the progress bar show."""
+        return tokens_per_s(self.generated_tokens_this_run, self.processing_s)
+
+    @property
+    def resumed(self) -> bool:
+        return self.rows_this_run != self.rows
+
+
+def summarize(output: str, job_id: str, state: str, stats: dict, wall_s: float, worker_restarts: int = 0,
+              error: str | None = None) -> JobSummary:
+    """A JobSummary from the coordinator's final `stats()`."""
+    return JobSummary(
+        output, job_id, state, stats["rows_done"], stats["failed_rows"],
+        stats.get("job_prompt_tokens", stats["prompt_tokens"]), stats.get("job_generated_tokens", stats["generated_tokens"]),
+        wall_s, stats["retries"], worker_restarts, stats["workers"], error, stats["processing_s"],
+        stats.get("scheduling", {}), stats.get("rows_done_this_run", stats["rows_done"]), stats["prompt_tokens"],
+        stats["generated_tokens"])
 
 
 @dataclass(frozen=True)
@@ -341,11 +364,8 @@ class JobHandle:
             self._workers.clear()
             if state == "cancelled":
                 clear_cancel(self.output)
-            self._summary = JobSummary(
-                self.output, self.job_id, state, stats["rows_done"], stats["failed_rows"], stats["prompt_tokens"],
-                stats["generated_tokens"], time.time() - self._started, stats["retries"], self._restarts,
-                stats["workers"], None if self._error is None else str(self._error), stats["processing_s"],
-                stats.get("scheduling", {}))
+            self._summary = summarize(self.output, self.job_id, state, stats, time.time() - self._started,
+                                      self._restarts, None if self._error is None else str(self._error))
         finally:
             if self._owns_ray:
                 ray.shutdown()
@@ -355,6 +375,8 @@ class JobHandle:
         m = Manifest.load(self.output)
         stats = {"rows_done": sum(v["rows"] for v in m.completed.values()),
                  "failed_rows": sum(v.get("failed_rows", 0) for v in m.completed.values()),
+                 "job_prompt_tokens": sum(v.get("prompt_tokens", 0) for v in m.completed.values()),
+                 "job_generated_tokens": sum(v.get("generated_tokens", 0) for v in m.completed.values()),
                  "prompt_tokens": 0, "generated_tokens": 0, "retries": 0, "workers": {}, "processing_s": 0.0}
         write_progress(self.output, dict(stats, state=state, job_id=m.job_id, rows_total=m.num_rows,
                                          shards_total=m.num_shards, shards_done=len(m.completed)))

@@ -132,14 +132,18 @@ def _run(handle, show_progress: bool):
 
 
 def print_summary(summary) -> None:
-    print(f"job {summary.job_id}: {summary.state}; {summary.rows} rows ({summary.failed_rows} failed), "
-          f"{summary.prompt_tokens} prompt + {summary.generated_tokens} generated tokens in {summary.wall_s:.1f} s "
-          f"= {summary.tokens_per_s:.1f} tokens/s; {summary.retries} retries, {summary.worker_restarts} worker losses")
-    for wid, w in sorted(summary.per_worker.items()):
-        rate = w["generated_tokens"] / summary.wall_s if summary.wall_s else 0.0
+    s = summary
+    this_run = f" ({s.rows_this_run} in this run)" if s.resumed else ""
+    run_tokens = (f" ({s.prompt_tokens_this_run} + {s.generated_tokens_this_run} in this run)" if s.resumed else "")
+    print(f"job {s.job_id}: {s.state}; {s.rows} rows{this_run}, {s.failed_rows} failed; {s.prompt_tokens} prompt + "
+          f"{s.generated_tokens} generated tokens{run_tokens}; {s.tokens_per_s:.1f} tokens/s over "
+          f"{s.processing_s:.1f} s of processing ({s.wall_s:.1f} s in all); {s.retries} retries, "
+          f"{s.worker_restarts} worker losses")
+    for wid, w in sorted(s.per_worker.items()):
+        rate = w["generated_tokens"] / s.processing_s if s.processing_s else 0.0
         lost = " (lost)" if w.get("lost") else ""
         print(f"  {wid}{lost}: {w['rows']} rows, {w['generated_tokens']} tokens, {rate:.1f} tokens/s")
-    print(f"output: {summary.output} (read with ternpool.jobs.read_output)")
+    print(f"output: {s.output} (read with ternpool.jobs.read_output)")
 
 
 def cmd_submit(args) -> int:
@@ -176,6 +180,16 @@ def cmd_submit(args) -> int:
     return 0 if summary.state == "finished" else 130
 
 
+def format_eta(seconds: float) -> str:
+    """3 s, 4m05s, 2h03m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def cmd_status(args) -> int:
     from ternpool.jobs import status
 
@@ -185,7 +199,8 @@ def cmd_status(args) -> int:
         return 0
     print(f"job {s.get('job_id')}: {s['state']}; {s['rows_done']}/{s['rows_total']} rows, "
           f"{s['shards_done']}/{s['shards_total']} shards, {s.get('failed_rows', 0)} failed rows"
-          + (f", {s['tokens_per_s']:.1f} tokens/s" if s.get("tokens_per_s") else ""))
+          + (f", {s['tokens_per_s']:.1f} tokens/s" if s.get("tokens_per_s") else "")
+          + (f", ETA {format_eta(s['eta_s'])}" if s.get("eta_s") is not None and s["state"] == "running" else ""))
     return 0
 
 

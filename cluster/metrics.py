@@ -168,7 +168,9 @@ class JobMetrics:
             self._w("ternpool_generated_tokens", worker, node).inc(generated)
             self.recent.setdefault((worker, node), deque()).append((now, generated))
 
-    def queue(self, queued: int, in_flight: int, active_workers: int, rows_done: int, rows_total: int) -> None:
+    def queue(self, queued: int, in_flight: int, active_workers: int, rows_done: int, rows_total: int) -> float | None:
+        """Update the queue gauges; returns the ETA in seconds (remaining rows / the row rate over the last
+        window), 0 when every row is done, None while no rows were done in the window."""
         self._j("ternpool_shards_queued").set(queued)
         self._j("ternpool_shards_in_flight").set(in_flight)
         self._j("ternpool_active_workers").set(active_workers)
@@ -183,11 +185,15 @@ class JobMetrics:
         self.rows_rate.append((now, rows_done))
         while self.rows_rate and now - self.rows_rate[0][0] > _RATE_WINDOW_S:
             self.rows_rate.popleft()
-        if len(self.rows_rate) >= 2 and self.rows_rate[-1][1] > self.rows_rate[0][1]:
+        eta = None
+        if rows_done >= rows_total:
+            eta = 0.0
+        elif len(self.rows_rate) >= 2 and self.rows_rate[-1][1] > self.rows_rate[0][1]:
             (t0, r0), (t1, r1) = self.rows_rate[0], self.rows_rate[-1]
-            self._j("ternpool_eta_seconds").set((rows_total - rows_done) * (t1 - t0) / (r1 - r0))
-        elif rows_done >= rows_total:
-            self._j("ternpool_eta_seconds").set(0)
+            eta = (rows_total - rows_done) * (t1 - t0) / (r1 - r0)
+        if eta is not None:
+            self._j("ternpool_eta_seconds").set(eta)
+        return eta
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

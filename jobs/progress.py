@@ -96,8 +96,8 @@ def owns_output(output: str, run_id: str) -> bool:
 def status(output: str) -> dict[str, Any]:
     """The state of the job in `output` from its manifest and progress file:
     job_id, state ("running" | "finished" | "cancelled" | "incomplete"), rows_total, rows_done,
-    shards_total, shards_done, failed_rows, tokens_per_s (None without progress) and updated
-    (time of the last progress update, else of the manifest's finish or creation).
+    shards_total, shards_done, failed_rows, tokens_per_s (None without progress), updated
+    (time of the last progress update, else of the manifest's finish or creation) and eta_s.
     JobInputError when `output` has no manifest."""
     manifest = Manifest.load(output)
     progress = read_progress(output) or {}
@@ -126,4 +126,6 @@ def status(output: str) -> dict[str, Any]:
         "failed_rows": sum(int(e.get("failed_rows", 0)) for e in entries),
         "tokens_per_s": progress.get("tokens_per_s"),
         "updated": updated,
+        # remaining rows / the recent row rate while running (None until known), 0 when finished
+        "eta_s": 0.0 if state == "finished" else progress.get("eta_s") if state == "running" else None,
     }

@@ -155,3 +155,56 @@ def test_failed_rows_tokens_are_not_counted(tmp_path, tiny_engine):
     text = coord.metrics.exposition().decode()
     prompt_metric = [ln for ln in text.splitlines() if ln.startswith("ternpool_prompt_tokens_total{")]
     assert len(prompt_metric) == 1 and float(prompt_metric[0].split()[-1]) == good_prompt
+
+
+def test_resumed_summary_counts_the_whole_job_and_agrees_with_status(tmp_path, capsys):
+    from ternpool.cluster.driver import summarize
+    from ternpool.cluster.jobcli import print_summary
+    from ternpool.jobs import status
+
+    first = _coordinator(tmp_path)
+    _finish_one(first)
+    _finish_one(first)
+    first.cancel()
+    first.write_progress("cancelled")
+    entries = json.loads((tmp_path / "out" / "_manifest.json").read_text())["completed"]
+    assert all((e["prompt_tokens"], e["generated_tokens"]) == (12, 8) for e in entries.values())  # 4 rows x (3, 2)
+
+    again = _coordinator(tmp_path)
+    while _finish_one(again):
+        pass
+    stats = again.write_progress("finished")
+    summary = summarize(str(tmp_path / "out"), stats["job_id"], "finished", stats, wall_s=99.0)
+    assert (summary.rows, summary.rows_this_run, summary.resumed) == (24, 16, True)
+    assert (summary.prompt_tokens, summary.generated_tokens) == (72, 48)
+    assert (summary.prompt_tokens_this_run, summary.generated_tokens_this_run) == (48, 32)
+    assert summary.tokens_per_s == pytest.approx(32 / stats["processing_s"]) and stats["processing_s"] > 0
+    st = status(str(tmp_path / "out"))
+    assert st["state"] == "finished" and st["tokens_per_s"] == summary.tokens_per_s and st["eta_s"] == 0.0
+    print_summary(summary)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "24 rows (16 in this run), 0 failed; 72 prompt + 48 generated tokens (48 + 32 in this run); " \
+           f"{summary.tokens_per_s:.1f} tokens/s" in line
+
+
+def test_eta_is_remaining_rows_over_the_recent_row_rate(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from ternpool.cluster import metrics as metrics_mod
+    from ternpool.cluster.jobcli import cmd_status
+    from ternpool.jobs import status
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_mod, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    coord = _coordinator(tmp_path)  # 24 rows in shards of 4
+    _finish_one(coord)
+    assert coord.stats()["eta_s"] is None  # one sample: no rate yet
+    clock[0] = 110.0
+    _finish_one(coord)
+    s = coord.write_progress("running")
+    assert s["eta_s"] == pytest.approx((24 - 8) * 10.0 / 4)  # 4 rows in 10 s, 16 to go
+    st = status(str(tmp_path / "out"))
+    assert st["state"] == "running" and st["eta_s"] == pytest.approx(40.0)
+    cmd_status(SimpleNamespace(output=str(tmp_path / "out"), json=False))
+    line = capsys.readouterr().out.strip()
+    assert "running; " in line and line.endswith(", ETA 40 s"), line
