@@ -97,10 +97,11 @@ def summarize(output: str, job_id: str, state: str, stats: dict, wall_s: float, 
     """A JobSummary from the coordinator's final `stats()`."""
     return JobSummary(
         output, job_id, state, stats["rows_done"], stats["failed_rows"],
-        stats.get("job_prompt_tokens", stats["prompt_tokens"]), stats.get("job_generated_tokens", stats["generated_tokens"]),
+        stats.get("job_prompt_tokens", stats["prompt_tokens"]),
+        stats.get("job_generated_tokens", stats["generated_tokens"]),
         wall_s, stats["retries"], worker_restarts, stats["workers"], error, stats["processing_s"],
-        stats.get("scheduling", {}), stats.get("rows_done_this_run", stats["rows_done"]), stats["prompt_tokens"],
-        stats["generated_tokens"])
+        stats.get("scheduling", {}), stats.get("rows_done_this_run", stats["rows_done"]),
+        stats["prompt_tokens"], stats["generated_tokens"])
 
 
 @dataclass(frozen=True)

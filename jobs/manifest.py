@@ -161,7 +161,8 @@ class Manifest:
         shard_id = int(shard_id)
         self.completed[shard_id] = {"rows": int(rows), "file": part_name(shard_id), "failed_rows": int(failed_rows)}
         if prompt_tokens is not None:  # tokens of the shard's rows without an error (a resumed summary adds them up)
-            self.completed[shard_id].update(prompt_tokens=int(prompt_tokens), generated_tokens=int(generated_tokens or 0))
+            self.completed[shard_id].update(prompt_tokens=int(prompt_tokens),
+                                            generated_tokens=int(generated_tokens or 0))
         if self.finished is None and len(self.completed) >= self.num_shards \
                 and len(self.done_shards()) == self.num_shards:
             self.finished = time.time()
