@@ -51,6 +51,24 @@ WRITE_BACKOFF_S = 0.5  # wait before the second try; doubles after each failure 
 _MANIFEST = "manifest"  # key of the manifest save in Coordinator._retry
 
 
+def processed_tokens(results) -> tuple[int, int]:
+    """(prompt, generated) tokens of the rows that succeeded. A failed row (too long, bad sampling
+    values, ...) keeps its `prompt_tokens` in the output but was not processed: the counters,
+    metrics, summary and tokens/s leave it out."""
+    prompt = generated = 0
+    for r in results:
+        if r.error is None and r.finish_reason != "error":
+            prompt += r.prompt_tokens
+            generated += r.completion_tokens
+    return prompt, generated
+
+
+def tokens_per_s(generated_tokens: int, processing_s: float) -> float:
+    """The one definition of a job's tokens/s (progress bar, status, summary): tokens generated in this
+    run / seconds from this run's first lease to its last shard written (to now while none is)."""
+    return generated_tokens / processing_s if processing_s > 0 else 0.0
+
+
 @dataclass
 class _Piece:
     shard: Shard  # a contiguous range of one planned shard (same shard_id)
@@ -101,8 +119,11 @@ class Coordinator:
         self.rows_done = sum(v["rows"] for v in manifest.completed.values())
         self.failed_rows = sum(v.get("failed_rows", 0) for v in manifest.completed.values())
         self.rows_at_start = self.rows_done
-        self.prompt_tokens = 0
+        self.prompt_tokens = 0  # of this run; earlier runs' are in the manifest's completed entries
         self.generated_tokens = 0
+        self.prompt_tokens_before = sum(v.get("prompt_tokens", 0) for v in manifest.completed.values())
+        self.generated_tokens_before = sum(v.get("generated_tokens", 0) for v in manifest.completed.values())
+        self.eta_s: float | None = None  # remaining rows / recent row rate (JobMetrics.queue)
         self.started = time.time()
         self.first_lease: float | None = None  # processing time: first lease to last shard written
         self.last_written: float | None = None
@@ -195,8 +216,7 @@ class Coordinator:
             if not w.leased:
                 w.busy_since = None
             w.rows += len(results)
-            prompt = sum(r.prompt_tokens for r in results)
-            generated = sum(r.completion_tokens for r in results)
+            prompt, generated = processed_tokens(results)
             w.prompt_tokens += prompt
             w.generated_tokens += generated
             tokens = self.shard_tokens.setdefault(piece.shard.shard_id, {}).setdefault((worker_id, w.node), [0, 0])
@@ -278,11 +298,13 @@ class Coordinator:
             return
         self._retry.pop(shard_id, None)
         failed = sum(1 for r in got.values() if r.error is not None)
+        prompt, generated = processed_tokens(got.values())
         # Saving rewrites the whole manifest: batched so that it takes at most 10% of the time, or a
         # 100,000-shard job would spend most of the coordinator's time there. A crash loses the records
         # since the last save; those shards are done again on resume and their part files replaced
         # (same names), never duplicated.
-        self.manifest.record(shard_id, rows=shard.num_rows, failed_rows=failed, save=False)
+        self.manifest.record(shard_id, rows=shard.num_rows, failed_rows=failed, save=False,
+                             prompt_tokens=prompt, generated_tokens=generated)
         self._unsaved += 1
         self._save_manifest(force=len(self.remaining) == 1)
         self.write_s += time.perf_counter() - t0
@@ -295,8 +317,8 @@ class Coordinator:
         del self.partial[shard_id]
         self.rows_done += shard.num_rows
         self.failed_rows += failed
-        self.prompt_tokens += sum(r.prompt_tokens for r in got.values())
-        self.generated_tokens += sum(r.completion_tokens for r in got.values())
+        self.prompt_tokens += prompt
+        self.generated_tokens += generated
 
     def _save_manifest(self, force: bool = False, retrying: bool = False) -> None:
         with self.lock:
@@ -354,7 +376,9 @@ class Coordinator:
         with self.lock:
             elapsed = max(time.time() - self.started, 1e-9)
             in_flight = sum(len(w.leased) for w in self.workers.values())
-            self.metrics.queue(len(self.queue), in_flight, len(self.workers), self.rows_done, self.manifest.num_rows)
+            self.eta_s = self.metrics.queue(len(self.queue), in_flight, len(self.workers), self.rows_done,
+                                            self.manifest.num_rows)
+            processing = ((self.last_written or time.time()) - self.first_lease) if self.first_lease else 0.0
             return {
                 "job_id": self.manifest.job_id,
                 "rows_total": self.manifest.num_rows,
@@ -366,11 +390,14 @@ class Coordinator:
                 "queued": len(self.queue),
                 "in_flight": in_flight,
                 "retries": self.retries,
-                "prompt_tokens": self.prompt_tokens,
+                "prompt_tokens": self.prompt_tokens,  # this run's
                 "generated_tokens": self.generated_tokens,
-                "tokens_per_s": self.generated_tokens / elapsed,
+                "job_prompt_tokens": self.prompt_tokens_before + self.prompt_tokens,  # the whole job's
+                "job_generated_tokens": self.generated_tokens_before + self.generated_tokens,
+                "tokens_per_s": tokens_per_s(self.generated_tokens, processing),
+                "eta_s": self.eta_s,
                 "elapsed_s": elapsed,
-                "processing_s": ((self.last_written or time.time()) - self.first_lease) if self.first_lease else 0.0,
+                "processing_s": processing,
                 "done": not self.remaining and _MANIFEST not in self._retry,
                 "error": self.error,
                 "cancelled": self.cancelled,

@@ -21,8 +21,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ternpool.engine import ModelConfig
-from ternpool.engine.engine import DEFAULT_MAX_CONTEXT
-from ternpool.engine.footprint import fit_problem
+from ternpool.engine.engine import auto_slots, context_length
+from ternpool.engine.footprint import Footprint, fit_problem, footprint, kv_bytes_per_slot
 from ternpool.engine.hub import resolve_model_dir
 from ternpool.engine.native import resolved_weights_format
 from ternpool.engine.validate import validate_model
@@ -32,7 +32,7 @@ from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel
                                     write_progress)
 from ternpool.jobs.runlock import OutputLock
 
-from .coordinator import CoordinatorActor
+from .coordinator import CoordinatorActor, tokens_per_s
 from .metrics import ports_to_try
 from .ray_env import alive_nodes, connect, loss_reason
 from .worker import WorkerActor, WorkerConfig
@@ -62,6 +62,10 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class JobSummary:
+    """The end of a job. rows, failed_rows and the token counts are the whole job's (a resumed job adds
+    the earlier runs' shards, from the manifest); the `*_this_run` fields and tokens/s are this run's.
+    Tokens are those of rows without an error."""
+
     output: str
     job_id: str
     state: str  # finished | cancelled | failed
@@ -74,12 +78,32 @@ class JobSummary:
     worker_restarts: int
     per_worker: dict
     error: str | None = None
-    processing_s: float = 0.0  # first shard handed out to last shard written
+    processing_s: float = 0.0  # this run: first shard handed out to last shard written
     scheduling: dict = field(default_factory=dict)  # the coordinator's own time, see Coordinator.stats
+    rows_this_run: int = 0
+    prompt_tokens_this_run: int = 0
+    generated_tokens_this_run: int = 0
 
     @property
     def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        """Generated tokens of this run / its processing time: what `status` and the progress bar show."""
+        return tokens_per_s(self.generated_tokens_this_run, self.processing_s)
+
+    @property
+    def resumed(self) -> bool:
+        return self.rows_this_run != self.rows
+
+
+def summarize(output: str, job_id: str, state: str, stats: dict, wall_s: float, worker_restarts: int = 0,
+              error: str | None = None) -> JobSummary:
+    """A JobSummary from the coordinator's final `stats()`."""
+    return JobSummary(
+        output, job_id, state, stats["rows_done"], stats["failed_rows"],
+        stats.get("job_prompt_tokens", stats["prompt_tokens"]),
+        stats.get("job_generated_tokens", stats["generated_tokens"]),
+        wall_s, stats["retries"], worker_restarts, stats["workers"], error, stats["processing_s"],
+        stats.get("scheduling", {}), stats.get("rows_done_this_run", stats["rows_done"]),
+        stats["prompt_tokens"], stats["generated_tokens"])
 
 
 @dataclass(frozen=True)
@@ -108,22 +132,86 @@ def prepare(spec: JobSpec) -> Plan:
     return Plan(spec, inputs, shards, manifest, model_dir, cfg)
 
 
-def check_memory(plan: Plan, pool: PoolConfig) -> None:
-    """Refuse, before any compute, a model that one worker cannot hold on some node: weights, the KV
-    cache of the configured slots (one slot when automatic: those shrink to fit) and the runtime,
-    against what Ray gives the node for workers (its object store already taken out)."""
+@dataclass(frozen=True)
+class NodeFit:
+    """Whether one worker of a job fits one node, in the memory Ray gives that node's workers."""
+
+    node_id: str
+    address: str
+    memory: int  # bytes for workers (Ray's `memory` resource: the object store is already taken out)
+    object_store: int
+    slots: int  # the configured slots, or what automatic slots would pick with this memory
+    footprint: Footprint  # one worker with `slots` slots
+    problem: str | None  # None when it fits; else what it needs and what would fit
+
+    @property
+    def fits(self) -> bool:
+        return self.problem is None
+
+    def verdict(self) -> str:
+        if self.fits:
+            return f"fits: {self.footprint.total / 1e9:.2f} GB of {self.memory / 1e9:.1f} GB"
+        return f"does not fit: {self.problem}"
+
+
+@dataclass(frozen=True)
+class JobSizing:
+    """What one worker of a job holds, and the verdict for every node (`size_job`)."""
+
+    model_dir: str
+    max_context: int
+    weights_format: str
+    head: str
+    slots: int | None  # as configured; None: automatic (per node, see NodeFit.slots)
+    nodes: tuple[NodeFit, ...]
+
+    @property
+    def fits(self) -> bool:
+        return all(n.fits for n in self.nodes)
+
+    def check(self) -> None:
+        """JobInputError naming every node that one worker does not fit, and what would fit."""
+        unfit = [n for n in self.nodes if not n.fits]
+        if unfit:
+            raise JobInputError("; ".join(f"model {self.model_dir} does not fit node {n.node_id[:12]} ({n.address}): "
+                                          f"{n.problem}" for n in unfit))
+
+
+def size_job(plan: Plan, pool: PoolConfig, nodes: list[dict] | None = None) -> JobSizing:
+    """Size one worker of the job (context, slots, weights format, footprint) and judge it against every
+    alive node with a CPU (`nodes`: `ray.nodes()` entries; default: this Ray cluster's): weights, the KV
+    cache of the configured slots (automatic slots: as many as the engine would pick, fewer when only
+    fewer fit, at least one) and the runtime, against what Ray gives the node for workers. `submit`
+    refuses the job unless every node fits (`JobSizing.check`); `--dry-run` prints the verdicts.
+    JobInputError when --max-context exceeds the model's limit."""
     cfg = plan.config
     fmt = resolved_weights_format(plan.model_dir, pool.weights_format)
-    ctx = min(pool.max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
-    for node in ray.nodes():
+    try:
+        ctx = context_length(cfg, pool.max_context)
+    except ValueError as e:
+        raise JobInputError(f"model {plan.model_dir}: {e}") from None
+    fits = []
+    for node in ray.nodes() if nodes is None else nodes:
         res = node.get("Resources", {})
         if not node.get("Alive") or res.get("CPU", 0) < 1 or "memory" not in res:
             continue
-        problem = fit_problem(cfg, fmt, pool.head, pool.slots or 1, ctx, int(res["memory"]),
-                              int(res.get("object_store_memory", 0)))
-        if problem:
-            raise JobInputError(f"model {plan.model_dir} does not fit node {node['NodeID'][:12]} "
-                                f"({node.get('NodeManagerAddress', '?')}): {problem}")
+        memory, store = int(res["memory"]), int(res.get("object_store_memory", 0))
+        slots = pool.slots
+        if slots is None:
+            fixed = footprint(cfg, fmt, pool.head, 0, ctx)
+            room = (memory - fixed.total) // kv_bytes_per_slot(cfg, ctx)
+            slots = max(1, min(auto_slots(cfg, ctx, memory), room))
+        fits.append(NodeFit(node["NodeID"], node.get("NodeManagerAddress", "?"), memory, store, slots,
+                            footprint(cfg, fmt, pool.head, slots, ctx),
+                            fit_problem(cfg, fmt, pool.head, slots, ctx, memory, store)))
+    return JobSizing(plan.model_dir, ctx, fmt, pool.head, pool.slots, tuple(fits))
+
+
+def check_memory(plan: Plan, pool: PoolConfig) -> JobSizing:
+    """Refuse, before any compute, a job one worker of which does not fit some node (see `size_job`)."""
+    sizing = size_job(plan, pool)
+    sizing.check()
+    return sizing
 
 
 class JobHandle:
@@ -315,13 +403,10 @@ class JobHandle:
                 progress = read_progress(self.output) or {}
                 write_progress(self.output, dict(progress, state="failed", updated=time.time(),
                                                  error=str(self._error) if self._error is not None
-                                                 else "the job failed"))
-            self._summary = JobSummary(
-                self.output, self.job_id, state, stats["rows_done"], stats["failed_rows"], stats["prompt_tokens"],
-                stats["generated_tokens"], time.time() - self._started, stats["retries"], self._restarts,
-                stats["workers"], str(self._error) if self._error is not None else stats.get("error"),
-                stats["processing_s"],
-                stats.get("scheduling", {}))
+                                                 else stats.get("error") or "the job failed"))
+            error = self._error if self._error is not None else stats.get("error")
+            self._summary = summarize(self.output, self.job_id, state, stats, time.time() - self._started,
+                                      self._restarts, None if error is None else str(error))
         finally:
             if self._owns_ray:
                 ray.shutdown()
@@ -332,6 +417,8 @@ class JobHandle:
         m = Manifest.load(self.output)
         stats = {"rows_done": sum(v["rows"] for v in m.completed.values()),
                  "failed_rows": sum(v.get("failed_rows", 0) for v in m.completed.values()),
+                 "job_prompt_tokens": sum(v.get("prompt_tokens", 0) for v in m.completed.values()),
+                 "job_generated_tokens": sum(v.get("generated_tokens", 0) for v in m.completed.values()),
                  "prompt_tokens": 0, "generated_tokens": 0, "retries": 0, "workers": {}, "processing_s": 0.0}
         try:
             write_progress(self.output, dict(stats, state=state, job_id=m.job_id, rows_total=m.num_rows,

@@ -69,27 +69,27 @@ def _pool(args):
                       object_store_memory=None if args.object_store_mb is None else args.object_store_mb << 20)
 
 
-def _print_plan(plan, pool) -> None:
+def _print_plan(plan, pool, sizing) -> None:
+    """The dry run's report: inputs, shards, model, and for every node whether one worker fits it
+    (`sizing` from `driver.size_job`, the check `submit` refuses a job with)."""
     cfg = plan.config
-    from ternpool.engine.engine import DEFAULT_MAX_CONTEXT, auto_slots
-    from ternpool.engine.footprint import footprint
-    from ternpool.engine.native import resolved_weights_format
-
-    ctx = min(pool.max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
-    slots = pool.slots or auto_slots(cfg, ctx)
-    fmt = resolved_weights_format(plan.model_dir, pool.weights_format)
-    fp = footprint(cfg, fmt, pool.head, slots, ctx)
-    weights, kv = fp.weights, fp.kv_cache
     todo = plan.todo
     print(f"input:   {plan.inputs.uri}: {len(plan.inputs.files)} file(s), {plan.inputs.num_rows} rows, "
           f"text column '{plan.inputs.text_column}', passthrough {list(plan.inputs.passthrough)}")
     print(f"shards:  {len(plan.shards)} of <= {plan.spec.shard_rows} rows; {len(todo)} to run "
           f"({sum(s.num_rows for s in todo)} rows), {len(plan.shards) - len(todo)} already done")
     print(f"model:   {plan.model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.quantization_mode})")
-    print(f"workers: {pool.workers or 'one per node'}, {slots} slots x {ctx} tokens each; memory per "
-          f"worker ~{fp.total / 1e9:.2f} GB (weights {weights / 1e9:.2f} GB in {fmt} with the {pool.head} head, "
-          f"mapped and shared per node; KV cache up to {kv / 1e9:.2f} GB; runtime {fp.runtime / 1e9:.2f} GB)")
+          f"{cfg.quantization_mode}); {sizing.weights_format} weights, {sizing.head} head, "
+          f"context {sizing.max_context} tokens")
+    print(f"workers: {pool.workers or 'one per node'}, "
+          + (f"{sizing.slots} slots each" if sizing.slots else "slots chosen per node"))
+    if not sizing.nodes:
+        print("nodes:   none with a CPU and memory in this Ray cluster")
+    for n in sizing.nodes:
+        fp = n.footprint
+        print(f"node {n.node_id[:12]} ({n.address}): {n.verdict()}" + (
+            f" (weights {fp.weights / 1e9:.2f} GB, KV cache {fp.kv_cache / 1e9:.2f} GB for {n.slots} slots, "
+            f"runtime {fp.runtime / 1e9:.2f} GB)" if n.fits else ""))
     print(f"output:  {plan.spec.output}")
 
 
@@ -133,14 +133,18 @@ def _run(handle, show_progress: bool):
 
 
 def print_summary(summary) -> None:
-    print(f"job {summary.job_id}: {summary.state}; {summary.rows} rows ({summary.failed_rows} failed), "
-          f"{summary.prompt_tokens} prompt + {summary.generated_tokens} generated tokens in {summary.wall_s:.1f} s "
-          f"= {summary.tokens_per_s:.1f} tokens/s; {summary.retries} retries, {summary.worker_restarts} worker losses")
-    for wid, w in sorted(summary.per_worker.items()):
-        rate = w["generated_tokens"] / summary.wall_s if summary.wall_s else 0.0
+    s = summary
+    this_run = f" ({s.rows_this_run} in this run)" if s.resumed else ""
+    run_tokens = (f" ({s.prompt_tokens_this_run} + {s.generated_tokens_this_run} in this run)" if s.resumed else "")
+    print(f"job {s.job_id}: {s.state}; {s.rows} rows{this_run}, {s.failed_rows} failed; {s.prompt_tokens} prompt + "
+          f"{s.generated_tokens} generated tokens{run_tokens}; {s.tokens_per_s:.1f} tokens/s over "
+          f"{s.processing_s:.1f} s of processing ({s.wall_s:.1f} s in all); {s.retries} retries, "
+          f"{s.worker_restarts} worker losses")
+    for wid, w in sorted(s.per_worker.items()):
+        rate = w["generated_tokens"] / s.processing_s if s.processing_s else 0.0
         lost = " (lost)" if w.get("lost") else ""
         print(f"  {wid}{lost}: {w['rows']} rows, {w['generated_tokens']} tokens, {rate:.1f} tokens/s")
-    print(f"output: {summary.output} (read with ternpool.jobs.read_output)")
+    print(f"output: {s.output} (read with ternpool.jobs.read_output)")
 
 
 def cmd_submit(args) -> int:
@@ -150,9 +154,20 @@ def cmd_submit(args) -> int:
     spec = JobSpec(inputs=args.input, output=args.output, model=args.model, **_job_kwargs(args))
     plan = prepare(spec)
     pool = _pool(args)
-    if args.dry_run:
-        _print_plan(plan, pool)
-        return 0
+    if args.dry_run:  # the same sizing as submit, against the nodes of the cluster submit would use
+        import ray
+
+        from .driver import size_job
+        from .ray_env import connect
+
+        owns_ray = connect(pool.address, pool.object_store_memory)
+        try:
+            sizing = size_job(plan, pool)
+        finally:
+            if owns_ray:
+                ray.shutdown()
+        _print_plan(plan, pool, sizing)
+        return 0 if sizing.fits else 2
     if not plan.todo:
         print(f"nothing to do: all {len(plan.shards)} shards of {args.output} are complete")
         return 0
@@ -166,6 +181,16 @@ def cmd_submit(args) -> int:
     return 0 if summary.state == "finished" else 130
 
 
+def format_eta(seconds: float) -> str:
+    """3 s, 4m05s, 2h03m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def cmd_status(args) -> int:
     from ternpool.jobs import status
 
@@ -175,7 +200,8 @@ def cmd_status(args) -> int:
         return 0
     print(f"job {s.get('job_id')}: {s['state']}; {s['rows_done']}/{s['rows_total']} rows, "
           f"{s['shards_done']}/{s['shards_total']} shards, {s.get('failed_rows', 0)} failed rows"
-          + (f", {s['tokens_per_s']:.1f} tokens/s" if s.get("tokens_per_s") else ""))
+          + (f", {s['tokens_per_s']:.1f} tokens/s" if s.get("tokens_per_s") else "")
+          + (f", ETA {format_eta(s['eta_s'])}" if s.get("eta_s") is not None and s["state"] == "running" else ""))
     if s.get("driver"):
         d = s["driver"]
         print(f"driver: pid {d.get('pid', '?')} on host {d.get('host', '?')}")
@@ -185,9 +211,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from .driver import request_job_cancel
+    from ternpool.jobs import request_cancel  # not through the driver, which imports Ray
 
-    request_job_cancel(args.output)
+    request_cancel(args.output)
     print(f"cancel requested: the job writing {args.output} stops at its next check (within a second)")
     return 0
 
@@ -238,12 +264,24 @@ def add_commands(sub) -> None:
     add_job_options(s)
     s.set_defaults(func=cmd_submit)
 
-    st = sub.add_parser("status", help="progress of a running or finished job (reads OUT)")
+    st = sub.add_parser(
+        "status", help="progress of a running or finished job (reads OUT)",
+        description="Print the state of the job writing OUT, read from OUT/_manifest.json (the shards and rows "
+        "completed) and OUT/_progress.json (kept current by the submitting process: tokens/s, ETA). Works from "
+        "any shell that can read OUT, with no Ray address and without loading the model. States: running (the "
+        "submitting process updated the progress recently), finished (every shard is written), cancelled "
+        "(stopped by Ctrl-C or `ternpool cancel`), incomplete (stopped otherwise, e.g. its process was killed). "
+        "Rerun the same submit command to resume a cancelled or incomplete job.")
     st.add_argument("output", help="the job's output directory")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
 
-    c = sub.add_parser("cancel", help="stop a running job, keeping its completed shards")
+    c = sub.add_parser(
+        "cancel", help="stop a running job, keeping its completed shards",
+        description="Write OUT/_cancel, which the submitting process polls every half second: the job stops "
+        "handing out shards, keeps every shard already written and ends in the state cancelled (see `ternpool "
+        "status`). Works from any shell that can write OUT, with no Ray address. Rerun the same submit command "
+        "to resume.")
     c.add_argument("output", help="the job's output directory")
     c.set_defaults(func=cmd_cancel)
 

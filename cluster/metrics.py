@@ -3,7 +3,7 @@
 Every series carries `job_id` (never `job`: Prometheus overwrites that label
 with its scrape job's name); per-worker series add `worker` and `node`.
 Counters move when a shard is written to the output, so at the end they
-equal the rows and tokens in the output. The final values are also written
+equal the rows in the output and the tokens of its rows without an error. The final values are also written
 to `OUT/_metrics.prom` (text exposition format) for jobs shorter than a
 scrape interval, and can be pushed to a Pushgateway.
 """
@@ -35,8 +35,8 @@ SPEC = {
     "ternpool_rows_total": ("gauge", J, "Rows in the job's input"),
     "ternpool_rows_done": ("counter", J, "Rows written to the output (failed rows included)"),
     "ternpool_rows_failed": ("counter", J, "Rows written with an error"),
-    "ternpool_prompt_tokens": ("counter", W, "Prompt tokens of rows written to the output"),
-    "ternpool_generated_tokens": ("counter", W, "Generated tokens of rows written to the output"),
+    "ternpool_prompt_tokens": ("counter", W, "Prompt tokens of rows written to the output without an error"),
+    "ternpool_generated_tokens": ("counter", W, "Generated tokens of rows written to the output without an error"),
     "ternpool_shard_retries": ("counter", J, "Pieces of shards requeued after their worker was lost"),
     "ternpool_worker_restarts": ("counter", J, "Workers lost (died, removed or hung) and replaced"),
     "ternpool_shards_queued": ("gauge", J, "Shard pieces waiting for a worker"),
@@ -194,7 +194,9 @@ class JobMetrics:
             self._w("ternpool_generated_tokens", worker, node).inc(generated)
             self.recent.setdefault((worker, node), deque()).append((now, generated))
 
-    def queue(self, queued: int, in_flight: int, active_workers: int, rows_done: int, rows_total: int) -> None:
+    def queue(self, queued: int, in_flight: int, active_workers: int, rows_done: int, rows_total: int) -> float | None:
+        """Update the queue gauges; returns the ETA in seconds (remaining rows / the row rate over the last
+        window), 0 when every row is done, None while no rows were done in the window."""
         self._j("ternpool_shards_queued").set(queued)
         self._j("ternpool_shards_in_flight").set(in_flight)
         self._j("ternpool_active_workers").set(active_workers)
@@ -209,11 +211,15 @@ class JobMetrics:
         self.rows_rate.append((now, rows_done))
         while self.rows_rate and now - self.rows_rate[0][0] > _RATE_WINDOW_S:
             self.rows_rate.popleft()
-        if len(self.rows_rate) >= 2 and self.rows_rate[-1][1] > self.rows_rate[0][1]:
+        eta = None
+        if rows_done >= rows_total:
+            eta = 0.0
+        elif len(self.rows_rate) >= 2 and self.rows_rate[-1][1] > self.rows_rate[0][1]:
             (t0, r0), (t1, r1) = self.rows_rate[0], self.rows_rate[-1]
-            self._j("ternpool_eta_seconds").set((rows_total - rows_done) * (t1 - t0) / (r1 - r0))
-        elif rows_done >= rows_total:
-            self._j("ternpool_eta_seconds").set(0)
+            eta = (rows_total - rows_done) * (t1 - t0) / (r1 - r0)
+        if eta is not None:
+            self._j("ternpool_eta_seconds").set(eta)
+        return eta
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

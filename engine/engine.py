@@ -93,6 +93,18 @@ def auto_slots(cfg: ModelConfig, max_context: int, memory: int | None = None) ->
     return max(1, min(DEFAULT_SLOTS, int(0.5 * memory // per_slot)))
 
 
+def context_length(cfg: ModelConfig, max_context: int | None) -> int:
+    """The context of every slot: `max_context`, or DEFAULT_MAX_CONTEXT capped at the model's limit when
+    None. ValueError naming both numbers when `max_context` exceeds the model's max_position_embeddings."""
+    if not max_context:
+        return min(DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
+    if max_context > cfg.max_position_embeddings:
+        raise ValueError(f"max context {max_context} (--max-context / max_context=) is larger than the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings}; use at most "
+                         f"{cfg.max_position_embeddings}")
+    return max_context
+
+
 class Engine:
     """One model, its tokenizer and a KV cache of `slots` sequences."""
 
@@ -129,13 +141,13 @@ class Engine:
         model_dir = resolve_model_dir(model)
         check_links(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
-        ctx = min(max_context or DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings)
+        ctx = context_length(cfg, max_context)
         check_fits(model_dir, cfg, resolved_weights_format(model_dir, weights_format), head, slots or 1, ctx)
         native_dir = ensure_native(model_dir, weights_format, cache_dir)  # checks the source's tensor headers
         t1 = time.perf_counter()
         weights = load_native(native_dir, cfg)  # checks the native file's tensor headers
         t2 = time.perf_counter()
-        tokenizer = load_tokenizer(native_dir, cfg)
+        tokenizer = load_tokenizer(native_dir, cfg)  # checks its files, its ids against vocab_size, the template
         t3 = time.perf_counter()
         if slots is None:
             slots = auto_slots(cfg, ctx)
@@ -183,8 +195,9 @@ class Engine:
             log.warning("request %r failed while preparing its prompt: %s: %s", req.key, type(e).__name__, e)
             return Result.failed(req.key, f"{type(e).__name__}: {e}")
         if len(ids) >= self.model.max_context:
-            return Result.failed(req.key, f"prompt has {len(ids)} tokens; the context holds "
-                                          f"{self.model.max_context} including at least one generated token",
+            return Result.failed(req.key, f"prompt too long: it has {len(ids)} tokens; the context holds "
+                                          f"{self.model.max_context} including at least one generated token; "
+                                          "--truncate left (truncate=\"left\" in Python) keeps its end",
                                  prompt_tokens=len(ids))
         return _Seq(req, slot, ids, rng)
 

@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ternpool.kernels import f32_to_bf16, unpack_ternary
-
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, TensorSpec, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -124,6 +122,8 @@ class _Producer:
         return _target_std(base) / np.sqrt(2.0 / 3.0 * fan_in)
 
     def _embed_rows(self, spec: TensorSpec, rows: int = 8192):
+        from ternpool.kernels import f32_to_bf16  # here: the command line imports this module for SHAPES
+
         rng = _rng(self.seed, spec.name)
         vocab, hidden = spec.shape
         for a in range(0, vocab, rows):
@@ -131,6 +131,8 @@ class _Producer:
             yield f32_to_bf16(rng.standard_normal((n, hidden), dtype=np.float32) * np.float32(_EMBED_STD))
 
     def __call__(self, spec: TensorSpec) -> np.ndarray:
+        from ternpool.kernels import f32_to_bf16, unpack_ternary  # here: the command line imports SHAPES
+
         name = spec.name
         if name == "model.embed_tokens.weight":  # in row blocks: 100b's is 4 GB as float32
             return self._embed_rows(spec)

@@ -20,14 +20,15 @@ from .spec import OUTPUT_COLUMNS, SAMPLING_COLUMNS
 log = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("prompt", "messages")
+INTEGER_SAMPLING_COLUMNS = ("max_tokens", "top_k", "seed")  # integer or float with integral values
 _GLOB_CHARS = ("*", "?", "[")
 
 _EXPECTED_SAMPLING_TYPES = {
-    "max_tokens": "an integer type",
+    "max_tokens": "an integer or floating point type (with integral values)",
     "temperature": "a floating point or integer type",
     "top_p": "a floating point or integer type",
-    "top_k": "an integer type",
-    "seed": "an integer type",
+    "top_k": "an integer or floating point type (with integral values)",
+    "seed": "an integer or floating point type (with integral values)",
     "stop": "string or list<string>",
 }
 
@@ -260,8 +261,9 @@ def _messages_problem(t: pa.DataType) -> str | None:
 def _sampling_type_ok(name: str, t: pa.DataType) -> bool:
     if pa.types.is_null(t):  # an all-null column: every row uses the job default
         return True
-    if name in ("max_tokens", "top_k", "seed"):
-        return pa.types.is_integer(t)
+    if name in INTEGER_SAMPLING_COLUMNS:
+        # pandas writes an integer column with nulls as float64: each value is checked per row
+        return pa.types.is_integer(t) or pa.types.is_floating(t)
     if name in ("temperature", "top_p"):
         return pa.types.is_floating(t) or pa.types.is_integer(t)
     if name == "stop":
@@ -316,20 +318,25 @@ def _check_schema(path: str, schema: pa.Schema) -> tuple[str, tuple[str, ...], t
 
 
 def _check_same_schema(first_path: str, first: pa.Schema, path: str, other: pa.Schema) -> None:
-    """JobInputError naming both files and the first differing column unless names and types
-    of `other` equal those of `first`."""
-    for i in range(max(len(first), len(other))):
-        a = first.field(i) if i < len(first) else None
-        b = other.field(i) if i < len(other) else None
-        if a is not None and b is not None and a.name == b.name and a.type.equals(b.type):
-            continue
-        if a is None:
-            detail = f"column {b.name!r} ({b.type}) is only in {path}"
-        elif b is None:
+    """JobInputError naming both files and the first differing column unless `other` has the
+    same column names with the same types as `first`, in any order (rows are read by column
+    name; the output follows the column order of the first file)."""
+    if len(set(other.names)) != len(other.names):
+        repeated = sorted({n for n in other.names if other.names.count(n) > 1})
+        raise JobInputError(f"input file {path}: column {repeated[0]!r} appears more than once")
+    other_types = {field.name: field.type for field in other}
+    for a in first:
+        if a.name not in other_types:
             detail = f"column {a.name!r} ({a.type}) is missing from {path}"
-        elif a.name != b.name:
-            detail = f"column {i} is {a.name!r} in {first_path} but {b.name!r} in {path}"
+        elif not a.type.equals(other_types[a.name]):
+            detail = f"column {a.name!r} is {a.type} in {first_path} but {other_types[a.name]} in {path}"
         else:
-            detail = f"column {a.name!r} is {a.type} in {first_path} but {b.type} in {path}"
+            continue
         raise JobInputError(f"input files {first_path} and {path} have different schemas: "
                             f"{detail}; all input files must have the same columns and types")
+    first_names = set(first.names)
+    for b in other:
+        if b.name not in first_names:
+            raise JobInputError(f"input files {first_path} and {path} have different schemas: "
+                                f"column {b.name!r} ({b.type}) is only in {path}; all input files "
+                                "must have the same columns and types")

@@ -114,8 +114,9 @@ def status(output: str) -> dict[str, Any]:
     job_id, state ("running" | "finished" | "cancelled" | "failed" | "incomplete"), rows_total,
     rows_done, shards_total, shards_done, failed_rows, tokens_per_s (None without progress),
     updated (time of the last progress update, else of the manifest's finish or creation),
-    error (why the job failed, or that its driver is gone; else None) and driver (the live
-    driver's pid, host and since, else None).
+    eta_s (seconds to go while running, None until known; 0 when finished), error (why the job
+    failed, or that its driver is gone; else None) and driver (the live driver's pid, host and
+    since, else None).
 
     "running" needs a live driver: for a local OUT one holding OUT/_lock, for a URI a progress
     update within RUNNING_STALE_AFTER seconds. A job whose progress says running without one is
@@ -157,4 +158,6 @@ def status(output: str) -> dict[str, Any]:
         "updated": updated,
         "error": error,
         "driver": driver,
+        # remaining rows / the recent row rate while running (None until known), 0 when finished
+        "eta_s": 0.0 if state == "finished" else progress.get("eta_s") if state == "running" else None,
     }

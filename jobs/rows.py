@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 from ternpool.engine.requests import Request, SamplingParams
 
 from .errors import JobInputError
-from .inputs import InputSet
+from .inputs import INTEGER_SAMPLING_COLUMNS, InputSet
 from .plan import Shard
 from .spec import SAMPLING_COLUMNS, JobSpec, derive_seed
 
@@ -45,6 +46,8 @@ def read_shard(inputs: InputSet, shard: Shard, cache: "RowGroupCache | None" = N
     else:
         table = cache.get(inputs, shard.file_index, groups, where)
     table = table.slice(shard.row_start - starts[first_group], shard.num_rows)
+    if table.schema.names != inputs.schema.names:  # same columns in another order than the first file
+        table = table.select(inputs.schema.names)
     if table.num_rows != shard.num_rows:
         raise JobInputError(f"{where}: read {table.num_rows} rows, expected {shard.num_rows}")
     row_index = pa.array(range(shard.first_row_index, shard.first_row_index + shard.num_rows),
@@ -202,6 +205,12 @@ def _params_of(row_index: int, defaults: dict[str, Any], overrides: dict[str, An
     """The row's SamplingParams, or an error naming the offending column."""
     values = dict(defaults)
     values.update(overrides)
+    for name in INTEGER_SAMPLING_COLUMNS:
+        value = overrides.get(name)
+        if isinstance(value, float):  # a float column (pandas writes ints with nulls as float64)
+            if not math.isfinite(value) or not value.is_integer():
+                return None, f"row {row_index}: column {name!r} is {value!r}, expected an integer"
+            values[name] = int(value)
     if "stop" in overrides:
         stop = overrides["stop"]
         values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)

@@ -46,8 +46,11 @@ def test_final_metrics_equal_the_output(tmp_path, tiny_model, make_prompts):
     assert _total(samples, "ternpool_rows_total") == 200
     assert _total(samples, "ternpool_rows_done_total") == table.num_rows == 200
     assert _total(samples, "ternpool_rows_failed_total") == len(bad)
-    assert _total(samples, "ternpool_generated_tokens_total") == sum(table.column("completion_tokens").to_pylist())
-    assert _total(samples, "ternpool_prompt_tokens_total") == sum(table.column("prompt_tokens").to_pylist())
+    good = [e is None for e in table.column("error").to_pylist()]  # failed rows' tokens are not counted
+    assert _total(samples, "ternpool_generated_tokens_total") == sum(
+        n for n, g in zip(table.column("completion_tokens").to_pylist(), good) if g)
+    assert _total(samples, "ternpool_prompt_tokens_total") == sum(
+        n for n, g in zip(table.column("prompt_tokens").to_pylist(), good) if g)
     ok_rows = table.num_rows - len(bad)
     assert _total(samples, "ternpool_request_latency_seconds_count") == ok_rows
     assert _total(samples, "ternpool_time_to_first_token_seconds_count") == ok_rows

@@ -223,6 +223,14 @@ def test_bad_jobs_fail_before_compute_with_named_errors(tmp_path, tiny_model):
     assert not (tmp_path / "o3" / "_manifest.json").exists()
     r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o4"), "--dry-run")
     assert r.returncode == 0 and "3 rows" in r.stdout and "shards:  1" in r.stdout, r.stdout
+    # the dry run judges every node with submit's own check (it connects to Ray to see them)
+    assert len([ln for ln in r.stdout.splitlines() if ln.startswith("node ") and ": fits: " in ln]) == 1, r.stdout
+    r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o6"), "--dry-run",
+             "--slots", "1000000")
+    assert r.returncode == 2 and ": does not fit: one worker needs" in r.stdout and "Would fit: --slots" in r.stdout
+    r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o7"), "--dry-run",
+             "--max-context", "100000")
+    assert r.returncode == 2 and "max context 100000" in r.stderr and "max_position_embeddings 2048" in r.stderr
     # more KV cache than any node has: refused before a worker starts, saying what would fit
     r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o5"), "--slots", "1000000",
              "--metrics-port", "-1", "--no-progress")

@@ -15,6 +15,7 @@ from ternpool.cluster.coordinator import DONE, Coordinator
 from ternpool.engine.requests import Result
 from ternpool.jobs import JobSpec, Manifest, open_inputs, plan_shards, read_output
 from ternpool.jobs.output import write_part as real_write_part
+from ternpool.jobs.runlock import OutputLock
 
 pytestmark = pytest.mark.unit
 
@@ -233,3 +234,96 @@ def test_a_manifest_save_that_fails_is_retried_and_then_fails_the_job(tmp_path, 
         s = again.stats()
     assert s["error"].startswith("OSError: [Errno 5] Input/output error:") and not s["done"]
     assert again.lease("w") == DONE
+
+
+def test_failed_rows_tokens_are_not_counted(tmp_path, tiny_engine):
+    from ternpool.engine import Engine
+    from ternpool.engine.model import BitNetModel
+    from ternpool.jobs import to_requests
+
+    engine = Engine(BitNetModel(tiny_engine.model.weights, slots=2, max_context=32), tiny_engine.tokenizer,
+                    tiny_engine.threads)
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["Hello", "word " * 100, "World", "Bye"],
+                             "max_tokens": pa.array([3, None, 0, 2], pa.int64())}), src)
+    spec = JobSpec(str(src), str(tmp_path / "out"), "model", shard_rows=4)
+    inputs = open_inputs(spec.inputs)
+    plan = plan_shards(inputs, 4)
+    coord = Coordinator(spec, inputs, plan, Manifest.open(spec.output, spec, inputs, plan, {"m": 1}), 2)
+    coord.register("w", "node-a")
+    key, table = coord.lease("w")
+    results = []
+    for rr in to_requests(table, spec, inputs.text_column):
+        results.append(Result.failed(rr.row_index, rr.error) if rr.request is None
+                       else engine.generate([rr.request])[0])
+    assert coord.complete("w", key, results)
+    out = read_output(spec.output).to_pydict()
+    assert [e is None for e in out["error"]] == [True, False, False, True]
+    assert "too long" in out["error"][1] and out["prompt_tokens"][1] > 32  # the output keeps the count
+    good_prompt = out["prompt_tokens"][0] + out["prompt_tokens"][3]
+    good_generated = out["completion_tokens"][0] + out["completion_tokens"][3]
+    assert good_prompt > 0 and good_generated == 5
+    s = coord.stats()
+    assert (s["prompt_tokens"], s["generated_tokens"]) == (good_prompt, good_generated)
+    assert (s["workers"]["w"]["prompt_tokens"], s["workers"]["w"]["generated_tokens"]) == (good_prompt, 5)
+    text = coord.metrics.exposition().decode()
+    prompt_metric = [ln for ln in text.splitlines() if ln.startswith("ternpool_prompt_tokens_total{")]
+    assert len(prompt_metric) == 1 and float(prompt_metric[0].split()[-1]) == good_prompt
+
+
+def test_resumed_summary_counts_the_whole_job_and_agrees_with_status(tmp_path, capsys):
+    from ternpool.cluster.driver import summarize
+    from ternpool.cluster.jobcli import print_summary
+    from ternpool.jobs import status
+
+    first = _coordinator(tmp_path)
+    _finish_one(first)
+    _finish_one(first)
+    first.cancel()
+    first.write_progress("cancelled")
+    entries = json.loads((tmp_path / "out" / "_manifest.json").read_text())["completed"]
+    assert all((e["prompt_tokens"], e["generated_tokens"]) == (12, 8) for e in entries.values())  # 4 rows x (3, 2)
+
+    again = _coordinator(tmp_path)
+    while _finish_one(again):
+        pass
+    stats = again.write_progress("finished")
+    summary = summarize(str(tmp_path / "out"), stats["job_id"], "finished", stats, wall_s=99.0)
+    assert (summary.rows, summary.rows_this_run, summary.resumed) == (24, 16, True)
+    assert (summary.prompt_tokens, summary.generated_tokens) == (72, 48)
+    assert (summary.prompt_tokens_this_run, summary.generated_tokens_this_run) == (48, 32)
+    assert summary.tokens_per_s == pytest.approx(32 / stats["processing_s"]) and stats["processing_s"] > 0
+    st = status(str(tmp_path / "out"))
+    assert st["state"] == "finished" and st["tokens_per_s"] == summary.tokens_per_s and st["eta_s"] == 0.0
+    print_summary(summary)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "24 rows (16 in this run), 0 failed; 72 prompt + 48 generated tokens (48 + 32 in this run); " \
+           f"{summary.tokens_per_s:.1f} tokens/s" in line
+
+
+def test_eta_is_remaining_rows_over_the_recent_row_rate(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from ternpool.cluster import metrics as metrics_mod
+    from ternpool.cluster.jobcli import cmd_status
+    from ternpool.jobs import status
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_mod, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    coord = _coordinator(tmp_path)  # 24 rows in shards of 4
+    _finish_one(coord)
+    assert coord.stats()["eta_s"] is None  # one sample: no rate yet
+    clock[0] = 110.0
+    _finish_one(coord)
+    s = coord.write_progress("running")
+    assert s["eta_s"] == pytest.approx((24 - 8) * 10.0 / 4)  # 4 rows in 10 s, 16 to go
+    lock = OutputLock(str(tmp_path / "out"))  # "running" needs a live driver holding OUT
+    lock.acquire()
+    try:
+        st = status(str(tmp_path / "out"))
+        assert st["state"] == "running" and st["eta_s"] == pytest.approx(40.0)
+        cmd_status(SimpleNamespace(output=str(tmp_path / "out"), json=False))
+    finally:
+        lock.release()
+    line = capsys.readouterr().out.strip().splitlines()[0]
+    assert "running; " in line and line.endswith(", ETA 40 s"), line

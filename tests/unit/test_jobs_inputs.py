@@ -194,11 +194,10 @@ def test_messages_wrong_structure(tmp_path, messages_type, problem):
 
 
 @pytest.mark.parametrize("column, arrow_type, value, expected", [
-    ("max_tokens", pa.float64(), 1.5, "integer"),
     ("max_tokens", pa.string(), "5", "integer"),
     ("temperature", pa.string(), "hot", "floating point or integer"),
     ("top_p", pa.bool_(), True, "floating point or integer"),
-    ("top_k", pa.float32(), 2.0, "integer"),
+    ("top_k", pa.bool_(), True, "integer"),
     ("seed", pa.string(), "7", "integer"),
     ("stop", pa.int64(), 3, "string or list<string>"),
     ("stop", pa.list_(pa.int64()), [3], "string or list<string>"),
@@ -277,11 +276,20 @@ def test_schema_mismatch_extra_column(tmp_path):
     assert a in message and b in message and "'extra'" in message
 
 
-def test_schema_mismatch_column_order(tmp_path):
-    write(tmp_path / "a.parquet", prompts(2))
-    write(tmp_path / "b.parquet", {"prompt": ["x"], "id": ["y"]})
-    message = error_of(tmp_path)
-    assert "'id'" in message and "'prompt'" in message
+def test_same_columns_in_another_order_are_one_job(tmp_path):
+    write(tmp_path / "a.parquet", {**prompts(2), "meta": [1, 2]})
+    write(tmp_path / "b.parquet", {"meta": [3], "prompt": ["x"], "id": ["y"]})
+    inputs = open_inputs(str(tmp_path))
+    assert inputs.num_rows == 3 and inputs.passthrough == ("id", "meta")
+    assert inputs.schema.names == ["id", "prompt", "meta"]  # the first file's order
+
+
+def test_float_integer_sampling_columns_are_accepted(tmp_path):
+    # pandas writes an integer column with nulls as float64
+    path = write(tmp_path / "a.parquet", {"prompt": ["x", "y"], "max_tokens": [4.0, None],
+                                          "top_k": pa.array([2.0, None], pa.float32()),
+                                          "seed": [7.0, None]})
+    assert open_inputs(path).sampling_columns == ("max_tokens", "top_k", "seed")
 
 
 def test_file_whose_name_contains_glob_characters(tmp_path):

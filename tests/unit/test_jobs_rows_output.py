@@ -60,6 +60,26 @@ def test_prompt_rows_with_overrides_and_defaults(tmp_path):
     assert p2 == SamplingParams(16, 0.7, 0.5, 5, derive_seed(11, 42), ("END",))
 
 
+def test_float_integer_columns_integral_values_nulls_and_bad_values(tmp_path):
+    job = spec(tmp_path, max_tokens=16, top_k=5, seed=11)
+    nan, inf = float("nan"), float("inf")
+    table = with_row_index({
+        "prompt": ["a", "b", "c", "d", "e", "f"],
+        "max_tokens": pa.array([4.0, None, 2.5, nan, 8.0, 8.0], pa.float64()),
+        "top_k": pa.array([3.0, None, None, None, inf, None], pa.float32()),
+        "seed": pa.array([9.0, None, None, None, None, -1.5], pa.float64()),
+    }, start=10)
+    rows = to_requests(table, job, "prompt")
+    assert rows[0].error is None and rows[0].request.params == SamplingParams(4, 0.0, 1.0, 3, 9)
+    assert type(rows[0].request.params.max_tokens) is int
+    # nulls mean the job defaults
+    assert rows[1].request.params == SamplingParams(16, 0.0, 1.0, 5, derive_seed(11, 11))
+    assert rows[2].request is None and rows[2].error == "row 12: column 'max_tokens' is 2.5, expected an integer"
+    assert rows[3].request is None and rows[3].error == "row 13: column 'max_tokens' is nan, expected an integer"
+    assert rows[4].request is None and rows[4].error == "row 14: column 'top_k' is inf, expected an integer"
+    assert rows[5].request is None and rows[5].error == "row 15: column 'seed' is -1.5, expected an integer"
+
+
 def test_stop_list_column_and_empty_list(tmp_path):
     table = with_row_index({"prompt": ["a", "b", "c"],
                             "stop": pa.array([["x", "y"], [], None], pa.list_(pa.string()))})
@@ -341,3 +361,30 @@ def test_read_output_missing_listed_part(tmp_path):
     os.remove(os.path.join(job.output, "part-00002.parquet"))
     with pytest.raises(JobInputError, match="part-00002.parquet"):
         read_output(job.output)
+
+
+def test_files_with_columns_in_another_order_read_and_write_by_name(tmp_path):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    pq.write_table(pa.table({"id": ["a0", "a1"], "prompt": ["a 0", "a 1"], "meta": [1, 2],
+                             "max_tokens": [5, 6]}), in_dir / "a.parquet")
+    pq.write_table(pa.table({"max_tokens": [7], "meta": [3], "prompt": ["b 0"], "id": ["b0"]}),
+                   in_dir / "b.parquet")
+    job = spec(tmp_path, shard_rows=2)
+    inputs = open_inputs(job.inputs)
+    plan = plan_shards(inputs, job.shard_rows)
+    manifest = Manifest.open(job.output, job, inputs, plan, {"name": "fake"})
+    for shard in plan:
+        table = read_shard(inputs, shard)
+        assert table.column_names == ["row_index", "id", "prompt", "meta", "max_tokens"]
+        requests = to_requests(table, job, inputs.text_column)
+        results = {r.row_index: ok(f"{r.request.prompt}/{r.request.params.max_tokens}",
+                                   key=r.row_index) for r in requests}
+        write_part(job.output, shard.shard_id, result_table(table, results, inputs.passthrough))
+        manifest.record(shard.shard_id, table.num_rows, 0)
+    out = read_output(job.output)
+    assert out.column_names == ["row_index", "id", "meta", "generated_text", "finish_reason",
+                                "prompt_tokens", "completion_tokens", "error"]
+    assert out["id"].to_pylist() == ["a0", "a1", "b0"]
+    assert out["meta"].to_pylist() == [1, 2, 3]
+    assert out["generated_text"].to_pylist() == ["a 0/5", "a 1/6", "b 0/7"]

@@ -1,0 +1,66 @@
+"""Sizing a job against every node (`driver.size_job`): the check submit refuses a job with and the
+verdicts `--dry-run` prints; a --max-context beyond the model's limit is an error, not a silent cap."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ternpool.cluster.driver import PoolConfig, prepare, size_job
+from ternpool.cluster.jobcli import _print_plan
+from ternpool.engine import Engine
+from ternpool.engine.engine import DEFAULT_SLOTS
+from ternpool.engine.footprint import footprint, kv_bytes_per_slot
+from ternpool.jobs import JobInputError, JobSpec
+
+pytestmark = pytest.mark.unit
+
+
+def _node(node_id: str, memory: int, cpus: float = 2.0, alive: bool = True) -> dict:
+    return {"NodeID": node_id, "NodeManagerAddress": f"10.0.0.{node_id[-1]}", "Alive": alive,
+            "Resources": {"CPU": cpus, "memory": float(memory), "object_store_memory": 1e8}}
+
+
+@pytest.fixture
+def plan(tmp_path, tiny_model):
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), src)
+    return prepare(JobSpec(str(src), str(tmp_path / "out"), tiny_model))
+
+
+def test_every_node_gets_a_verdict(plan, capsys):
+    cfg = plan.config
+    one_slot = footprint(cfg, "2bit", "bf16", 1, 2048)
+    big, small = 22_100_000_000, one_slot.total + kv_bytes_per_slot(cfg, 2048) // 2  # small: 1 slot, not 2
+    nodes = [_node("aaaaaaaaaaaaaaaa1", big), _node("bbbbbbbbbbbbbbbb2", small),
+             _node("cccccccccccccccc3", big, cpus=0), _node("dddddddddddddddd4", big, alive=False)]
+    sizing = size_job(plan, PoolConfig(slots=2), nodes)
+    assert (sizing.max_context, sizing.weights_format, sizing.head, sizing.slots) == (2048, "2bit", "bf16", 2)
+    assert [n.node_id for n in sizing.nodes] == ["aaaaaaaaaaaaaaaa1", "bbbbbbbbbbbbbbbb2"]  # CPU nodes alive
+    fit, unfit = sizing.nodes
+    two_slots = footprint(cfg, "2bit", "bf16", 2, 2048)
+    assert fit.fits and fit.footprint == two_slots
+    assert fit.verdict() == f"fits: {two_slots.total / 1e9:.2f} GB of 22.1 GB"
+    assert not unfit.fits and not sizing.fits
+    assert unfit.verdict().startswith("does not fit: one worker needs") and "Would fit: --slots 1" in unfit.verdict()
+    with pytest.raises(JobInputError, match=r"does not fit node bbbbbbbbbbbb \(10.0.0.2\): .*Would fit: --slots 1"):
+        sizing.check()
+    _print_plan(plan, PoolConfig(slots=2), sizing)
+    out = capsys.readouterr().out
+    assert f"node aaaaaaaaaaaa (10.0.0.1): fits: {two_slots.total / 1e9:.2f} GB of 22.1 GB (weights" in out
+    assert "node bbbbbbbbbbbb (10.0.0.2): does not fit: one worker needs" in out
+    # automatic slots shrink to what fits the node, so the same small node fits
+    auto = size_job(plan, PoolConfig(), nodes[:2])
+    assert auto.fits and [n.slots for n in auto.nodes] == [DEFAULT_SLOTS, 1]
+
+
+def test_max_context_above_the_model_limit_is_an_error(plan, tiny_model):
+    limit = plan.config.max_position_embeddings
+    message = f"max context {limit + 1} (--max-context / max_context=) is larger than the model's " \
+              f"max_position_embeddings {limit}"
+    with pytest.raises(JobInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        size_job(plan, PoolConfig(max_context=limit + 1), [])
+    assert size_job(plan, PoolConfig(max_context=limit), []).max_context == limit
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Engine.load(tiny_model, slots=1, max_context=limit + 1)
