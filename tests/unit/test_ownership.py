@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ternpool.engine import identity
+from ternpool.kernels.config import cache_root
 from ternpool.jobs import JobInputError, JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards, status
 from ternpool.jobs import storage
 from ternpool.jobs.progress import write_progress
@@ -217,7 +218,7 @@ def test_model_hashes_are_cached_and_a_touched_file_is_hashed_again(tmp_path, mo
     os.utime(model / "model.safetensors", ns=(1, 1))
     assert model_fingerprint(str(model)) == first
     assert hashed == ["model.safetensors"]
-    assert list((identity.cache_root() / "hashes").glob("*.json"))  # under TERNPOOL_CACHE_DIR
+    assert list((cache_root() / "hashes").glob("*.json"))  # under TERNPOOL_CACHE_DIR
 
 
 # -- item 5: one run per OUT ---------------------------------------------------------------------
