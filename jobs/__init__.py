@@ -1,4 +1,4 @@
-"""ternpool.jobs: job spec, input validation, sharding, output writing, manifest and resume.
+"""ternpool.jobs: job spec, input formats (`formats`) and validation, sharding, output writing, manifest and resume.
 Knows files, not Ray (never imports it)."""
 
 from .errors import JobInputError
