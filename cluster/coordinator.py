@@ -36,7 +36,7 @@ from ternpool.jobs.output import error_results, result_table, write_part
 from ternpool.jobs.plan import Shard, split_shard
 from ternpool.jobs import storage
 from ternpool.jobs.progress import PROGRESS_FILE, owns_output, write_progress
-from ternpool.jobs.rows import RowGroupCache, read_shard
+from ternpool.jobs.rows import ChunkCache, read_shard
 
 from .metrics import JobMetrics
 
@@ -110,7 +110,7 @@ class Coordinator:
         self.lock = threading.RLock()
         self.queue: deque[_Piece] = deque(_Piece(s) for s in shards if not manifest.is_done(s.shard_id))
         self.shards = {s.shard_id: s for s in shards}
-        self.row_groups = RowGroupCache()  # leasing and writing a shard both read its input rows
+        self.chunks = ChunkCache()  # leasing and writing a shard both read its input rows
         self.partial: dict[int, dict[int, Result]] = {}  # shard_id -> row_index -> result
         self.workers: dict[str, _WorkerState] = {}
         self.lost: dict[str, _WorkerState] = {}  # kept for the per-worker summary
@@ -168,7 +168,7 @@ class Coordinator:
             w.leased[piece.key] = piece
             self.pieces_leased += 1
             w.busy_since = w.busy_since or time.monotonic()
-        rows = read_shard(self.inputs, piece.shard, self.row_groups)
+        rows = read_shard(self.inputs, piece.shard, self.chunks)
         self._busy("lease_s", time.perf_counter() - t0)
         return piece.key, rows
 
@@ -290,7 +290,7 @@ class Coordinator:
         that raises OSError leaves the results in `partial` for a retry (see `_write_failed`)."""
         shard, got = self.shards[shard_id], self.partial[shard_id]
         t0 = time.perf_counter()
-        table = result_table(read_shard(self.inputs, shard, self.row_groups), got, self.inputs.passthrough)
+        table = result_table(read_shard(self.inputs, shard, self.chunks), got, self.inputs.passthrough)
         try:
             write_part(self.manifest.output, shard_id, table)
         except OSError as e:

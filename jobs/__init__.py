@@ -1,5 +1,5 @@
-"""ternpool.jobs: job spec, input validation, sharding, output writing, manifest and resume.
-Knows files, not Ray (never imports it)."""
+"""ternpool.jobs: job spec, input formats (`formats`) and validation, sharding, output writing,
+manifest and resume. Knows files, not Ray (never imports it)."""
 
 from .errors import JobInputError
 from .inputs import InputFile, InputSet, open_inputs

@@ -1,5 +1,6 @@
-"""The input side of a job: resolving a path, directory, glob or URI to Parquet files and checking
-their schemas from metadata alone (`open_inputs` -> `InputSet`)."""
+"""The input side of a job: resolving a path, directory, glob or URI to input files and checking
+their schemas from metadata alone (`open_inputs` -> `InputSet`). What a file holds is its format's
+business (`formats`); this module is the same for all of them."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from . import storage
+from . import formats, storage
 from .errors import JobInputError
 from .spec import OUTPUT_COLUMNS, SAMPLING_COLUMNS
 
@@ -35,13 +35,14 @@ _EXPECTED_SAMPLING_TYPES = {
 
 @dataclass(frozen=True)
 class InputFile:
-    """One Parquet input file, described from its metadata."""
+    """One input file, described from its metadata."""
 
     path: str  # path as the filesystem knows it (sorted order defines row_index)
     size: int
     mtime: float | None  # seconds since the epoch, or None when the filesystem gives none
     num_rows: int
-    row_group_rows: tuple[int, ...]  # rows in each row group
+    chunk_rows: tuple[int, ...]  # rows in each chunk (formats.FileLayout), in file order
+    format: str  # the name of its InputFormat in the `formats` registry
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,9 @@ class InputSet:
 
 
 def open_inputs(uri: str) -> InputSet:
-    """Resolve `uri` (a Parquet file, a directory of them, a glob, or a URI pyarrow.fs opens),
-    read the metadata of every file and check the schema. Reads no data pages.
+    """Resolve `uri` (an input file, a directory of them, a glob, or a URI pyarrow.fs opens),
+    describe every file with its format (`formats.of_path`) and check the schema. Reads no rows
+    (for Parquet: no data pages).
 
     Raises JobInputError naming the file and column for anything that would make the job fail.
     """
@@ -80,11 +82,11 @@ def open_inputs(uri: str) -> InputSet:
     location = storage.normalize(uri)
     fs, infos = _list_files(location)
     if not infos:
-        raise JobInputError(f"no Parquet files found at {uri!r}")
+        raise JobInputError(f"no {formats.labels()} files found at {uri!r}")
     files: list[InputFile] = []
     schemas: list[pa.Schema] = []
     for info in infos:
-        input_file, schema = _read_metadata(fs, info)
+        input_file, schema = _describe(fs, info)
         files.append(input_file)
         schemas.append(schema)
     schema = schemas[0]
@@ -122,13 +124,14 @@ def _is_hidden(name: str) -> bool:
     return name.startswith("_") or name.startswith(".")
 
 
-def _parquet_under(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
-    """Every `*.parquet` file under `directory`, recursively, skipping `_*` and `.*` names."""
+def _inputs_under(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
+    """Every file under `directory` with a registered format's suffix (`*.parquet`, ...),
+    recursively, skipping `_*` and `.*` names."""
     selector = pafs.FileSelector(directory, recursive=True)
     prefix = directory.rstrip("/") + "/"
     found = []
     for info in fs.get_file_info(selector):
-        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+        if info.type != pafs.FileType.File or not formats.is_listed(info.base_name):
             continue
         relative = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
         if any(_is_hidden(part) for part in relative.split("/")):
@@ -138,11 +141,11 @@ def _parquet_under(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
 
 
 def _expand(fs: pafs.FileSystem, infos: list[pafs.FileInfo]) -> list[pafs.FileInfo]:
-    """Files stay, directories become the Parquet files under them."""
+    """Files stay, directories become the input files under them."""
     out: list[pafs.FileInfo] = []
     for info in infos:
         if info.type == pafs.FileType.Directory:
-            out.extend(_parquet_under(fs, info.path))
+            out.extend(_inputs_under(fs, info.path))
         elif info.type == pafs.FileType.File:
             out.append(info)
     return out
@@ -210,27 +213,18 @@ def _match_parts(parts: list[str], pattern: list[str]) -> bool:
 # -- metadata and schema ---------------------------------------------------------------------
 
 
-def _read_metadata(fs: pafs.FileSystem, info: pafs.FileInfo) -> tuple[InputFile, pa.Schema]:
+def _describe(fs: pafs.FileSystem, info: pafs.FileInfo) -> tuple[InputFile, pa.Schema]:
+    """One file as its format describes it; JobInputError naming the file when it cannot."""
     path = info.path
     size = info.size if info.size is not None else -1
-    if size == 0:
-        raise JobInputError(f"input file {path} is empty (0 bytes), expected a Parquet file")
     mtime = info.mtime_ns / 1e9 if info.mtime_ns is not None else None
-    try:
-        with fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            metadata = parquet.metadata
-            schema = parquet.schema_arrow
-            row_group_rows = tuple(metadata.row_group(i).num_rows
-                                   for i in range(metadata.num_row_groups))
-            num_rows = metadata.num_rows
-    except (pa.ArrowException, OSError) as exc:
-        raise JobInputError(f"input file {path} is not a readable Parquet file "
-                            f"(corrupt, truncated or another format): {exc}") from None
-    if sum(row_group_rows) != num_rows:
-        raise JobInputError(f"input file {path}: row groups hold {sum(row_group_rows)} rows but "
-                            f"the footer says {num_rows}; the file is corrupt")
-    return InputFile(path, size, mtime, num_rows, row_group_rows), schema
+    input_format = formats.of_path(path)
+    layout = input_format.describe(fs, path, size)
+    if sum(layout.chunk_rows) != layout.num_rows:
+        raise JobInputError(f"input file {path}: its chunks hold {sum(layout.chunk_rows)} rows but "
+                            f"the file has {layout.num_rows}")
+    return InputFile(path, size, mtime, layout.num_rows, layout.chunk_rows, input_format.name), \
+        layout.schema
 
 
 def _is_text(t: pa.DataType) -> bool:

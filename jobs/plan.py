@@ -1,4 +1,5 @@
-"""Cutting a job into shards: contiguous row ranges of one file that follow its row groups."""
+"""Cutting a job into shards: contiguous row ranges of one file that follow its chunks (the units
+its format reads on their own: Parquet row groups, ...)."""
 
 from __future__ import annotations
 
@@ -26,47 +27,46 @@ class Shard:
 def plan_shards(inputs: InputSet, shard_rows: int) -> list[Shard]:
     """The shards of a job, deterministically, with shard_ids 0..n-1 in row_index order.
 
-    Shards never cross a file and follow row groups: consecutive small row groups are merged
-    while the total stays within `shard_rows`; a row group larger than `shard_rows` is cut into
-    ranges of `shard_rows` rows (the last one shorter). Files and row groups without rows make
-    no shards."""
+    Shards never cross a file and follow chunks: consecutive small chunks are merged while the
+    total stays within `shard_rows`; a chunk larger than `shard_rows` is cut into ranges of
+    `shard_rows` rows (the last one shorter). Files and chunks without rows make no shards."""
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
         raise ValueError(f"shard_rows must be an integer >= 1, got {shard_rows!r}")
     shards: list[Shard] = []
     file_offset = 0
     for file_index, input_file in enumerate(inputs.files):
-        if sum(input_file.row_group_rows) != input_file.num_rows:
-            raise ValueError(f"input file {input_file.path}: row groups hold "
-                             f"{sum(input_file.row_group_rows)} rows but the file has "
+        if sum(input_file.chunk_rows) != input_file.num_rows:
+            raise ValueError(f"input file {input_file.path}: chunks hold "
+                             f"{sum(input_file.chunk_rows)} rows but the file has "
                              f"{input_file.num_rows}")
-        for start, stop in _file_ranges(input_file.row_group_rows, shard_rows):
+        for start, stop in _file_ranges(input_file.chunk_rows, shard_rows):
             shards.append(Shard(len(shards), file_index, start, stop, file_offset + start))
         file_offset += input_file.num_rows
     return shards
 
 
-def _file_ranges(row_group_rows: tuple[int, ...], shard_rows: int) -> list[tuple[int, int]]:
-    """Row ranges [start, stop) of one file that follow its row groups."""
+def _file_ranges(chunk_rows: tuple[int, ...], shard_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of one file that follow its chunks."""
     ranges: list[tuple[int, int]] = []
-    pending: tuple[int, int] | None = None  # merged small row groups not yet emitted
-    group_start = 0
-    for group_rows in row_group_rows:
-        group_stop = group_start + group_rows
-        if group_rows == 0:
+    pending: tuple[int, int] | None = None  # merged small chunks not yet emitted
+    chunk_start = 0
+    for rows in chunk_rows:
+        chunk_stop = chunk_start + rows
+        if rows == 0:
             pass
-        elif group_rows > shard_rows:
+        elif rows > shard_rows:
             if pending:
                 ranges.append(pending)
                 pending = None
-            ranges.extend((s, min(s + shard_rows, group_stop))
-                          for s in range(group_start, group_stop, shard_rows))
-        elif pending and pending[1] - pending[0] + group_rows <= shard_rows:
-            pending = (pending[0], group_stop)
+            ranges.extend((s, min(s + shard_rows, chunk_stop))
+                          for s in range(chunk_start, chunk_stop, shard_rows))
+        elif pending and pending[1] - pending[0] + rows <= shard_rows:
+            pending = (pending[0], chunk_stop)
         else:
             if pending:
                 ranges.append(pending)
-            pending = (group_start, group_stop)
-        group_start = group_stop
+            pending = (chunk_start, chunk_stop)
+        chunk_start = chunk_stop
     if pending:
         ranges.append(pending)
     return ranges

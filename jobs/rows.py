@@ -1,5 +1,6 @@
-"""From shards to engine requests: reading a shard's rows (`read_shard`) and turning each row
-into a `Request`, or into an error for a bad row (`to_requests`)."""
+"""From shards to engine requests: reading a shard's rows from the chunks of its input file
+(`read_shard`, through the file's format) and turning each row into a `Request`, or into an
+error for a bad row (`to_requests`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ternpool.engine.requests import Request, SamplingParams
 
+from . import formats
 from .errors import JobInputError
 from .inputs import INTEGER_SAMPLING_COLUMNS, InputSet
 from .plan import Shard
@@ -25,8 +26,8 @@ from .spec import SAMPLING_COLUMNS, JobSpec, derive_seed
 log = logging.getLogger(__name__)
 
 
-def read_shard(inputs: InputSet, shard: Shard, cache: "RowGroupCache | None" = None) -> pa.Table:
-    """The rows of `shard` with an int64 `row_index` column in front. Reads only the row groups
+def read_shard(inputs: InputSet, shard: Shard, cache: "ChunkCache | None" = None) -> pa.Table:
+    """The rows of `shard` with an int64 `row_index` column in front. Reads only the chunks
     the shard overlaps (from `cache` when it holds them). JobInputError naming the file and shard
     when they cannot be read or the file no longer matches its metadata at planning time."""
     if not 0 <= shard.file_index < len(inputs.files):
@@ -37,15 +38,15 @@ def read_shard(inputs: InputSet, shard: Shard, cache: "RowGroupCache | None" = N
             f"{shard.row_stop - 1} of the file)"
     if not 0 <= shard.row_start < shard.row_stop <= input_file.num_rows:
         raise ValueError(f"{where}: row range outside the file's {input_file.num_rows} rows")
-    starts = [0, *itertools.accumulate(input_file.row_group_rows)]
-    first_group = bisect.bisect_right(starts, shard.row_start) - 1
-    last_group = bisect.bisect_left(starts, shard.row_stop) - 1
-    groups = list(range(first_group, last_group + 1))
+    starts = [0, *itertools.accumulate(input_file.chunk_rows)]
+    first_chunk = bisect.bisect_right(starts, shard.row_start) - 1
+    last_chunk = bisect.bisect_left(starts, shard.row_stop) - 1
+    chunks = list(range(first_chunk, last_chunk + 1))
     if cache is None:
-        table = _read_groups(inputs, shard.file_index, groups, where)[0]
+        table = _read_chunks(inputs, shard.file_index, chunks, where)[0]
     else:
-        table = cache.get(inputs, shard.file_index, groups, where)
-    table = table.slice(shard.row_start - starts[first_group], shard.num_rows)
+        table = cache.get(inputs, shard.file_index, chunks, where)
+    table = table.slice(shard.row_start - starts[first_chunk], shard.num_rows)
     if table.schema.names != inputs.schema.names:  # same columns in another order than the first file
         table = table.select(inputs.schema.names)
     if table.num_rows != shard.num_rows:
@@ -55,37 +56,27 @@ def read_shard(inputs: InputSet, shard: Shard, cache: "RowGroupCache | None" = N
     return table.add_column(0, pa.field("row_index", pa.int64(), nullable=False), row_index)
 
 
-def _read_groups(inputs: InputSet, file_index: int, groups: list[int], where: str,
+def _read_chunks(inputs: InputSet, file_index: int, chunks: list[int], where: str,
                  read_ahead: int = 0) -> tuple[pa.Table, list[int]]:
-    """Row groups `groups` of one input file, and after them (when `read_ahead` > 0) the following
-    groups while they add up to at most `read_ahead` bytes (the file is opened once for all).
-    Returns the table and the groups it holds, in order."""
+    """Chunks `chunks` of one input file, and after them (when `read_ahead` > 0) the following
+    chunks while they add up to at most `read_ahead` bytes, read by the file's format
+    (`InputFormat.read_chunks`). Returns the table and the chunks it holds, in order; errors
+    become JobInputErrors that start with `where` (the file and shard)."""
     input_file = inputs.files[file_index]
+    input_format = formats.named(input_file.format)
+    fs = inputs.filesystem()
     try:
-        with inputs.filesystem().open_input_file(input_file.path) as handle:
-            parquet = pq.ParquetFile(handle)
-            metadata = parquet.metadata
-            found_groups = tuple(metadata.row_group(i).num_rows
-                                 for i in range(metadata.num_row_groups))
-            if found_groups != input_file.row_group_rows:
-                raise JobInputError(
-                    f"{where}: the file changed since the job was planned (row groups "
-                    f"{list(input_file.row_group_rows)} expected, {list(found_groups)} found)")
-            groups = list(groups)
-            budget = read_ahead
-            while budget > 0 and groups[-1] + 1 < metadata.num_row_groups:
-                budget -= metadata.row_group(groups[-1] + 1).total_byte_size
-                if budget >= 0:
-                    groups.append(groups[-1] + 1)
-            return parquet.read_row_groups(groups), groups
+        return input_format.read_chunks(fs, input_file.path, input_file.chunk_rows, chunks, read_ahead)
+    except JobInputError as exc:
+        raise JobInputError(f"{where}: {exc}") from None
     except (pa.ArrowException, OSError) as exc:
         raise JobInputError(f"{where}: cannot read: {exc}") from None
 
 
-class RowGroupCache:
-    """The row groups read last, kept up to `max_bytes`: shards are handed out in order, so the shards
-    of one large row group (a file written with pyarrow's default of a million rows per group is a
-    single group) read it once instead of once each. Thread-safe."""
+class ChunkCache:
+    """The chunks read last, kept up to `max_bytes`: shards are handed out in order, so the shards
+    of one large chunk (a Parquet file written with pyarrow's default of a million rows per row group
+    is a single chunk) read it once instead of once each. Thread-safe."""
 
     def __init__(self, max_bytes: int = 256 << 20, read_ahead: int = 8 << 20):
         self.max_bytes, self.read_ahead = max_bytes, read_ahead
@@ -93,24 +84,24 @@ class RowGroupCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, inputs: InputSet, file_index: int, groups: list[int], where: str) -> pa.Table:
+    def get(self, inputs: InputSet, file_index: int, chunks: list[int], where: str) -> pa.Table:
         with self._lock:
-            missing = [g for g in groups if (file_index, g) not in self._tables]
+            missing = [c for c in chunks if (file_index, c) not in self._tables]
             if missing:
-                # the groups after a shard's are the next shards': read small ones ahead with it
-                ahead = self.read_ahead if missing[-1] == groups[-1] else 0
-                table, read = _read_groups(inputs, file_index, missing, where, ahead)
+                # the chunks after a shard's are the next shards': read small ones ahead with it
+                ahead = self.read_ahead if missing[-1] == chunks[-1] else 0
+                table, read = _read_chunks(inputs, file_index, missing, where, ahead)
                 offset = 0
-                for g in read:
-                    n = inputs.files[file_index].row_group_rows[g]
-                    if (file_index, g) not in self._tables:
-                        self._put((file_index, g), table.slice(offset, n))
+                for c in read:
+                    n = inputs.files[file_index].chunk_rows[c]
+                    if (file_index, c) not in self._tables:
+                        self._put((file_index, c), table.slice(offset, n))
                     offset += n
             parts = []
-            for g in groups:
-                self._tables.move_to_end((file_index, g))
-                parts.append(self._tables[(file_index, g)])
-            self._evict(keep=len(groups))
+            for c in chunks:
+                self._tables.move_to_end((file_index, c))
+                parts.append(self._tables[(file_index, c)])
+            self._evict(keep=len(chunks))
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
     def _put(self, key: tuple[int, int], table: pa.Table) -> None:

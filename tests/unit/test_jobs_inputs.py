@@ -47,7 +47,7 @@ def test_single_file_metadata(tmp_path):
     assert inputs.num_rows == 10
     assert len(inputs.files) == 1
     f = inputs.files[0]
-    assert f.path == path and f.num_rows == 10 and f.row_group_rows == (4, 4, 2)
+    assert f.path == path and f.num_rows == 10 and f.chunk_rows == (4, 4, 2)
     assert f.size == os.path.getsize(path) and f.mtime is not None
     assert inputs.text_column == "prompt"
     assert inputs.sampling_columns == ("temperature",)

@@ -1,4 +1,4 @@
-"""Shard plans: deterministic, following row groups, never crossing files, covering every row
+"""Shard plans: deterministic, following chunks, never crossing files, covering every row
 exactly once; and splitting a shard to isolate a bad row."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from ternpool.jobs import InputFile, InputSet, Shard, open_inputs, plan_shards, 
 pytestmark = pytest.mark.unit
 
 
-def input_set(*files_row_groups: tuple[int, ...]) -> InputSet:
-    """An InputSet from row-group sizes alone (plan_shards reads nothing else)."""
-    files = tuple(InputFile(f"f{i}.parquet", 100, None, sum(groups), tuple(groups))
-                  for i, groups in enumerate(files_row_groups))
+def input_set(*files_chunks: tuple[int, ...]) -> InputSet:
+    """An InputSet from chunk sizes alone (plan_shards reads nothing else)."""
+    files = tuple(InputFile(f"f{i}.parquet", 100, None, sum(chunks), tuple(chunks), "parquet")
+                  for i, chunks in enumerate(files_chunks))
     return InputSet("mem", files, "prompt", (), (), pa.schema([("prompt", pa.string())]))
 
 
@@ -39,14 +39,14 @@ def check_cover(inputs: InputSet, shards: list[Shard], shard_rows: int) -> None:
     assert covered == list(range(inputs.num_rows))
 
 
-def test_small_row_groups_are_merged_up_to_shard_rows():
+def test_small_chunks_are_merged_up_to_shard_rows():
     inputs = input_set((3, 3, 3, 3, 3))
     shards = plan_shards(inputs, 7)
     assert ranges(shards) == [(0, 0, 6), (0, 6, 12), (0, 12, 15)]
     check_cover(inputs, shards, 7)
 
 
-def test_large_row_group_is_cut():
+def test_large_chunk_is_cut():
     inputs = input_set((10, 2, 25))
     shards = plan_shards(inputs, 8)
     assert ranges(shards) == [(0, 0, 8), (0, 8, 10), (0, 10, 12), (0, 12, 20), (0, 20, 28),

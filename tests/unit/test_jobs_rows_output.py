@@ -161,14 +161,14 @@ def test_read_shard_notices_changed_file(tmp_path):
         read_shard(inputs, shards[1])
 
 
-@pytest.mark.parametrize("row_groups,shard_rows,max_bytes,read_ahead", [
+@pytest.mark.parametrize("row_groups,shard_rows,max_bytes,read_ahead", [  # Parquet row groups: the chunks
     ([1000], 64, 256 << 20, 8 << 20),  # one big row group (pyarrow's default for small files)
     ([7] * 40 + [300, 5], 16, 256 << 20, 8 << 20),  # small groups merged into shards, read ahead
     ([7] * 40 + [300, 5], 16, 2000, 1500),  # eviction on every read, a little read-ahead
     ([50, 30, 90, 10, 200], 64, 256 << 20, 0),  # shards spanning groups, no read-ahead
 ])
 def test_cached_read_shard_equals_the_plain_read(tmp_path, row_groups, shard_rows, max_bytes, read_ahead):
-    from ternpool.jobs.rows import RowGroupCache
+    from ternpool.jobs.rows import ChunkCache
 
     path = tmp_path / "a.parquet"
     n = sum(row_groups)
@@ -179,9 +179,9 @@ def test_cached_read_shard_equals_the_plain_read(tmp_path, row_groups, shard_row
             w.write_table(table.slice(start, rows), row_group_size=rows)
             start += rows
     inputs = open_inputs(str(path))
-    assert inputs.files[0].row_group_rows == tuple(row_groups)
+    assert inputs.files[0].chunk_rows == tuple(row_groups)
     shards = plan_shards(inputs, shard_rows)
-    cache = RowGroupCache(max_bytes=max_bytes, read_ahead=read_ahead)
+    cache = ChunkCache(max_bytes=max_bytes, read_ahead=read_ahead)
     order = shards + shards[::-1] + shards[::3]  # in order (as leased), then out of order (requeued pieces)
     for shard in order:
         got = read_shard(inputs, shard, cache)
@@ -190,24 +190,24 @@ def test_cached_read_shard_equals_the_plain_read(tmp_path, row_groups, shard_row
     assert cache._bytes <= max(max_bytes, table.nbytes)
 
 
-def test_cache_reads_a_big_row_group_once_and_still_notices_a_changed_file(tmp_path, monkeypatch):
+def test_cache_reads_a_big_chunk_once_and_still_notices_a_changed_file(tmp_path, monkeypatch):
     from ternpool.jobs import rows
-    from ternpool.jobs.rows import RowGroupCache
+    from ternpool.jobs.rows import ChunkCache
 
     path = tmp_path / "a.parquet"
     pq.write_table(pa.table({"prompt": ["x"] * 1000}), path)  # one row group
     inputs = open_inputs(str(path))
     shards = plan_shards(inputs, 10)
     reads = []
-    real = rows._read_groups
-    monkeypatch.setattr(rows, "_read_groups", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
-    cache = RowGroupCache()
+    real = rows._read_chunks
+    monkeypatch.setattr(rows, "_read_chunks", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
+    cache = ChunkCache()
     for shard in shards:
         read_shard(inputs, shard, cache)
     assert reads == [[0]]
     pq.write_table(pa.table({"prompt": ["x"] * 1000}), path, row_group_size=300)
     with pytest.raises(JobInputError, match="changed since the job was planned"):
-        read_shard(inputs, shards[0], RowGroupCache())
+        read_shard(inputs, shards[0], ChunkCache())
 
 
 # -- result_table ----------------------------------------------------------------------------
