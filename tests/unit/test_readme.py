@@ -187,14 +187,14 @@ def _finished_job(root: Path, model: str) -> None:
     from ternpool.cluster.coordinator import DONE, Coordinator
     from ternpool.cluster.driver import prepare
     from ternpool.engine import Engine
-    from ternpool.engine.requests import Request
+    from ternpool.engine.requests import Request, SamplingParams
     from ternpool.jobs import JobSpec, to_requests
 
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(JOB_ROWS)],
                              "prompt": [f"Tell me about item {i}" for i in range(JOB_ROWS)]}),
                    root / "prompts.parquet", row_group_size=4)
     plan = prepare(JobSpec(inputs=str(root / "prompts.parquet"), output=str(root / "out"), model=model,
-                           max_tokens=8, shard_rows=4))
+                           sampling=SamplingParams(max_tokens=8), shard_rows=4))
     coord = Coordinator(plan.spec, plan.inputs, plan.shards, plan.manifest, 0)
     coord.register("readme", "local")
     engine = Engine.load(model, slots=4, max_context=256)
