@@ -89,13 +89,17 @@ def test_stop_list_column_and_empty_list(tmp_path):
 
 def test_derived_seeds_are_stable_and_distinct(tmp_path):
     table = with_row_index({"prompt": [f"p{i}" for i in range(50)]})
-    first = [r.request.params.seed for r in to_requests(table, spec(tmp_path, sampling=SamplingParams(seed=3)), "prompt")]
-    again = [r.request.params.seed for r in to_requests(table, spec(tmp_path, sampling=SamplingParams(seed=3)), "prompt")]
-    other = [r.request.params.seed for r in to_requests(table, spec(tmp_path, sampling=SamplingParams(seed=4)), "prompt")]
+
+    def job(seed: int) -> JobSpec:
+        return spec(tmp_path, sampling=SamplingParams(seed=seed))
+
+    first = [r.request.params.seed for r in to_requests(table, job(3), "prompt")]
+    again = [r.request.params.seed for r in to_requests(table, job(3), "prompt")]
+    other = [r.request.params.seed for r in to_requests(table, job(4), "prompt")]
     assert first == again and len(set(first)) == 50
     assert first != other
     # the same row read in a different shard (e.g. after a split) keeps its seed
-    tail = to_requests(table.slice(30), spec(tmp_path, sampling=SamplingParams(seed=3)), "prompt")
+    tail = to_requests(table.slice(30), job(3), "prompt")
     assert [r.request.params.seed for r in tail] == first[30:]
 
 
