@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ternpool.engine.options import HEADS, WEIGHTS_FORMATS, EngineConfig
+from ternpool.engine.options import DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, HEADS, WEIGHTS_FORMATS, EngineConfig
 from ternpool.engine.requests import SamplingParams
 
 _SAMPLING = SamplingParams()  # the defaults
@@ -29,12 +29,13 @@ def add_engine_options(p: argparse.ArgumentParser, *, pool: bool) -> None:
     if pool:
         p.add_argument("--threads-per-worker", dest="threads", type=int,
                        help="Numba threads (CPUs) per worker (default: all of the node's)")
-        p.add_argument("--slots", type=int, help="sequences each worker decodes at once (default: 8, fewer when "
-                       "their KV cache would take more than half of a node's free memory)")
-        p.add_argument("--max-context", type=int, help="context length per slot (default: 2048 or the model's)")
+        p.add_argument("--slots", type=int, help=f"sequences each worker decodes at once (default: {DEFAULT_SLOTS}, "
+                       "fewer when their KV cache would take more than half of a node's free memory)")
+        p.add_argument("--max-context", type=int,
+                       help=f"context length per slot (default: {DEFAULT_MAX_CONTEXT} or the model's)")
     else:
         p.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
-        p.add_argument("--max-context", type=int, help="context length to allocate (default: 2048)")
+        p.add_argument("--max-context", type=int, help=f"context length to allocate (default: {DEFAULT_MAX_CONTEXT})")
     add_model_options(p)
 
 

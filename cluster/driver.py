@@ -47,7 +47,7 @@ _POLL_S = 0.5
 @dataclass(frozen=True)
 class PoolConfig:
     """The worker pool of a job: where, how many workers, and the engine each one runs.
-    `engine.threads` None: all CPUs of the node; `engine.slots` None: 8, fewer if the KV cache
+    `engine.threads` None: all CPUs of the node; `engine.slots` None: DEFAULT_SLOTS, fewer if the KV cache
     would not fit the node's memory; `engine.truncate` is the job's (`JobSpec.truncate`)."""
 
     address: str | None = None  # None: embedded local cluster (or the one this process already joined)
