@@ -1,13 +1,19 @@
 """ternpool.cluster: the Ray worker pool (coordinator, workers, driver) and the command line.
 
 `submit`, `PoolConfig`, `JobHandle` and `JobSummary` are imported on first use, so that the
-command line does not pay for importing Ray when it does not need it.
+command line does not pay for importing Ray when it does not need it. `EngineConfig` and
+`SamplingParams` (from `ternpool.engine`) are here too: a job's Python call needs nothing else.
 """
 
-__all__ = ["JobHandle", "JobSummary", "PoolConfig", "submit"]
+__all__ = ["EngineConfig", "JobHandle", "JobSummary", "PoolConfig", "SamplingParams", "submit"]
+_ENGINE = {"EngineConfig": "ternpool.engine.options", "SamplingParams": "ternpool.engine.requests"}
 
 
 def __getattr__(name: str):
+    if name in _ENGINE:
+        from importlib import import_module
+
+        return getattr(import_module(_ENGINE[name]), name)
     if name in __all__:
         from . import driver
 

@@ -57,6 +57,9 @@ def _run_on_cluster(n: int, cpus: int, inputs: str, model: str, output: str, str
     import ray
     from ray.cluster_utils import Cluster
 
+    from ternpool.engine import SamplingParams
+    from ternpool.engine.options import EngineConfig
+
     from .driver import PoolConfig, submit
 
     node_args = dict(num_cpus=cpus, object_store_memory=object_store)
@@ -68,9 +71,9 @@ def _run_on_cluster(n: int, cpus: int, inputs: str, model: str, output: str, str
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level=logging.WARNING, include_dashboard=False)
         cluster_s = time.perf_counter() - t0
-        pool = PoolConfig(address=cluster.address, threads_per_worker=cpus, slots=streams, head=head,
-                          weights_format=weights_format)
-        summary = submit(inputs, model, output, pool=pool, max_tokens=max_tokens, shard_rows=shard_rows).wait()
+        engine = EngineConfig(threads=cpus, slots=streams, head=head, weights_format=weights_format)
+        summary = submit(inputs, model, output, pool=PoolConfig(address=cluster.address, engine=engine),
+                         sampling=SamplingParams(max_tokens=max_tokens), shard_rows=shard_rows).wait()
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -28,11 +28,12 @@ def bench_pool(model: str, rows: int = 256, max_tokens: int = 32, slots: int = 8
     import pyarrow.parquet as pq
 
     from ternpool.engine import Engine, Request, SamplingParams
+    from ternpool.engine.options import EngineConfig
     from .driver import JobHandle, PoolConfig, prepare
     from ternpool.jobs import JobSpec
 
     prompts = bench_prompts(rows)
-    engine = Engine.load(model, threads=threads, slots=slots)
+    engine = Engine.load(model, EngineConfig(threads=threads, slots=slots))
     engine.generate([Request(0, prompt="warm up", params=SamplingParams(max_tokens=2))])
     t0 = time.perf_counter()
     direct = engine.generate([Request(i, prompt=p, params=SamplingParams(max_tokens=max_tokens))
@@ -45,10 +46,10 @@ def bench_pool(model: str, rows: int = 256, max_tokens: int = 32, slots: int = 8
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "prompts.parquet"
         pq.write_table(pa.table({"prompt": prompts}), src)
-        plan = prepare(JobSpec(inputs=str(src), output=str(Path(tmp) / "out"), model=model, max_tokens=max_tokens,
-                               shard_rows=shard_rows))
+        plan = prepare(JobSpec(inputs=str(src), output=str(Path(tmp) / "out"), model=model,
+                               sampling=SamplingParams(max_tokens=max_tokens), shard_rows=shard_rows))
         t0 = time.perf_counter()
-        handle = JobHandle(plan, PoolConfig(workers=1, threads_per_worker=threads, slots=slots))
+        handle = JobHandle(plan, PoolConfig(workers=1, engine=EngineConfig(threads=threads, slots=slots)))
         summary = handle.wait()
         job_s = time.perf_counter() - t0
     result = {

@@ -25,14 +25,15 @@ def _shape_model(shape: str) -> str:
 
 
 def cmd_bench_kernels(args) -> int:
-    from ternpool.engine.modelgen import SHAPES, _linear_shapes
+    from ternpool.engine.modelgen import SHAPES
+    from ternpool.engine.shapes import linear_shapes
     from ternpool.kernels import set_threads
     from ternpool.kernels.bench import bench_linears, read_bandwidth
     from ternpool.kernels.config import ISA
 
     threads = set_threads(args.threads)
     shape = SHAPES[args.shape]
-    shapes = {name.split(".")[-1]: dims for name, dims in _linear_shapes(shape).items()}
+    shapes = linear_shapes(shape)
     shapes.pop("v_proj", None)  # same shape as k_proj
     batches = tuple(int(b) for b in args.batches.split(","))
     bw, bw1 = read_bandwidth(), read_bandwidth(parallel=False)

@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from .cliopts import WEIGHTS_FORMATS, add_model_options
+from .cliopts import WEIGHTS_FORMATS, add_engine_options, add_sampling_options, engine_config, sampling_params
 
 log = logging.getLogger("ternpool")
 
@@ -24,12 +24,10 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ternpool.engine import Engine, Request, SamplingParams
+    from ternpool.engine import Engine, Request
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
-    engine = Engine.load(args.model, threads=args.threads, slots=1, max_context=args.max_context, head=args.head,
-                         weights_format=args.weights_format)
+    params = sampling_params(args)
+    engine = Engine.load(args.model, engine_config(args, slots=1))
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})
@@ -108,15 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the prompt text (the user turn with --chat)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--system", help="system message (with --chat)")
-    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
-    g.add_argument("--seed", type=int, help="random seed for sampling")
-    g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the text")
-    g.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
-    g.add_argument("--max-context", type=int, help="context length to allocate (default: 2048)")
-    add_model_options(g)
+    add_sampling_options(g, job=False)
+    add_engine_options(g, pool=False)
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: prompt_ids, output_ids, text, finish_reason")
     g.set_defaults(func=_generate)

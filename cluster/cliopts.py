@@ -1,18 +1,71 @@
-"""Command-line options shared by the commands that load a model."""
+"""Command-line options shared by several commands: the engine's (`engine_config` builds the one
+`EngineConfig` from them) and the sampling ones (`sampling_params`). Imports neither Numba nor Ray."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
-HEADS = ("bf16", "int8")
-WEIGHTS_FORMATS = ("2bit", "1.6bit")  # ternpool.engine.native.WEIGHTS_FORMATS, without importing the engine
+from ternpool.engine.options import DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, HEADS, WEIGHTS_FORMATS, EngineConfig
+from ternpool.engine.requests import SamplingParams
+
+_SAMPLING = SamplingParams()  # the defaults
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--head", choices=HEADS, default="bf16",
+    """--head and --weights-format: how the model is held in memory."""
+    p.add_argument("--head", choices=HEADS, default=EngineConfig.head,
                    help="output head: bf16 (exact, default) or int8 (half the bytes per token, approximate)")
     p.add_argument("--weights-format", choices=WEIGHTS_FORMATS, default=None,
                    help="ternary weights in memory: 2bit (fastest batched) or 1.6bit (5 weights a byte, 20%% "
                    "fewer bytes per token). A Hugging Face model is converted once into the cache "
                    "(TERNPOOL_CACHE_DIR, default ~/.cache/ternpool); a converted model keeps its own "
                    "format (default: 2bit)")
+
+
+def add_engine_options(p: argparse.ArgumentParser, *, pool: bool) -> None:
+    """The engine's options: threads (per worker in a pool), slots (a pool's only: one prompt needs
+    one), context, head and weights format."""
+    if pool:
+        p.add_argument("--threads-per-worker", dest="threads", type=int,
+                       help="Numba threads (CPUs) per worker (default: all of the node's)")
+        p.add_argument("--slots", type=int, help=f"sequences each worker decodes at once (default: {DEFAULT_SLOTS}, "
+                       "fewer when their KV cache would take more than half of a node's free memory)")
+        p.add_argument("--max-context", type=int,
+                       help=f"context length per slot (default: {DEFAULT_MAX_CONTEXT} or the model's)")
+    else:
+        p.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
+        p.add_argument("--max-context", type=int, help=f"context length to allocate (default: {DEFAULT_MAX_CONTEXT})")
+    add_model_options(p)
+
+
+def engine_config(args: argparse.Namespace, **fixed) -> EngineConfig:
+    """The EngineConfig of a command: every EngineConfig field its arguments have, then `fixed`."""
+    given = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)}
+    return EngineConfig(**{**given, **fixed})
+
+
+def add_sampling_options(p: argparse.ArgumentParser, *, job: bool) -> None:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed, --stop: of one prompt, or a job's defaults
+    (`job`: per-row columns override them, and --seed is the job seed)."""
+    d, of = _SAMPLING, ("default " if job else "")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help=f"{of}tokens to generate{' per row' if job else ''} at most (default: {d.max_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"{of}temperature; 0 is greedy (default: {d.temperature:g})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"{of}nucleus sampling mass (default: {d.top_p})")
+    p.add_argument("--top-k", type=int, default=d.top_k,
+                   help=f"{of}top-k: sample from the k most likely tokens (0: off, the default)")
+    if job:
+        p.add_argument("--seed", type=int, default=0, help="job seed: rows without a seed get one derived from it "
+                       "and their row_index (default: 0)")
+    else:
+        p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--stop", action="append",
+                   help=f"{of}stop string (repeatable); not included in the text")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams of `add_sampling_options`' arguments."""
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)
+                             if f.name != "stop"}, stop=tuple(args.stop or ()))

@@ -22,9 +22,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ternpool.engine import ModelConfig
 from ternpool.engine.engine import auto_slots, context_length
-from ternpool.engine.footprint import Footprint, fit_problem, footprint, kv_bytes_per_slot
+from ternpool.engine.footprint import Footprint, fit_problem, footprint
 from ternpool.engine.hub import resolve_model_dir
 from ternpool.engine.native import resolved_weights_format
+from ternpool.engine.options import EngineConfig
+from ternpool.engine.shapes import kv_bytes_per_slot
 from ternpool.engine.validate import validate_model
 from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
 from ternpool.jobs.errors import JobInputError
@@ -44,13 +46,13 @@ _POLL_S = 0.5
 
 @dataclass(frozen=True)
 class PoolConfig:
+    """The worker pool of a job: where, how many workers, and the engine each one runs.
+    `engine.threads` None: all CPUs of the node; `engine.slots` None: DEFAULT_SLOTS, fewer if the KV cache
+    would not fit the node's memory; `engine.truncate` is the job's (`JobSpec.truncate`)."""
+
     address: str | None = None  # None: embedded local cluster (or the one this process already joined)
     workers: int | None = None  # None: one per node
-    threads_per_worker: int | None = None  # None: all CPUs of the node
-    slots: int | None = None  # None: 8, fewer if the KV cache would not fit the node's memory
-    max_context: int | None = None
-    head: str = "bf16"  # output head: "bf16" (exact) or "int8" (half the bytes per token)
-    weights_format: str | None = None  # "2bit" / "1.6bit"; None: 2bit, or a converted model's own
+    engine: EngineConfig = field(default_factory=EngineConfig)
     hang_timeout: float = 300.0  # seconds without progress before a worker is declared hung
     max_worker_restarts: int = 20
     object_store_memory: int | None = None
@@ -184,10 +186,10 @@ def size_job(plan: Plan, pool: PoolConfig, nodes: list[dict] | None = None) -> J
     fewer fit, at least one) and the runtime, against what Ray gives the node for workers. `submit`
     refuses the job unless every node fits (`JobSizing.check`); `--dry-run` prints the verdicts.
     JobInputError when --max-context exceeds the model's limit."""
-    cfg = plan.config
-    fmt = resolved_weights_format(plan.model_dir, pool.weights_format)
+    cfg, engine = plan.config, pool.engine
+    fmt = resolved_weights_format(plan.model_dir, engine.weights_format)
     try:
-        ctx = context_length(cfg, pool.max_context)
+        ctx = context_length(cfg, engine.max_context)
     except ValueError as e:
         raise JobInputError(f"model {plan.model_dir}: {e}") from None
     fits = []
@@ -196,15 +198,25 @@ def size_job(plan: Plan, pool: PoolConfig, nodes: list[dict] | None = None) -> J
         if not node.get("Alive") or res.get("CPU", 0) < 1 or "memory" not in res:
             continue
         memory, store = int(res["memory"]), int(res.get("object_store_memory", 0))
-        slots = pool.slots
+        slots = engine.slots
         if slots is None:
-            fixed = footprint(cfg, fmt, pool.head, 0, ctx)
+            fixed = footprint(cfg, fmt, engine.head, 0, ctx)
             room = (memory - fixed.total) // kv_bytes_per_slot(cfg, ctx)
             slots = max(1, min(auto_slots(cfg, ctx, memory), room))
         fits.append(NodeFit(node["NodeID"], node.get("NodeManagerAddress", "?"), memory, store, slots,
-                            footprint(cfg, fmt, pool.head, slots, ctx),
-                            fit_problem(cfg, fmt, pool.head, slots, ctx, memory, store)))
-    return JobSizing(plan.model_dir, ctx, fmt, pool.head, pool.slots, tuple(fits))
+                            footprint(cfg, fmt, engine.head, slots, ctx),
+                            fit_problem(cfg, fmt, engine.head, slots, ctx, memory, store)))
+    return JobSizing(plan.model_dir, ctx, fmt, engine.head, engine.slots, tuple(fits))
+
+
+def worker_engine(spec: JobSpec, engine: EngineConfig) -> EngineConfig:
+    """The engine options of a job's workers: the pool's, with the job's truncate (it decides rows'
+    results, so it is part of the job's identity: `JobSpec.truncate`). ValueError when the pool
+    asks for another truncate than the job's default."""
+    if engine.truncate not in (spec.truncate, EngineConfig.truncate):
+        raise ValueError(f"PoolConfig.engine.truncate is {engine.truncate!r} but the job's is {spec.truncate!r}: "
+                         f"truncate is a job option (submit(..., truncate={engine.truncate!r}))")
+    return replace(engine, truncate=spec.truncate)
 
 
 def check_memory(plan: Plan, pool: PoolConfig) -> JobSizing:
@@ -219,6 +231,7 @@ class JobHandle:
 
     def __init__(self, plan: Plan, pool: PoolConfig):
         self.plan, self.pool, self.output = plan, pool, plan.spec.output
+        self.engine = worker_engine(plan.spec, pool.engine)
         self.job_id = plan.manifest.job_id
         # the coordinator serves on this node: an explicit port is checked before starting anything
         self._metrics_ports = ports_to_try(pool.metrics_host, pool.metrics_port)
@@ -306,10 +319,8 @@ class JobHandle:
 
     def _start_worker(self, node: str) -> None:
         wid = f"w-{node[:8]}-{uuid.uuid4().hex[:6]}"
-        cpus = self.pool.threads_per_worker or alive_nodes().get(node, 1.0)
-        cfg = WorkerConfig(self.plan.model_dir, threads=self.pool.threads_per_worker, slots=self.pool.slots,
-                           max_context=self.pool.max_context, truncate=self.plan.spec.truncate, head=self.pool.head,
-                           weights_format=self.pool.weights_format, faults=self.pool.faults)
+        cpus = self.engine.threads or alive_nodes().get(node, 1.0)
+        cfg = WorkerConfig(self.plan.model_dir, self.engine, faults=self.pool.faults)
         actor = WorkerActor.options(
             num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             name=None).remote(wid, cfg, self.coordinator, self.plan.spec, self.plan.inputs.text_column)
@@ -431,8 +442,9 @@ class JobHandle:
 def submit(inputs: str, model: str, output: str, *, pool: PoolConfig | None = None, **job) -> JobHandle:
     """Validate and start a batch job; returns at once with a `JobHandle`.
 
-    `job` takes the `JobSpec` fields: max_tokens, temperature, top_p, top_k, seed, stop,
-    shard_rows, max_retries, truncate.
+    `job` takes the `JobSpec` fields: sampling (a SamplingParams: the job's defaults and seed),
+    shard_rows, max_retries, truncate. `pool` says where and how it runs, its `engine` how each
+    worker runs the model.
     """
     plan = prepare(JobSpec(inputs=inputs, output=output, model=model, **job))
     return JobHandle(plan, pool or PoolConfig())

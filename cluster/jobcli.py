@@ -10,7 +10,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .cliopts import add_model_options
+from ternpool.engine.options import TRUNCATE_MODES
+
+from .cliopts import add_engine_options, add_sampling_options, engine_config, sampling_params
 
 log = logging.getLogger("ternpool")
 
@@ -23,21 +25,11 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    help="object store of the embedded cluster, MB (default: 512; it carries prompts and results "
                    "only, the model is mapped from disk); a cluster joined with --address keeps its own")
     p.add_argument("--workers", type=int, help="number of worker actors (default: one per node)")
-    p.add_argument("--threads-per-worker", type=int, help="Numba threads (CPUs) per worker (default: all of the node's)")
-    p.add_argument("--slots", type=int, help="sequences each worker decodes at once (default: 8, fewer when "
-                   "their KV cache would take more than half of a node's free memory)")
-    p.add_argument("--max-context", type=int, help="context length per slot (default: 2048 or the model's)")
-    add_model_options(p)
-    p.add_argument("--max-tokens", type=int, default=128, help="default tokens to generate per row (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="default temperature; 0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="default nucleus mass (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="default top-k (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="job seed: rows without a seed get one derived from it "
-                   "and their row_index (default: 0)")
-    p.add_argument("--stop", action="append", help="default stop string (repeatable)")
+    add_engine_options(p, pool=True)
+    add_sampling_options(p, job=True)
     p.add_argument("--shard-rows", type=int, default=64, help="rows per shard at most (default: 64)")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose worker is lost (default: 3)")
-    p.add_argument("--truncate", choices=["error", "left"], default="error",
+    p.add_argument("--truncate", choices=TRUNCATE_MODES, default="error",
                    help="a prompt longer than the context: an error row (default), or keep its end")
     p.add_argument("--hang-timeout", type=float, default=300.0,
                    help="seconds without progress before a worker is declared hung (default: 300)")
@@ -53,17 +45,15 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
 
 
 def _job_kwargs(args) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed, stop=tuple(args.stop or ()), shard_rows=args.shard_rows,
-                max_retries=args.max_retries, truncate=args.truncate)
+    return dict(sampling=sampling_params(args), shard_rows=args.shard_rows, max_retries=args.max_retries,
+                truncate=args.truncate)
 
 
 def _pool(args):
     from .driver import PoolConfig
 
-    return PoolConfig(address=args.address, workers=args.workers, threads_per_worker=args.threads_per_worker,
-                      slots=args.slots, max_context=args.max_context, head=args.head,
-                      weights_format=args.weights_format, hang_timeout=args.hang_timeout,
+    return PoolConfig(address=args.address, workers=args.workers, engine=engine_config(args),
+                      hang_timeout=args.hang_timeout,
                       metrics_host=args.metrics_host, metrics_port=args.metrics_port,
                       pushgateway=args.pushgateway,
                       object_store_memory=None if args.object_store_mb is None else args.object_store_mb << 20)
@@ -220,7 +210,9 @@ def cmd_cancel(args) -> int:
 
 def cmd_demo(args) -> int:
     from .driver import JobHandle, PoolConfig, prepare
+    from ternpool.engine import SamplingParams
     from ternpool.engine.modelgen import make_model
+    from ternpool.engine.options import EngineConfig
     from ternpool.jobs import JobSpec
     from ternpool.jobs.demo import write_demo_prompts
 
@@ -234,10 +226,10 @@ def cmd_demo(args) -> int:
         write_demo_prompts(prompts, rows=args.rows)
         print(f"wrote {args.rows} example prompts to {prompts}")
     output = root / "output"
-    plan = prepare(JobSpec(inputs=str(prompts), output=str(output), model=str(model), max_tokens=32,
-                           shard_rows=32))
+    plan = prepare(JobSpec(inputs=str(prompts), output=str(output), model=str(model),
+                           sampling=SamplingParams(max_tokens=32), shard_rows=32))
     if plan.todo:
-        summary = _run(JobHandle(plan, PoolConfig(slots=8)), show_progress=sys.stderr.isatty())
+        summary = _run(JobHandle(plan, PoolConfig(engine=EngineConfig(slots=8))), show_progress=sys.stderr.isatty())
         print_summary(summary)
         if summary.state != "finished":
             return 1

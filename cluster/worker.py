@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import ray
 
 from ternpool.engine import Engine, Request, Result, SamplingParams
+from ternpool.engine.options import EngineConfig
 from ternpool.jobs.rows import RowRequest, to_requests
 
 from .coordinator import DONE, WAIT
@@ -29,12 +30,7 @@ _IDLE_WAIT_S = 0.05
 @dataclass(frozen=True)
 class WorkerConfig:
     model: str
-    threads: int | None = None  # None: all CPUs Ray gave this worker
-    slots: int | None = None
-    max_context: int | None = None
-    truncate: str = "error"
-    head: str = "bf16"
-    weights_format: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)  # threads None: all CPUs Ray gave this worker
     # test hooks: {"exit_on_prompt": s, "hang_on_prompt": s, "step_delay": seconds (a slow node)}
     faults: dict = field(default_factory=dict)
 
@@ -49,10 +45,8 @@ class Worker:
     def __init__(self, worker_id: str, config: WorkerConfig, coordinator, spec, text_column: str):
         self.worker_id, self.config, self.coordinator = worker_id, config, coordinator
         self.spec, self.text_column = spec, text_column
-        threads = config.threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-        self.engine = Engine.load(config.model, threads=threads, slots=config.slots,
-                                  max_context=config.max_context, truncate=config.truncate, head=config.head,
-                                  weights_format=config.weights_format)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        self.engine = Engine.load(config.model, config.engine, threads=config.engine.threads or max(1, int(cpus)))
         # compile / load every kernel now, so that the first shard does not pay for it
         self.engine.generate([Request("warm-up", prompt_token_ids=[self.engine.config.bos_token_id],
                                       params=SamplingParams(max_tokens=2))])

@@ -6,10 +6,10 @@ The names below are imported on first use, so that importing a submodule such as
 kernels: `ternpool status`, `cancel` and `--help` stay fast.
 """
 
-__all__ = ["Engine", "ModelConfig", "ModelFormatError", "Request", "Result", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "ModelConfig", "ModelFormatError", "Request", "Result", "SamplingParams"]
 
-_HOMES = {"Engine": "engine", "ModelConfig": "config", "ModelFormatError": "config", "Request": "requests",
-          "Result": "requests", "SamplingParams": "requests"}
+_HOMES = {"Engine": "engine", "EngineConfig": "options", "ModelConfig": "config", "ModelFormatError": "config",
+          "Request": "requests", "Result": "requests", "SamplingParams": "requests"}
 
 
 def __getattr__(name: str):

@@ -62,7 +62,7 @@ def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, g
     single = _run(engine, _prompts(engine, 1, prompt_len, seed + 1), gen)
     out = {"model": str(model), "threads": engine.threads, "head": head, "weights_format": w.weights_format,
            "isa": ISA, "bytes_per_token": per_token, "slots": engine.model.slots,
-           "kv_bytes_per_slot": engine.model.kv_bytes_per_token * engine.model.max_context, "prompt_len": prompt_len, "gen": gen, "load_s": load_s,
+           "kv_bytes_per_slot": engine.model.kv_bytes_per_slot, "prompt_len": prompt_len, "gen": gen, "load_s": load_s,
            "load_weights_s": engine.load_seconds["weights"], "load_tokenizer_s": engine.load_seconds["tokenizer"], "prefill_tokens_per_s": prompt_len / single["ttft_s"], "ttft_s": single["ttft_s"],
            "decode_tokens_per_s": single["decode_tokens_per_s"], "concurrency": {}}
     for c in concurrency:

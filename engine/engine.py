@@ -22,6 +22,8 @@ from ternpool.kernels import set_threads
 
 from .config import ModelConfig, ModelFormatError
 from .footprint import fit_problem
+from .options import DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, DEFAULT_STEP_TOKENS, TRUNCATE_MODES, EngineConfig
+from .shapes import kv_bytes_per_slot
 from .hub import resolve_model_dir
 from .model import BitNetModel
 from .requests import Request, Result, SamplingParams
@@ -33,11 +35,6 @@ from .validate import load_tokenizer
 
 log = logging.getLogger(__name__)
 _END = object()
-
-DEFAULT_SLOTS = 8
-DEFAULT_MAX_CONTEXT = 2048
-DEFAULT_STEP_TOKENS = 512
-TRUNCATE_MODES = ("error", "left")
 
 
 @dataclass
@@ -87,10 +84,9 @@ def check_fits(model_dir, cfg: ModelConfig, weights_format: str, head: str, slot
 def auto_slots(cfg: ModelConfig, max_context: int, memory: int | None = None) -> int:
     """DEFAULT_SLOTS, or fewer so that full KV caches fit in half of the available memory."""
     memory = available_memory() if memory is None else memory
-    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * max_context
     if memory <= 0:
         return DEFAULT_SLOTS
-    return max(1, min(DEFAULT_SLOTS, int(0.5 * memory // per_slot)))
+    return max(1, min(DEFAULT_SLOTS, int(0.5 * memory // kv_bytes_per_slot(cfg, max_context))))
 
 
 def context_length(cfg: ModelConfig, max_context: int | None) -> int:
@@ -121,29 +117,25 @@ class Engine:
         self.load_seconds: dict[str, float] = {}  # set by `load`: where its time went
 
     @classmethod
-    def load(cls, model: str | Path, threads: int | None = None, slots: int | None = None,
-             max_context: int | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
-             truncate: str = "error", head: str = "bf16", weights_format: str | None = None,
-             cache_dir: str | Path | None = None) -> "Engine":
-        """Load a model directory (or Hub id) and allocate the cache.
+    def load(cls, model: str | Path, config: EngineConfig | None = None, **options) -> "Engine":
+        """Load a model directory (or Hub id) and allocate the cache, as `config` says (see
+        `EngineConfig`; default: EngineConfig()). Keywords are EngineConfig fields that replace
+        config's: `Engine.load(model, slots=4)`.
 
-        slots: sequences decoded at once; None: DEFAULT_SLOTS, fewer when their full KV cache
-        would take more than half of this machine's available memory.
-        truncate: "error" fails a prompt that does not fit the context; "left" keeps its end.
-        head: "bf16" (exact, the default) or "int8" (the embedding quantized per row for the output
-        head: half the bytes per decode step, logits within ~1% of the logit spread).
-        weights_format: "2bit" or "1.6bit" ternary weights. A Hugging Face model is converted once
-        into ternpool's native file under `cache_dir` (default TERNPOOL_CACHE_DIR or
-        ~/.cache/ternpool) and mapped from there; a native directory is mapped as it is.
+        A Hugging Face model is converted once into ternpool's native file under the config's
+        cache_dir and mapped from there; a native directory is mapped as it is.
         """
         t0 = time.perf_counter()
-        threads = set_threads(threads)
+        config = replace(config or EngineConfig(), **options)
+        threads = set_threads(config.threads)
+        head, weights_format = config.head, config.weights_format
         model_dir = resolve_model_dir(model)
         check_links(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
-        ctx = context_length(cfg, max_context)
+        ctx = context_length(cfg, config.max_context)
+        slots = config.slots
         check_fits(model_dir, cfg, resolved_weights_format(model_dir, weights_format), head, slots or 1, ctx)
-        native_dir = ensure_native(model_dir, weights_format, cache_dir)  # checks the source's tensor headers
+        native_dir = ensure_native(model_dir, weights_format, config.cache_dir)  # checks the source's tensor headers
         t1 = time.perf_counter()
         weights = load_native(native_dir, cfg)  # checks the native file's tensor headers
         t2 = time.perf_counter()
@@ -151,12 +143,13 @@ class Engine:
         t3 = time.perf_counter()
         if slots is None:
             slots = auto_slots(cfg, ctx)
-        engine = cls(BitNetModel(weights, slots, ctx, head=head), tokenizer, threads, step_tokens, truncate)
+        engine = cls(BitNetModel(weights, slots, ctx, head=head), tokenizer, threads, config.step_tokens,
+                     config.truncate)
         engine.load_seconds = {"convert_or_find": t1 - t0, "weights": t2 - t1, "tokenizer": t3 - t2,
                                "total": time.perf_counter() - t0}
         log.info("engine ready in %.2f s: %s (%s weights, %s head), %d slots x %d tokens (KV cache up to %.1f MB "
                  "a slot), %d threads", time.perf_counter() - t0, model_dir, weights.weights_format, head, slots, ctx,
-                 engine.model.kv_bytes_per_token * ctx / 1e6, threads)
+                 engine.model.kv_bytes_per_slot / 1e6, threads)
         return engine
 
     # -- requests ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .shapes import kv_bytes_per_slot, linear_shapes, packed_shape
 
 # Python, NumPy, Numba, the tokenizer and activations of one step: measured ~0.35 GB for 2b4t
 RUNTIME_BYTES = 512 * 2 ** 20
@@ -12,16 +13,8 @@ RUNTIME_BYTES = 512 * 2 ** 20
 
 def linear_bytes(cfg: ModelConfig, weights_format: str) -> int:
     """Bytes of all ternary linears in a weights format ("2bit" or "1.6bit")."""
-    from .weights import linear_shapes
-
-    per_layer = 0
-    for out, k in linear_shapes(cfg).values():
-        per_layer += out * k // 4 if weights_format == "2bit" else out * 32 * -(-k // 160)
-    return per_layer * cfg.num_hidden_layers
-
-
-def kv_bytes_per_slot(cfg: ModelConfig, max_context: int) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * max_context
+    rows_cols = [packed_shape(weights_format, out, k) for out, k in linear_shapes(cfg).values()]
+    return sum(r * c for r, c in rows_cols) * cfg.num_hidden_layers
 
 
 @dataclass(frozen=True)

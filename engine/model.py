@@ -24,6 +24,8 @@ from ternpool.kernels.base3 import base3_linear
 from ternpool.kernels.head8 import head_i8, quantize_head
 
 from .config import ModelConfig
+from .options import HEADS
+from .shapes import kv_bytes_per_slot
 from .weights import ModelWeights, TernaryLinear
 
 
@@ -60,9 +62,6 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
     return np.concatenate((x1 * c - x2 * s, x2 * c + x1 * s), axis=-1)
-
-
-HEADS = ("bf16", "int8")
 
 
 class Quantized:
@@ -105,9 +104,9 @@ class BitNetModel:
         self.scale = np.float32(cfg.head_dim ** -0.5)
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        c = self.config
-        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+    def kv_bytes_per_slot(self) -> int:
+        """Bytes of one slot's K and V caches when full."""
+        return kv_bytes_per_slot(self.config, self.max_context)
 
     def forward(self, tokens: np.ndarray, pos: np.ndarray, slots: np.ndarray,
                 logit_rows: np.ndarray | None = None) -> np.ndarray:

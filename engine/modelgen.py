@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, TensorSpec, write_safetensors
+from .shapes import linear_shapes, module_of, packed_shape
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,6 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def _linear_shapes(s: Shape) -> dict[str, tuple[int, int]]:
-    h, i = s.hidden_size, s.intermediate_size
-    q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
-    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
-            "mlp.down_proj": (h, i)}
-
-
 def _norm_gain(name: str, s: Shape) -> float:
     if name == "model.norm.weight":  # logits = embed . norm(x): spread _LOGIT_STD
         return _LOGIT_STD / (_EMBED_STD * np.sqrt(s.hidden_size))
@@ -100,7 +93,7 @@ def check_shape(s: Shape) -> None:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
     if s.head_dim % 2:
         raise ValueError(f"head_dim {s.head_dim} must be even")
-    for name, (out, _) in _linear_shapes(s).items():
+    for name, (out, _) in linear_shapes(s).items():
         if out % 4:
             raise ValueError(f"{name}: output size {out} must be a multiple of 4 for packed ternary weights")
 
@@ -113,9 +106,8 @@ class _Producer:
 
     def packed(self, base: str, shape: tuple[int, int]) -> np.ndarray:
         """Uniform ternary weights (out, in), already packed: one draw in 0..80 is four base-3 digits."""
-        out, fan_in = shape
         rng = _rng(self.seed, base)
-        return _BASE81_TO_PACKED[rng.integers(0, 81, size=(out // 4, fan_in), dtype=np.uint8)]
+        return _BASE81_TO_PACKED[rng.integers(0, 81, size=packed_shape("2bit", *shape), dtype=np.uint8)]
 
     def scale(self, base: str, fan_in: int) -> float:
         # output std of a ternary linear on unit-RMS input: scale * sqrt(2/3 * fan_in)
@@ -141,8 +133,7 @@ class _Producer:
             g = _norm_gain(name, self.s) * (1.0 + 0.1 * rng.standard_normal(spec.shape))
             return f32_to_bf16(g.astype(np.float32))
         base, _, leaf = name.rpartition(".")
-        linear = base.split(".", 3)[3]  # "self_attn.q_proj"
-        out, fan_in = _linear_shapes(self.s)[linear]
+        out, fan_in = linear_shapes(self.s)[base.rsplit(".", 1)[1]]  # base: "model.layers.N.self_attn.q_proj"
         scale = self.scale(base, fan_in)
         if leaf == "weight_scale":
             stored = 1.0 / scale if self.linear_class == "bitlinear" else scale
@@ -166,12 +157,13 @@ def _specs(s: Shape, fmt: str) -> list[TensorSpec]:
         for norm in ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm"):
             specs.append(TensorSpec(p + norm + ".weight", "BF16", (s.hidden_size,)))
         specs.append(TensorSpec(p + "mlp.ffn_sub_norm.weight", "BF16", (s.intermediate_size,)))
-        for linear, (out, fan_in) in _linear_shapes(s).items():
-            if fmt == "packed":
-                specs.append(TensorSpec(p + linear + ".weight", "U8", (out // 4, fan_in)))
-                specs.append(TensorSpec(p + linear + ".weight_scale", "BF16", (1,)))
+        for name, (out, fan_in) in linear_shapes(s).items():
+            linear = f"{p}{module_of(name)}.{name}"
+            if fmt == "packed":  # Hugging Face packing, which is ternpool's 2bit
+                specs.append(TensorSpec(linear + ".weight", "U8", packed_shape("2bit", out, fan_in)))
+                specs.append(TensorSpec(linear + ".weight_scale", "BF16", (1,)))
             else:
-                specs.append(TensorSpec(p + linear + ".weight", "BF16", (out, fan_in)))
+                specs.append(TensorSpec(linear + ".weight", "BF16", (out, fan_in)))
     specs.append(TensorSpec("model.norm.weight", "BF16", (s.hidden_size,)))
     return specs
 

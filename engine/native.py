@@ -36,17 +36,19 @@ from typing import Iterator
 import numpy as np
 
 from ternpool.kernels import pack_ternary
-from ternpool.kernels.base3 import pack_base3, packed_cols
+from ternpool.kernels.base3 import pack_base3
 from ternpool.kernels.config import cache_root
 from ternpool.kernels.head8 import quantize_head
 
 from .config import ModelConfig, ModelFormatError, read_json
 from .identity import SIDE_FILE_PATTERNS, model_digests
 from .modelfiles import check_links
+from .options import DEFAULT_WEIGHTS_FORMAT, WEIGHTS_FORMATS
 from .safetensors_io import INDEX_FILE, TensorInfo, TensorSpec, index_model, read_header, read_metadata, \
     write_safetensors
-from .weights import LINEARS, LayerWeights, as_f32, ModelWeights, TernaryLinear, check_native_tensors, \
-    check_tensors, linear_shapes, module_of, online_factors
+from .shapes import LINEARS, linear_shapes, module_of, packed_shape
+from .weights import LayerWeights, as_f32, ModelWeights, TernaryLinear, check_native_tensors, check_tensors, \
+    online_factors
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,6 @@ FORMAT = "ternpool-native"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.ternpool.safetensors"
 MARKER = "ternpool.json"
-WEIGHTS_FORMATS = ("2bit", "1.6bit")
-DEFAULT_WEIGHTS_FORMAT = "2bit"
 NORMS = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
          "attn_sub_norm": "self_attn.attn_sub_norm", "ffn_sub_norm": "mlp.ffn_sub_norm"}
 _ROWS = 4096  # row block for streaming large tensors
@@ -95,8 +95,7 @@ def native_specs(cfg: ModelConfig, weights_format: str) -> list[TensorSpec]:
             size = cfg.intermediate_size if ours == "ffn_sub_norm" else h
             specs.append(TensorSpec(f"layers.{n}.{ours}", "F32", (size,)))
         for name, (o, k) in linear_shapes(cfg).items():
-            shape = (o // 4, k) if weights_format == "2bit" else (o, packed_cols(k))
-            specs += [TensorSpec(f"layers.{n}.{name}.weight", "U8", shape),
+            specs += [TensorSpec(f"layers.{n}.{name}.weight", "U8", packed_shape(weights_format, o, k)),
                       TensorSpec(f"layers.{n}.{name}.scale", "F32", (1,))]
     return specs
 

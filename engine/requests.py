@@ -9,9 +9,18 @@ from typing import Any, Hashable, Sequence
 FINISH_REASONS = ("stop", "length", "error")
 
 
+class SamplingValueError(ValueError):
+    """An impossible sampling value; `field` names the SamplingParams field (a job's column)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. temperature 0 means greedy; top_k 0 means off."""
+    """How one request is decoded. temperature 0 means greedy; top_k 0 means off.
+    An impossible value raises SamplingValueError naming its field."""
 
     max_tokens: int = 128
     temperature: float = 0.0
@@ -25,21 +34,25 @@ class SamplingParams:
         if isinstance(stop, str):
             stop = (stop,)
         object.__setattr__(self, "stop", tuple(stop or ()))
+
+        def bad(field: str, message: str) -> SamplingValueError:
+            return SamplingValueError(field, f"{message}, got {getattr(self, field)!r}")
+
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise bad("max_tokens", "max_tokens must be an integer >= 1")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
                 or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise bad("temperature", "temperature must be a finite number >= 0")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise bad("top_p", "top_p must be in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise bad("top_k", "top_k must be an integer >= 0")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+            raise bad("seed", "seed must be a non-negative integer or None")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+                raise SamplingValueError("stop", f"stop strings must be non-empty strings, got {s!r}")
 
 
 @dataclass(frozen=True)

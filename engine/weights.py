@@ -20,10 +20,9 @@ from ternpool.kernels import bf16_to_f32, pack_ternary
 
 from .config import ModelConfig, ModelFormatError
 from .safetensors_io import TensorInfo, index_model
+from .shapes import LINEARS, linear_shapes, module_of, packed_shape
 
 log = logging.getLogger(__name__)
-
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -78,18 +77,6 @@ class ModelWeights:
         return self.embed.nbytes + self.norm.nbytes + self.linear_bytes
 
 
-def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of each linear of a layer."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-
-
-def module_of(name: str) -> str:
-    return "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-
-
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """Checkpoint tensor name -> (shape, accepted dtypes): the table from HF names to ours."""
     h, i = cfg.hidden_size, cfg.intermediate_size
@@ -112,7 +99,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
                 if o % 4:
                     raise ModelFormatError(f"{base}weight: packed linears need an output size that is a "
                                            f"multiple of 4, the config gives {o}")
-                out[base + "weight"] = ((o // 4, k), ("U8",))
+                out[base + "weight"] = (packed_shape("2bit", o, k), ("U8",))  # Hugging Face packing
                 out[base + "weight_scale"] = ((1,), floats)
     return out
 

@@ -4,12 +4,12 @@ manifest and resume. Knows files, not Ray (never imports it)."""
 from .errors import JobInputError
 from .inputs import InputFile, InputSet, open_inputs
 from .manifest import FORMAT_VERSION, Manifest, model_fingerprint
-from .output import error_results, part_name, read_output, result_table, write_part
+from .output import OUTPUT_COLUMNS, error_results, part_name, read_output, result_table, write_part
 from .plan import Shard, plan_shards, split_shard
 from .progress import (cancel_requested, clear_cancel, read_progress, request_cancel, status,
                        write_progress)
 from .rows import RowRequest, read_shard, to_requests
-from .spec import OUTPUT_COLUMNS, SAMPLING_COLUMNS, JobSpec, derive_seed
+from .spec import SAMPLING_COLUMNS, JobSpec, derive_seed
 
 __all__ = [
     "FORMAT_VERSION", "OUTPUT_COLUMNS", "SAMPLING_COLUMNS", "InputFile", "InputSet",

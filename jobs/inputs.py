@@ -15,7 +15,8 @@ import pyarrow.fs as pafs
 
 from . import formats, storage
 from .errors import JobInputError
-from .spec import OUTPUT_COLUMNS, SAMPLING_COLUMNS
+from .output import OUTPUT_COLUMNS
+from .spec import SAMPLING_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ OUTPUT_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("error", pa.string()),
 )
 _OUTPUT_TYPES = dict(OUTPUT_SCHEMA_FIELDS)
+OUTPUT_COLUMNS = tuple(_OUTPUT_TYPES)  # an input column of one of these names is refused
 
-__all__ = ["OUTPUT_SCHEMA_FIELDS", "error_results", "part_name", "read_output", "result_table",
-           "write_part"]
+__all__ = ["OUTPUT_COLUMNS", "OUTPUT_SCHEMA_FIELDS", "error_results", "part_name", "read_output",
+           "result_table", "write_part"]
 
 
 def result_table(shard_table: pa.Table, results: dict[int, Result],

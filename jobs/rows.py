@@ -10,12 +10,12 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 
-from ternpool.engine.requests import Request, SamplingParams
+from ternpool.engine.requests import Request, SamplingParams, SamplingValueError
 
 from . import formats
 from .errors import JobInputError
@@ -126,7 +126,7 @@ class RowRequest:
 def to_requests(table: pa.Table, spec: JobSpec, text_column: str) -> list[RowRequest]:
     """One `RowRequest` per row of a `read_shard` table, in order. The request key is the
     row_index; sampling parameters are the job defaults overridden by the row's non-null
-    sampling columns; a row without a seed gets `derive_seed(spec.seed, row_index)`.
+    sampling columns; a row without a seed gets `derive_seed(job seed, row_index)`.
     A bad row (null or empty prompt, empty or incomplete messages, impossible sampling values)
     becomes a RowRequest with `error` set instead of an exception."""
     for needed in ("row_index", text_column):
@@ -140,28 +140,25 @@ def to_requests(table: pa.Table, spec: JobSpec, text_column: str) -> list[RowReq
     texts = table.column(text_column).to_pylist()
     overrides = {name: table.column(name).to_pylist()
                  for name in SAMPLING_COLUMNS if name in table.column_names}
-    defaults = spec.sampling_defaults()
-    defaults["stop"] = tuple(defaults["stop"])
     out: list[RowRequest] = []
     for i, row_index in enumerate(row_indices):
         if row_index is None:
             raise ValueError(f"to_requests: row {i} of the table has a null row_index")
         try:
-            out.append(_row_request(row_index, text_column, texts[i], defaults,
-                                    {name: values[i] for name, values in overrides.items() if values[i] is not None},
-                                    spec.seed))
+            out.append(_row_request(row_index, text_column, texts[i], spec.sampling,
+                                    {name: values[i] for name, values in overrides.items() if values[i] is not None}))
         except Exception as exc:  # any surprise in one row is that row's error, not the shard's
             log.warning("row %d cannot be converted to a request: %s: %s", row_index, type(exc).__name__, exc)
             out.append(RowRequest(row_index, None, f"row {row_index}: {type(exc).__name__}: {exc}"))
     return out
 
 
-def _row_request(row_index: int, text_column: str, value: Any, defaults: dict[str, Any],
-                 row_overrides: dict[str, Any], job_seed: int) -> RowRequest:
+def _row_request(row_index: int, text_column: str, value: Any, defaults: SamplingParams,
+                 row_overrides: dict[str, Any]) -> RowRequest:
     text, error = _text_of(row_index, text_column, value)
     params = None
     if error is None:
-        params, error = _params_of(row_index, defaults, row_overrides, job_seed)
+        params, error = _params_of(row_index, defaults, row_overrides)
     if error is not None:
         return RowRequest(row_index, None, error)
     if text_column == "prompt":
@@ -191,11 +188,11 @@ def _text_of(row_index: int, column: str, value: Any) -> tuple[Any, str | None]:
     return messages, None
 
 
-def _params_of(row_index: int, defaults: dict[str, Any], overrides: dict[str, Any],
-               job_seed: int) -> tuple[SamplingParams | None, str | None]:
-    """The row's SamplingParams, or an error naming the offending column."""
-    values = dict(defaults)
-    values.update(overrides)
+def _params_of(row_index: int, defaults: SamplingParams,
+               overrides: dict[str, Any]) -> tuple[SamplingParams | None, str | None]:
+    """The row's SamplingParams (the job's `defaults` with the row's non-null sampling columns;
+    defaults.seed is the job seed), or an error naming the offending column."""
+    values = dict(overrides)
     for name in INTEGER_SAMPLING_COLUMNS:
         value = overrides.get(name)
         if isinstance(value, float):  # a float column (pandas writes ints with nulls as float64)
@@ -206,11 +203,8 @@ def _params_of(row_index: int, defaults: dict[str, Any], overrides: dict[str, An
         stop = overrides["stop"]
         values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
     if "seed" not in overrides:
-        values["seed"] = derive_seed(job_seed, row_index)
+        values["seed"] = derive_seed(defaults.seed, row_index)
     try:
-        return SamplingParams(**values), None
-    except ValueError as exc:
-        message = str(exc)
-        field = message.split(" ", 1)[0]
-        column = field if field in SAMPLING_COLUMNS else next(iter(overrides), "?")
-        return None, f"row {row_index}: column {column!r}: {message}"
+        return replace(defaults, **values), None
+    except SamplingValueError as exc:
+        return None, f"row {row_index}: column {exc.field!r}: {exc}"

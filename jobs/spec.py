@@ -1,18 +1,17 @@
-"""What a batch job is: `JobSpec`, the output and sampling column names, and per-row seeds."""
+"""What a batch job is: `JobSpec`, the sampling column names, and per-row seeds."""
 
 from __future__ import annotations
 
 import hashlib
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ternpool.engine.options import TRUNCATE_MODES
 from ternpool.engine.requests import SamplingParams
 
-OUTPUT_COLUMNS = ("row_index", "generated_text", "finish_reason", "prompt_tokens",
-                  "completion_tokens", "error")
-SAMPLING_COLUMNS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-TRUNCATE_MODES = ("error", "left")
+# per-row columns that override the job's sampling defaults: SamplingParams' fields
+SAMPLING_COLUMNS = tuple(f.name for f in fields(SamplingParams))
 
 _SEED_LIMIT = 2 ** 63
 
@@ -20,17 +19,15 @@ _SEED_LIMIT = 2 ** 63
 @dataclass(frozen=True)
 class JobSpec:
     """One batch job: where the prompts are, where the output goes, which model, and the
-    sampling defaults that per-row columns override."""
+    sampling defaults (`sampling`) that per-row columns override.
+
+    `sampling.seed` is the job seed: a row without a `seed` gets derive_seed(seed, row_index);
+    None means 0."""
 
     inputs: str  # a Parquet file, a directory, a glob, or a URI pyarrow.fs opens
     output: str  # output directory (local path or URI)
     model: str
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0  # job seed; a row without `seed` gets derive_seed(seed, row_index)
-    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     shard_rows: int = 64  # max rows per shard
     max_retries: int = 3
     truncate: str = "error"  # "error": a too-long prompt is an error row; "left": keep its end
@@ -40,10 +37,10 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"JobSpec.{name} must be a non-empty string, got {value!r}")
-        stop = self.stop
-        if isinstance(stop, str):
-            stop = (stop,)
-        object.__setattr__(self, "stop", tuple(stop or ()))
+        if not isinstance(self.sampling, SamplingParams):
+            raise ValueError(f"JobSpec.sampling must be a SamplingParams, got {type(self.sampling).__name__}")
+        if self.sampling.seed is None:
+            object.__setattr__(self, "sampling", replace(self.sampling, seed=0))
         if isinstance(self.shard_rows, bool) or not isinstance(self.shard_rows, int) \
                 or self.shard_rows < 1:
             raise ValueError(f"JobSpec.shard_rows must be an integer >= 1, got {self.shard_rows!r}")
@@ -54,24 +51,13 @@ class JobSpec:
         if self.truncate not in TRUNCATE_MODES:
             raise ValueError(f"JobSpec.truncate must be one of {TRUNCATE_MODES}, "
                              f"got {self.truncate!r}")
-        if self.seed is None:
-            raise ValueError("JobSpec.seed must be a non-negative integer, got None")
-        try:
-            SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
-                           top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=self.stop)
-        except ValueError as exc:
-            raise ValueError(f"JobSpec sampling default: {exc}") from None
 
     def sampling_defaults(self) -> dict[str, Any]:
-        """The job's sampling defaults as a JSON-able dict (recorded in the manifest)."""
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": float(self.temperature),
-            "top_p": float(self.top_p),
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop": list(self.stop),
-        }
+        """The job's sampling defaults as a JSON-able dict (recorded in the manifest: part of the
+        job's identity, so its keys and value types stay as they are)."""
+        s = self.sampling
+        return {"max_tokens": s.max_tokens, "temperature": float(s.temperature), "top_p": float(s.top_p),
+                "top_k": s.top_k, "seed": s.seed, "stop": list(s.stop)}
 
 
 def derive_seed(job_seed: int, row_index: int) -> int:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ternpool.cluster.driver import PoolConfig, submit
+from ternpool.engine import EngineConfig, SamplingParams
 from ternpool.jobs import read_output
 
 pytestmark = pytest.mark.cluster
@@ -36,8 +37,8 @@ def test_a_row_whose_chat_template_raises_fails_alone_and_the_worker_survives(tm
     roles = ["user", "user", "tool", "user", "system", "user"]
     src = tmp_path / "chats.parquet"
     pq.write_table(pa.table({"messages": [[{"role": r, "content": f"hello {i}"}] for i, r in enumerate(roles)]}), src)
-    handle = submit(str(src), str(model), str(tmp_path / "out"), max_tokens=3, shard_rows=3,
-                    pool=PoolConfig(workers=1, threads_per_worker=1, slots=2))
+    handle = submit(str(src), str(model), str(tmp_path / "out"), sampling=SamplingParams(max_tokens=3), shard_rows=3,
+                    pool=PoolConfig(workers=1, engine=EngineConfig(threads=1, slots=2)))
     summary = handle.wait(timeout=600)
     assert summary.state == "finished" and summary.rows == 6 and summary.failed_rows == 1
     assert summary.worker_restarts == 0 and summary.retries == 0

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ternpool.cluster.driver import PoolConfig, submit
+from ternpool.engine import EngineConfig, SamplingParams
 from ternpool.jobs import read_output
 
 pytestmark = pytest.mark.cluster
@@ -33,8 +34,8 @@ def test_final_metrics_equal_the_output(tmp_path, tiny_model, make_prompts):
     src = tmp_path / "p.parquet"
     bad = make_prompts(src, 200, seed=7)
     out = tmp_path / "out"
-    handle = submit(str(src), tiny_model, str(out), max_tokens=8, shard_rows=25,
-                    pool=PoolConfig(slots=4, threads_per_worker=1, metrics_port=0))
+    handle = submit(str(src), tiny_model, str(out), sampling=SamplingParams(max_tokens=8), shard_rows=25,
+                    pool=PoolConfig(engine=EngineConfig(slots=4, threads=1), metrics_port=0))
     assert handle.metrics_url.startswith("http://127.0.0.1:")
     live = urllib.request.urlopen(handle.metrics_url, timeout=10).read().decode()
     assert "ternpool_rows_total" in live
@@ -92,8 +93,9 @@ def test_a_real_prometheus_scrapes_a_running_job(tmp_path, tiny_model):
     src = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(300)]}), src)
     metrics_port = _free_port()
-    handle = submit(str(src), tiny_model, str(tmp_path / "out"), max_tokens=16, shard_rows=10,
-                    pool=PoolConfig(slots=4, metrics_port=metrics_port, faults={"step_delay": 0.02}))
+    handle = submit(str(src), tiny_model, str(tmp_path / "out"), sampling=SamplingParams(max_tokens=16), shard_rows=10,
+                    pool=PoolConfig(engine=EngineConfig(slots=4), metrics_port=metrics_port,
+                                    faults={"step_delay": 0.02}))
     prom_port = _free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(f"""

@@ -17,6 +17,7 @@ import pytest
 
 from ternpool.cluster import metrics
 from ternpool.cluster.driver import PoolConfig, submit
+from ternpool.engine import EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.cluster
 
@@ -44,8 +45,9 @@ def test_the_embedded_cluster_listens_on_loopback_only(tmp_path, tiny_model):
     src = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(60)]}), src)
     # slowed down so that the job is surely still running while the sockets are listed
-    handle = submit(str(src), tiny_model, str(tmp_path / "out"), max_tokens=8, shard_rows=10,
-                    pool=PoolConfig(slots=4, threads_per_worker=1, metrics_port=0, faults={"step_delay": 0.05}))
+    handle = submit(str(src), tiny_model, str(tmp_path / "out"), sampling=SamplingParams(max_tokens=8), shard_rows=10,
+                    pool=PoolConfig(engine=EngineConfig(slots=4, threads=1), metrics_port=0,
+                                    faults={"step_delay": 0.05}))
     try:
         deadline = time.monotonic() + 120
         while handle.progress()["active_workers"] < 1 and time.monotonic() < deadline:
@@ -75,8 +77,9 @@ def test_a_taken_default_metrics_port_moves_to_a_free_one(tmp_path, tiny_model, 
         s.listen()
         taken = s.getsockname()[1]
         monkeypatch.setattr(metrics, "DEFAULT_PORT", taken)
-        handle = submit(str(_src(tmp_path)), tiny_model, str(tmp_path / "out"), max_tokens=2,
-                        pool=PoolConfig(slots=2, threads_per_worker=1))  # metrics_port None: the default
+        handle = submit(str(_src(tmp_path)), tiny_model, str(tmp_path / "out"),
+                        sampling=SamplingParams(max_tokens=2),
+                        pool=PoolConfig(engine=EngineConfig(slots=2, threads=1)))  # metrics_port None: the default
         summary = handle.wait(timeout=600)
     assert summary.state == "finished"
     port = int(handle.metrics_url.rsplit(":", 1)[1].split("/")[0])

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ternpool.cluster.driver import PoolConfig, submit
-from ternpool.engine import Engine, Request, SamplingParams
+from ternpool.engine import Engine, EngineConfig, Request, SamplingParams
 from ternpool.jobs import read_output
 
 pytestmark = pytest.mark.cluster
@@ -46,8 +46,8 @@ def test_end_to_end_on_the_embedded_cluster(tmp_path, tiny_model, make_prompts):
     src = tmp_path / "prompts.parquet"
     bad = make_prompts(src, 300)
     out = tmp_path / "out"
-    handle = submit(str(src), tiny_model, str(out), max_tokens=10, shard_rows=40,
-                    pool=PoolConfig(slots=8, threads_per_worker=1))
+    handle = submit(str(src), tiny_model, str(out), sampling=SamplingParams(max_tokens=10), shard_rows=40,
+                    pool=PoolConfig(engine=EngineConfig(slots=8, threads=1)))
     summary = handle.wait(timeout=600)
     assert summary.state == "finished" and summary.rows == 300 and summary.failed_rows == len(bad)
     table = _check_exactly_once(out, 300, bad)
@@ -68,8 +68,8 @@ def test_end_to_end_on_the_embedded_cluster(tmp_path, tiny_model, make_prompts):
     assert [d.completion_tokens for d in direct] == [r["completion_tokens"] for r in greedy]
 
     # rerunning the same job finds nothing to do and duplicates nothing
-    again = submit(str(src), tiny_model, str(out), max_tokens=10, shard_rows=40,
-                   pool=PoolConfig(threads_per_worker=1)).wait(timeout=300)
+    again = submit(str(src), tiny_model, str(out), sampling=SamplingParams(max_tokens=10), shard_rows=40,
+                   pool=PoolConfig(engine=EngineConfig(threads=1))).wait(timeout=300)
     assert again.state == "finished"
     assert read_output(str(out)).num_rows == 300
 
@@ -79,8 +79,9 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     src = tmp_path / "prompts.parquet"
     bad = make_prompts(src, 240, seed=1)
     out = tmp_path / "out"
-    handle = submit(str(src), tiny_model, str(out), max_tokens=24, shard_rows=10,
-                    pool=PoolConfig(slots=4, hang_timeout=60, faults={"step_delay": 0.02}))  # slow nodes
+    handle = submit(str(src), tiny_model, str(out), sampling=SamplingParams(max_tokens=24), shard_rows=10,
+                    pool=PoolConfig(engine=EngineConfig(slots=4), hang_timeout=60,
+                                    faults={"step_delay": 0.02}))  # slow nodes
     deadline = time.time() + 120
     while handle.progress()["rows_done"] < 30 and time.time() < deadline:
         time.sleep(0.2)
@@ -113,8 +114,8 @@ def test_poison_row_is_isolated_and_hung_worker_is_replaced(tmp_path, tiny_model
 
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(48)], "prompt": prompts}), src)
     out = tmp_path / "out"
-    handle = submit(str(src), tiny_model, str(out), max_tokens=6, shard_rows=8, max_retries=1,
-                    pool=PoolConfig(slots=4, hang_timeout=4, max_worker_restarts=40,
+    handle = submit(str(src), tiny_model, str(out), sampling=SamplingParams(max_tokens=6), shard_rows=8, max_retries=1,
+                    pool=PoolConfig(engine=EngineConfig(slots=4), hang_timeout=4, max_worker_restarts=40,
                                     faults={"exit_on_prompt": "POISON", "hang_on_prompt": "HANG"}))
     summary = handle.wait(timeout=900)
     assert summary.state == "finished"
@@ -190,8 +191,9 @@ def test_nodes_that_join_get_workers(tmp_path, tiny_model, make_prompts):
         src = tmp_path / "prompts.parquet"
         pq.write_table(pa.table({"id": [f"r{i}" for i in range(400)],
                                  "prompt": [f"story {i} of the river" for i in range(400)]}), src)
-        handle = submit(str(src), tiny_model, str(tmp_path / "out"), max_tokens=32, shard_rows=5,
-                        pool=PoolConfig(slots=4, faults={"step_delay": 0.01}))  # ~30 s for one worker
+        handle = submit(str(src), tiny_model, str(tmp_path / "out"), sampling=SamplingParams(max_tokens=32),
+                        shard_rows=5, pool=PoolConfig(engine=EngineConfig(slots=4),
+                                                      faults={"step_delay": 0.01}))  # ~30 s for one worker
         deadline = time.time() + 120
         while handle.progress()["rows_done"] < 10 and time.time() < deadline:
             time.sleep(0.2)

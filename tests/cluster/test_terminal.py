@@ -46,9 +46,11 @@ def test_a_crashing_worker_is_reported_by_the_driver_not_by_ray(tmp_path, tiny_m
         import logging
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         from ternpool.cluster.driver import PoolConfig, submit
-        h = submit({str(src)!r}, {tiny_model!r}, {str(tmp_path / "out")!r}, max_tokens=4, shard_rows=10,
-                   max_retries=0, pool=PoolConfig(slots=2, threads_per_worker=1, metrics_port=0,
-                                                  faults={{"exit_on_prompt": "story 3"}}))
+        from ternpool.engine import EngineConfig, SamplingParams
+        h = submit({str(src)!r}, {tiny_model!r}, {str(tmp_path / "out")!r}, sampling=SamplingParams(max_tokens=4),
+                   shard_rows=10, max_retries=0,
+                   pool=PoolConfig(engine=EngineConfig(slots=2, threads=1), metrics_port=0,
+                                   faults={{"exit_on_prompt": "story 3"}}))
         s = h.wait(600)
         print("state", s.state, "rows", s.rows, "failed", s.failed_rows)
     """)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ternpool.cluster.driver import JobHandle, PoolConfig, prepare, submit
+from ternpool.engine import EngineConfig, SamplingParams
 from ternpool.jobs import JobInputError, JobSpec, read_output, status
 
 pytestmark = pytest.mark.cluster
@@ -83,7 +84,7 @@ def test_a_job_refused_for_memory_leaves_out_as_it_was(tmp_path, tiny_model):
         for out in (tmp_path / "absent", empty, resumable):
             before = snapshot(out)
             with pytest.raises(JobInputError, match="does not fit node"):
-                submit(str(src), tiny_model, str(out), pool=PoolConfig(slots=1_000_000))
+                submit(str(src), tiny_model, str(out), pool=PoolConfig(engine=EngineConfig(slots=1_000_000)))
             assert snapshot(out) == before, out
     finally:
         ray.shutdown()
@@ -93,8 +94,9 @@ def test_a_failed_job_shows_failed_and_its_error_in_status(tmp_path, tiny_model)
     src = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["POISON"] + [f"prompt {i}" for i in range(7)]}), src)
     out = tmp_path / "out"
-    handle = submit(str(src), tiny_model, str(out), max_tokens=4, shard_rows=4,
-                    pool=PoolConfig(slots=2, max_worker_restarts=0, faults={"exit_on_prompt": "POISON"}))
+    handle = submit(str(src), tiny_model, str(out), sampling=SamplingParams(max_tokens=4), shard_rows=4,
+                    pool=PoolConfig(engine=EngineConfig(slots=2), max_worker_restarts=0,
+                                    faults={"exit_on_prompt": "POISON"}))
     assert isinstance(handle, JobHandle)
     with pytest.raises(RuntimeError, match="worker losses: giving up"):
         handle.wait(timeout=600)

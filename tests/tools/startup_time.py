@@ -30,6 +30,7 @@ def _api_phases(model: str, src: Path, out: Path) -> dict[str, float]:
     import ray
 
     from ternpool.cluster.driver import PoolConfig, submit
+    from ternpool.engine import EngineConfig, SamplingParams
     from ternpool.cluster.ray_env import connect
 
     t0 = time.perf_counter()
@@ -37,8 +38,8 @@ def _api_phases(model: str, src: Path, out: Path) -> dict[str, float]:
     connect(None)  # the job below joins this cluster instead of starting its own
     marks["ray.init"] = time.perf_counter() - t0
     try:
-        handle = submit(str(src), model, str(out), max_tokens=8, shard_rows=10,
-                        pool=PoolConfig(slots=4, metrics_port=0))
+        handle = submit(str(src), model, str(out), sampling=SamplingParams(max_tokens=8), shard_rows=10,
+                        pool=PoolConfig(engine=EngineConfig(slots=4), metrics_port=0))
         marks["coordinator ready"] = time.perf_counter() - t0
         while not handle._done.is_set():
             try:

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from ternpool.engine import ModelConfig
-from ternpool.engine.footprint import fit_problem, footprint, kv_bytes_per_slot, linear_bytes
+from ternpool.engine.footprint import fit_problem, footprint, linear_bytes
+from ternpool.engine.shapes import kv_bytes_per_slot
 from ternpool.engine.native import convert
 from ternpool.engine.native import WEIGHTS_FILE
 

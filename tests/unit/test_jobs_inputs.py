@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ternpool.jobs import JobInputError, JobSpec, open_inputs
-from ternpool.jobs.spec import OUTPUT_COLUMNS, derive_seed
+from ternpool.engine.requests import SamplingParams, SamplingValueError
+from ternpool.jobs.output import OUTPUT_COLUMNS
+from ternpool.jobs.spec import derive_seed
 
 pytestmark = pytest.mark.unit
 
@@ -301,17 +303,23 @@ def test_file_whose_name_contains_glob_characters(tmp_path):
 
 
 def test_jobspec_validation():
-    spec = JobSpec("in", "out", "m", stop=["\n"], temperature=0.5)
-    assert spec.stop == ("\n",)
+    spec = JobSpec("in", "out", "m", sampling=SamplingParams(stop=["\n"], temperature=0.5))
+    assert spec.sampling.stop == ("\n",)
     assert spec.sampling_defaults() == {"max_tokens": 128, "temperature": 0.5, "top_p": 1.0,
                                         "top_k": 0, "seed": 0, "stop": ["\n"]}
     for kwargs, word in [({"shard_rows": 0}, "shard_rows"), ({"max_retries": -1}, "max_retries"),
-                         ({"truncate": "right"}, "truncate"), ({"temperature": -1}, "temperature"),
-                         ({"top_p": 0.0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-                         ({"top_k": -2}, "top_k"), ({"seed": -1}, "seed"),
-                         ({"stop": ("",)}, "stop")]:
+                         ({"truncate": "right"}, "truncate")]:
         with pytest.raises(ValueError, match=word):
             JobSpec("in", "out", "m", **kwargs)
+    for kwargs, word in [({"temperature": -1}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                         ({"max_tokens": 0}, "max_tokens"), ({"top_k": -2}, "top_k"), ({"seed": -1}, "seed"),
+                         ({"stop": ("",)}, "stop")]:
+        with pytest.raises(SamplingValueError, match=word) as info:
+            JobSpec("in", "out", "m", sampling=SamplingParams(**kwargs))
+        assert info.value.field == word
+    with pytest.raises(ValueError, match="JobSpec.sampling must be a SamplingParams"):
+        JobSpec("in", "out", "m", sampling={"temperature": 0.5})
+    assert JobSpec("in", "out", "m", sampling=SamplingParams(seed=None)).sampling.seed == 0  # the job seed
 
 
 def test_derive_seed_is_stable_across_processes():

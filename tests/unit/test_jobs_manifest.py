@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ternpool.engine.requests import SamplingParams
 from ternpool.jobs import JobInputError, JobSpec, Manifest, model_fingerprint, open_inputs, \
     plan_shards, request_cancel, status
 from ternpool.jobs.manifest import FORMAT_VERSION
@@ -45,7 +46,7 @@ def touch_part(manifest: Manifest, shard_id: int) -> None:
 
 
 def test_create_writes_manifest(tmp_path):
-    manifest = open_manifest(tmp_path, seed=5, stop=("\n",))
+    manifest = open_manifest(tmp_path, sampling=SamplingParams(seed=5, stop=("\n",)))
     path = tmp_path / "out" / "_manifest.json"
     data = json.loads(path.read_text())
     assert data["format_version"] == FORMAT_VERSION
@@ -125,7 +126,7 @@ def test_refuses_changed_model(tmp_path):
 def test_refuses_changed_sampling(tmp_path):
     open_manifest(tmp_path)
     with pytest.raises(JobInputError) as info:
-        open_manifest(tmp_path, temperature=0.7, seed=1)
+        open_manifest(tmp_path, sampling=SamplingParams(temperature=0.7, seed=1))
     message = str(info.value)
     assert "sampling temperature changed (0.0 -> 0.7)" in message
     assert "sampling seed changed (0 -> 1)" in message

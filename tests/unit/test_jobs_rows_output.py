@@ -38,8 +38,8 @@ def ok(text="out", prompt_tokens=3, completion_tokens=2, reason="stop", key=0) -
 
 
 def test_prompt_rows_with_overrides_and_defaults(tmp_path):
-    job = spec(tmp_path, max_tokens=16, temperature=0.7, top_p=0.9, top_k=5, seed=11,
-               stop=("END",))
+    job = spec(tmp_path, sampling=SamplingParams(max_tokens=16, temperature=0.7, top_p=0.9, top_k=5, seed=11,
+                                                 stop=("END",)))
     table = with_row_index({
         "prompt": ["a", "b", "c"],
         "max_tokens": pa.array([4, None, None], pa.int32()),
@@ -61,7 +61,7 @@ def test_prompt_rows_with_overrides_and_defaults(tmp_path):
 
 
 def test_float_integer_columns_integral_values_nulls_and_bad_values(tmp_path):
-    job = spec(tmp_path, max_tokens=16, top_k=5, seed=11)
+    job = spec(tmp_path, sampling=SamplingParams(max_tokens=16, top_k=5, seed=11))
     nan, inf = float("nan"), float("inf")
     table = with_row_index({
         "prompt": ["a", "b", "c", "d", "e", "f"],
@@ -83,19 +83,23 @@ def test_float_integer_columns_integral_values_nulls_and_bad_values(tmp_path):
 def test_stop_list_column_and_empty_list(tmp_path):
     table = with_row_index({"prompt": ["a", "b", "c"],
                             "stop": pa.array([["x", "y"], [], None], pa.list_(pa.string()))})
-    rows = to_requests(table, spec(tmp_path, stop=("D",)), "prompt")
+    rows = to_requests(table, spec(tmp_path, sampling=SamplingParams(stop=("D",))), "prompt")
     assert [r.request.params.stop for r in rows] == [("x", "y"), (), ("D",)]
 
 
 def test_derived_seeds_are_stable_and_distinct(tmp_path):
     table = with_row_index({"prompt": [f"p{i}" for i in range(50)]})
-    first = [r.request.params.seed for r in to_requests(table, spec(tmp_path, seed=3), "prompt")]
-    again = [r.request.params.seed for r in to_requests(table, spec(tmp_path, seed=3), "prompt")]
-    other = [r.request.params.seed for r in to_requests(table, spec(tmp_path, seed=4), "prompt")]
+
+    def job(seed: int) -> JobSpec:
+        return spec(tmp_path, sampling=SamplingParams(seed=seed))
+
+    first = [r.request.params.seed for r in to_requests(table, job(3), "prompt")]
+    again = [r.request.params.seed for r in to_requests(table, job(3), "prompt")]
+    other = [r.request.params.seed for r in to_requests(table, job(4), "prompt")]
     assert first == again and len(set(first)) == 50
     assert first != other
     # the same row read in a different shard (e.g. after a split) keeps its seed
-    tail = to_requests(table.slice(30), spec(tmp_path, seed=3), "prompt")
+    tail = to_requests(table.slice(30), job(3), "prompt")
     assert [r.request.params.seed for r in tail] == first[30:]
 
 

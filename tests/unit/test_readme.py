@@ -187,14 +187,14 @@ def _finished_job(root: Path, model: str) -> None:
     from ternpool.cluster.coordinator import DONE, Coordinator
     from ternpool.cluster.driver import prepare
     from ternpool.engine import Engine
-    from ternpool.engine.requests import Request
+    from ternpool.engine.requests import Request, SamplingParams
     from ternpool.jobs import JobSpec, to_requests
 
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(JOB_ROWS)],
                              "prompt": [f"Tell me about item {i}" for i in range(JOB_ROWS)]}),
                    root / "prompts.parquet", row_group_size=4)
     plan = prepare(JobSpec(inputs=str(root / "prompts.parquet"), output=str(root / "out"), model=model,
-                           max_tokens=8, shard_rows=4))
+                           sampling=SamplingParams(max_tokens=8), shard_rows=4))
     coord = Coordinator(plan.spec, plan.inputs, plan.shards, plan.manifest, 0)
     coord.register("readme", "local")
     engine = Engine.load(model, slots=4, max_context=256)
@@ -308,14 +308,17 @@ def test_submit_example_matches_the_api():
     """The Ray example is not run here; its call and the names it uses must still exist."""
     import inspect
 
-    from ternpool.cluster import PoolConfig, submit
+    import ternpool.cluster
+    from ternpool.cluster import submit
     from ternpool.cluster.driver import JobHandle, JobSummary
 
     (block,) = [b for b in PYTHON_BLOCKS if "submit(" in b.text]
     call = next(n for n in ast.walk(ast.parse(block.text)) if isinstance(n, ast.Call)
                 and getattr(n.func, "id", None) == "submit")
     args = [ast.literal_eval(a) for a in call.args]
-    kwargs = {k.arg: PoolConfig() if k.arg == "pool" else ast.literal_eval(k.value) for k in call.keywords}
+    # the keywords' values are built with the names ternpool.cluster exports (PoolConfig, EngineConfig, ...)
+    names = {name: getattr(ternpool.cluster, name) for name in ternpool.cluster.__all__}
+    kwargs = {k.arg: eval(compile(ast.Expression(k.value), "README.md", "eval"), names) for k in call.keywords}
     inspect.signature(submit).bind(*args, **kwargs)
     for name in re.findall(r"handle\.(\w+)\(", block.text):
         assert callable(getattr(JobHandle, name, None)), name

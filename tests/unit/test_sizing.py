@@ -10,8 +10,9 @@ import pytest
 from ternpool.cluster.driver import PoolConfig, prepare, size_job
 from ternpool.cluster.jobcli import _print_plan
 from ternpool.engine import Engine
-from ternpool.engine.engine import DEFAULT_SLOTS
-from ternpool.engine.footprint import footprint, kv_bytes_per_slot
+from ternpool.engine.footprint import footprint
+from ternpool.engine.options import DEFAULT_SLOTS, EngineConfig
+from ternpool.engine.shapes import kv_bytes_per_slot
 from ternpool.jobs import JobInputError, JobSpec
 
 pytestmark = pytest.mark.unit
@@ -35,7 +36,7 @@ def test_every_node_gets_a_verdict(plan, capsys):
     big, small = 22_100_000_000, one_slot.total + kv_bytes_per_slot(cfg, 2048) // 2  # small: 1 slot, not 2
     nodes = [_node("aaaaaaaaaaaaaaaa1", big), _node("bbbbbbbbbbbbbbbb2", small),
              _node("cccccccccccccccc3", big, cpus=0), _node("dddddddddddddddd4", big, alive=False)]
-    sizing = size_job(plan, PoolConfig(slots=2), nodes)
+    sizing = size_job(plan, PoolConfig(engine=EngineConfig(slots=2)), nodes)
     assert (sizing.max_context, sizing.weights_format, sizing.head, sizing.slots) == (2048, "2bit", "bf16", 2)
     assert [n.node_id for n in sizing.nodes] == ["aaaaaaaaaaaaaaaa1", "bbbbbbbbbbbbbbbb2"]  # CPU nodes alive
     fit, unfit = sizing.nodes
@@ -46,7 +47,7 @@ def test_every_node_gets_a_verdict(plan, capsys):
     assert unfit.verdict().startswith("does not fit: one worker needs") and "Would fit: --slots 1" in unfit.verdict()
     with pytest.raises(JobInputError, match=r"does not fit node bbbbbbbbbbbb \(10.0.0.2\): .*Would fit: --slots 1"):
         sizing.check()
-    _print_plan(plan, PoolConfig(slots=2), sizing)
+    _print_plan(plan, PoolConfig(engine=EngineConfig(slots=2)), sizing)
     out = capsys.readouterr().out
     assert f"node aaaaaaaaaaaa (10.0.0.1): fits: {two_slots.total / 1e9:.2f} GB of 22.1 GB (weights" in out
     assert "node bbbbbbbbbbbb (10.0.0.2): does not fit: one worker needs" in out
@@ -60,7 +61,7 @@ def test_max_context_above_the_model_limit_is_an_error(plan, tiny_model):
     message = f"max context {limit + 1} (--max-context / max_context=) is larger than the model's " \
               f"max_position_embeddings {limit}"
     with pytest.raises(JobInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        size_job(plan, PoolConfig(max_context=limit + 1), [])
-    assert size_job(plan, PoolConfig(max_context=limit), []).max_context == limit
+        size_job(plan, PoolConfig(engine=EngineConfig(max_context=limit + 1)), [])
+    assert size_job(plan, PoolConfig(engine=EngineConfig(max_context=limit)), []).max_context == limit
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Engine.load(tiny_model, slots=1, max_context=limit + 1)

@@ -1,0 +1,67 @@
+"""`EngineConfig`: every option of an engine in one frozen dataclass, and the names they take.
+
+The command line builds one (`cluster/cliopts.py`), `PoolConfig.engine` carries it to every
+worker, and `Engine.load(model, config)` reads it: an option is a field here and a flag there,
+nowhere else. Light on purpose (no NumPy, no kernels), so that the command line can import it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+HEADS = ("bf16", "int8")  # output head: the exact bf16 embedding, or its per-row int8 copy
+WEIGHTS_FORMATS = ("2bit", "1.6bit")  # ternary weights in memory: Hugging Face packing, or base 3
+DEFAULT_WEIGHTS_FORMAT = "2bit"
+TRUNCATE_MODES = ("error", "left")  # a prompt longer than the context: an error, or keep its end
+DEFAULT_SLOTS = 8
+DEFAULT_MAX_CONTEXT = 2048
+DEFAULT_STEP_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine (one process, or one worker of a pool) runs a model.
+
+    threads: Numba threads; None: all CPUs of this machine (a pool's worker: all its node gives it).
+    slots: sequences decoded at once; None: DEFAULT_SLOTS, fewer when their full KV cache would
+        take more than half of the available memory.
+    max_context: tokens per slot; None: DEFAULT_MAX_CONTEXT capped at the model's limit. Larger
+        than the model's max_position_embeddings is an error.
+    step_tokens: tokens fed through one forward pass at most (prefill chunks share it).
+    truncate: "error" fails a prompt that does not fit the context; "left" keeps its end.
+    head: "bf16" (exact) or "int8" (the embedding quantized per row: half the bytes per decode
+        step, logits within ~1% of the logit spread).
+    weights_format: "2bit" or "1.6bit"; None: 2bit, or a converted model's own.
+    cache_dir: where a Hugging Face model is converted once into ternpool's native file
+        (default: TERNPOOL_CACHE_DIR, else ~/.cache/ternpool).
+    """
+
+    threads: int | None = None
+    slots: int | None = None
+    max_context: int | None = None
+    step_tokens: int = DEFAULT_STEP_TOKENS
+    truncate: str = "error"
+    head: str = "bf16"
+    weights_format: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("threads", "slots", "max_context", "step_tokens"):
+            value = getattr(self, name)
+            optional = name != "step_tokens"
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1{' or None' if optional else ''}, "
+                                 f"got {value!r}")
+        for name, allowed, optional in (("truncate", TRUNCATE_MODES, False), ("head", HEADS, False),
+                                        ("weights_format", WEIGHTS_FORMATS, True)):
+            value = getattr(self, name)
+            if value not in allowed and not (optional and value is None):
+                raise ValueError(f"EngineConfig.{name} must be one of {allowed}{' or None' if optional else ''}, "
+                                 f"got {value!r}")
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)) or not os.fspath(self.cache_dir):
+                raise ValueError(f"EngineConfig.cache_dir must be a path or None, got {self.cache_dir!r}")
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))

@@ -1,0 +1,61 @@
+"""Sizes derived from a model's shape, defined once: the linears of a layer and their (out, in),
+their packed shapes in each weights format, and the bytes of a KV-cache slot.
+
+Every function takes a `ModelConfig` or `modelgen.Shape` (anything with hidden_size,
+intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads and head_dim).
+Light on purpose (no kernels at import), so that `make-model` and sizing can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .options import WEIGHTS_FORMATS
+
+# the seven ternary linears of a layer, in checkpoint order, and the module that holds each
+LINEAR_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                  "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+LINEARS = tuple(LINEAR_MODULES)
+KV_CACHE_ITEM_BYTES = 4  # the K and V caches are float32 (see `model.lazy_zeros`)
+
+
+class ModelShape(Protocol):
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+    @property
+    def head_dim(self) -> int: ...
+
+
+def module_of(name: str) -> str:
+    """"self_attn" or "mlp": where linear `name` sits in a Hugging Face checkpoint."""
+    return LINEAR_MODULES[name]
+
+
+def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear of a layer, in LINEARS order."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def packed_shape(weights_format: str, out: int, fan_in: int) -> tuple[int, int]:
+    """The uint8 array of an (out, in) ternary linear: "2bit" is Hugging Face's packing (four
+    output rows a byte: (out / 4, in)); "1.6bit" is base 3 (five weights a byte, rows padded to
+    whole blocks: `kernels.base3.packed_cols`)."""
+    if weights_format == "2bit":
+        return out // 4, fan_in
+    if weights_format == "1.6bit":
+        from ternpool.kernels.base3 import packed_cols  # the layout's own rule; loads the kernels
+
+        return out, packed_cols(fan_in)
+    raise ValueError(f"weights format must be one of {WEIGHTS_FORMATS}, got {weights_format!r}")
+
+
+def kv_bytes_per_slot(shape: ModelShape, max_context: int) -> int:
+    """Bytes of one slot's K and V caches holding `max_context` tokens in every layer."""
+    return 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * KV_CACHE_ITEM_BYTES * max_context
