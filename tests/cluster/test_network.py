@@ -48,7 +48,7 @@ def test_the_embedded_cluster_listens_on_loopback_only(tmp_path, tiny_model):
                     pool=PoolConfig(slots=4, threads_per_worker=1, metrics_port=0, faults={"step_delay": 0.05}))
     try:
         deadline = time.monotonic() + 120
-        while handle.progress()["active_workers"] < 1 and time.monotonic() < deadline:
+        while handle.progress().active_workers < 1 and time.monotonic() < deadline:
             time.sleep(0.2)
         sockets = _listening(psutil.Process())
     finally:

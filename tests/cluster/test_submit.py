@@ -82,7 +82,7 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     handle = submit(str(src), tiny_model, str(out), max_tokens=24, shard_rows=10,
                     pool=PoolConfig(slots=4, hang_timeout=60, faults={"step_delay": 0.02}))  # slow nodes
     deadline = time.time() + 120
-    while handle.progress()["rows_done"] < 30 and time.time() < deadline:
+    while handle.progress().rows_done < 30 and time.time() < deadline:
         time.sleep(0.2)
     # kill one worker process mid-shard
     victim = next(iter(handle.workers.values()))
@@ -91,9 +91,9 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     info = ray.get(victim.info.remote(), timeout=30)
     pid = info["pid"]
     os.kill(pid, signal.SIGKILL)
-    while handle.progress()["rows_done"] < 120 and time.time() < deadline:
+    while handle.progress().rows_done < 120 and time.time() < deadline:
         time.sleep(0.2)
-    assert handle.progress()["rows_done"] < 200, "the job must still be running when the node goes"
+    assert handle.progress().rows_done < 200, "the job must still be running when the node goes"
     doomed = next(n for n in nodes if n.node_id != info["node"])  # a node whose worker is still the first one
     cluster.remove_node(doomed, allow_graceful=False)  # lose a whole node
     summary = handle.wait(timeout=600)
@@ -193,7 +193,7 @@ def test_nodes_that_join_get_workers(tmp_path, tiny_model, make_prompts):
         handle = submit(str(src), tiny_model, str(tmp_path / "out"), max_tokens=32, shard_rows=5,
                         pool=PoolConfig(slots=4, faults={"step_delay": 0.01}))  # ~30 s for one worker
         deadline = time.time() + 120
-        while handle.progress()["rows_done"] < 10 and time.time() < deadline:
+        while handle.progress().rows_done < 10 and time.time() < deadline:
             time.sleep(0.2)
         cluster.add_node(num_cpus=1, object_store_memory=150 * 1024 ** 2)
         summary = handle.wait(timeout=600)
