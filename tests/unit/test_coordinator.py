@@ -361,6 +361,8 @@ def test_stats_from_the_manifest_alone_count_the_completed_shards(tmp_path):
     coord = _coordinator(tmp_path)
     _finish_one(coord)
     _finish_one(coord)
+    coord.cancel()
+    coord.write_progress("cancelled")  # saves the manifest
     s = JobStats.from_manifest(Manifest.load(str(tmp_path / "out")))
     assert (s.rows_total, s.rows_done, s.shards_total, s.shards_done, s.done) == (24, 8, 6, 2, False)
     assert (s.job_prompt_tokens, s.job_generated_tokens, s.prompt_tokens, s.tokens_per_s) == (24, 16, 0, 0.0)
