@@ -180,8 +180,9 @@ def check_memory(plan: Plan, pool: PoolConfig) -> JobSizing:
     return sizing
 
 
-class JobEnding(RuntimeError):
-    """`JobHandle.progress()` while the job ends: its coordinator can no longer answer."""
+class ProgressUnavailable(RuntimeError):
+    """`JobHandle.progress()` could not reach the coordinator: the job is ending (its coordinator is gone,
+    its cluster stopped) or the coordinator did not answer in time. `wait()` tells how the job ended."""
 
 
 class JobHandle:
@@ -252,15 +253,14 @@ class JobHandle:
     # -- public ----------------------------------------------------------------------------------
 
     def progress(self) -> JobStats:
-        """The coordinator's counts now. JobEnding when it cannot answer because the job is ending (its
-        coordinator is gone or its cluster stopped): `wait()` then returns the summary."""
+        """The coordinator's counts now; ProgressUnavailable when it does not answer (see there)."""
         if not ray.is_initialized():  # the job ended and stopped its cluster: a Ray call would start another
-            raise JobEnding(f"job {self.job_id} has ended: see wait()")
+            raise ProgressUnavailable(f"job {self.job_id} has ended: see wait()")
         try:
             return ray.get(self.coordinator.stats.remote(), timeout=30)
         except RayError as e:
-            raise JobEnding(f"job {self.job_id}: its coordinator did not answer ({type(e).__name__}: {e}); "
-                            "see wait()") from e
+            raise ProgressUnavailable(f"job {self.job_id}: its coordinator did not answer "
+                                      f"({type(e).__name__}: {e}); see wait()") from e
 
     def cancel(self) -> None:
         self._cancel.set()

@@ -96,7 +96,7 @@ def _run(handle, show_progress: bool):
     """Wait for the job with a progress bar; Ctrl-C cancels it (completed shards are kept)."""
     from tqdm import tqdm
 
-    from ternpool.cluster.driver import JobEnding
+    from ternpool.cluster.driver import ProgressUnavailable
 
     total = handle.plan.manifest.num_rows
     bar = tqdm(total=total, unit="row", disable=not show_progress, dynamic_ncols=True, file=sys.stderr)
@@ -115,11 +115,11 @@ def _run(handle, show_progress: bool):
         while not interrupted.is_set():
             try:
                 return handle.wait(timeout=0.5)
-            except TimeoutError:
+            except TimeoutError:  # still running: show its progress, wait again
                 pass
             try:
                 s = handle.progress()
-            except JobEnding as e:  # the job winds down: wait() returns its summary next
+            except ProgressUnavailable as e:  # e.g. the job winds down: wait() returns its summary
                 log.debug("no progress to show: %s", e)
                 continue
             bar.n = s.rows_done
