@@ -185,6 +185,11 @@ class ProgressUnavailable(RuntimeError):
     its cluster stopped) or the coordinator did not answer in time. `wait()` tells how the job ended."""
 
 
+class StillRunning(TimeoutError):
+    """`JobHandle.wait(timeout)` returned before the job ended (a job that failed with a timeout of its
+    own raises that one instead)."""
+
+
 class JobHandle:
     """A running job: `progress()`, `wait()`, `cancel()`, `output`."""
 
@@ -268,7 +273,7 @@ class JobHandle:
     def wait(self, timeout: float | None = None) -> JobSummary:
         # an Event, not Thread.join: a join interrupted by Ctrl-C can leave the thread looking finished
         if not self._done.wait(timeout):
-            raise TimeoutError(f"job {self.job_id} still running after {timeout} s")
+            raise StillRunning(f"job {self.job_id} still running after {timeout} s")
         if self._error is not None:
             raise self._error
         return self._summary

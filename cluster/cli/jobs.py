@@ -96,7 +96,7 @@ def _run(handle, show_progress: bool):
     """Wait for the job with a progress bar; Ctrl-C cancels it (completed shards are kept)."""
     from tqdm import tqdm
 
-    from ternpool.cluster.driver import ProgressUnavailable
+    from ternpool.cluster.driver import ProgressUnavailable, StillRunning
 
     total = handle.plan.manifest.num_rows
     bar = tqdm(total=total, unit="row", disable=not show_progress, dynamic_ncols=True, file=sys.stderr)
@@ -115,7 +115,7 @@ def _run(handle, show_progress: bool):
         while not interrupted.is_set():
             try:
                 return handle.wait(timeout=0.5)
-            except TimeoutError:  # still running: show its progress, wait again
+            except StillRunning:  # show its progress, wait again
                 pass
             try:
                 s = handle.progress()
