@@ -100,8 +100,8 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     assert summary.state == "finished", summary
     assert summary.worker_restarts >= 2 and summary.retries >= 1
     _check_exactly_once(out, 240, bad)
-    busy = [w for w in summary.per_worker.values() if w["rows"] > 0]
-    assert len({w["node"] for w in busy}) >= 2  # work spread over nodes
+    busy = [w for w in summary.per_worker.values() if w.rows > 0]
+    assert len({w.node for w in busy}) >= 2  # work spread over nodes
 
 
 def test_poison_row_is_isolated_and_hung_worker_is_replaced(tmp_path, tiny_model, ray_cluster):
@@ -198,7 +198,7 @@ def test_nodes_that_join_get_workers(tmp_path, tiny_model, make_prompts):
         cluster.add_node(num_cpus=1, object_store_memory=150 * 1024 ** 2)
         summary = handle.wait(timeout=600)
         assert summary.state == "finished"
-        assert len({w["node"] for w in summary.per_worker.values() if w["rows"] > 0}) == 2
+        assert len({w.node for w in summary.per_worker.values() if w.rows > 0}) == 2
         _check_exactly_once(tmp_path / "out", 400, {})
     finally:
         ray.shutdown()
