@@ -36,7 +36,7 @@ def test_submit_prints_our_lines_only(tmp_path, tiny_model):
                        capture_output=True, text=True, env=_env(), timeout=600)  # stderr is not a TTY
     both = r.stdout + r.stderr
     assert r.returncode == 0, both
-    assert "finished; 20 rows (0 failed)" in r.stdout, both
+    assert "finished; 20 rows, 0 failed;" in r.stdout, both
     assert [n for n in RAY_NOISE if n in both] == [], both
 
 
