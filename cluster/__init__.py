@@ -1,4 +1,4 @@
-"""ternpool.cluster: the Ray worker pool (coordinator, workers, driver) and the command line.
+"""ternpool.cluster: the Ray worker pool (coordinator, workers, driver); the command line is `cluster/cli/`.
 
 `submit`, `PoolConfig`, `JobHandle` and `JobSummary` are imported on first use, so that the
 command line does not pay for importing Ray when it does not need it. `EngineConfig` and
@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from importlib import import_module
 
         return getattr(import_module(_ENGINE[name]), name)
+    if name == "JobSummary":
+        from .stats import JobSummary
+
+        return JobSummary
     if name in __all__:
         from . import driver
 

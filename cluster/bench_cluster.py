@@ -84,13 +84,13 @@ def _run_on_cluster(n: int, cpus: int, inputs: str, model: str, output: str, str
 
 def _run_stats(n: int, cluster_s: float, summary) -> dict:
     s = summary.scheduling
-    workers = [w for w in summary.per_worker.values() if w["rows"]]
-    alive = sum(w["alive_s"] for w in workers)
-    lease = sum(w["lease_wait_s"] for w in workers)
-    idle = sum(w["idle_s"] for w in workers)
-    shards = max(s["shards_written"], 1)
-    coordinator = s["lease_s"] + s["complete_s"]
-    shard_mean = s["shard_s"] / shards
+    workers = [w for w in summary.per_worker.values() if w.rows]
+    alive = sum(w.alive_s for w in workers)
+    lease = sum(w.lease_wait_s for w in workers)
+    idle = sum(w.idle_s for w in workers)
+    shards = max(s.shards_written, 1)
+    coordinator = s.lease_s + s.complete_s
+    shard_mean = s.shard_s / shards
     return {
         # workers that did any rows: a short job can end before a late one has started
         "nodes": n, "workers": len(workers), "rows": summary.rows, "generated_tokens": summary.generated_tokens,
@@ -99,8 +99,8 @@ def _run_stats(n: int, cluster_s: float, summary) -> dict:
         "rows_per_s": summary.rows / summary.processing_s,
         "worker_s": alive, "worker_lease_s": lease, "worker_idle_s": idle,
         "worker_wait_fraction": (lease + idle) / alive if alive else 0.0,
-        "shards": s["shards_written"], "pieces_leased": s["pieces_leased"], "shard_mean_s": shard_mean,
-        "coordinator_s": coordinator, "coordinator_write_s": s["write_s"],
+        "shards": s.shards_written, "pieces_leased": s.pieces_leased, "shard_mean_s": shard_mean,
+        "coordinator_s": coordinator, "coordinator_write_s": s.write_s,
         "coordinator_ms_per_shard": 1e3 * coordinator / shards,
         "worker_lease_ms_per_shard": 1e3 * lease / shards,
         "overhead_per_shard": (coordinator + lease) / shards / shard_mean if shard_mean else 0.0,

@@ -39,6 +39,7 @@ from ternpool.jobs.progress import PROGRESS_FILE, owns_output, write_progress
 from ternpool.jobs.rows import ChunkCache, read_shard
 
 from .metrics import JobMetrics
+from .stats import JobStats, SchedulingStats, WorkerStats, processed_tokens
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +50,6 @@ MANIFEST_SAVE_SHARE = 0.1  # and spend at most this share of the time saving it:
 WRITE_ATTEMPTS = 5  # tries of one part file or manifest save before the job fails with the OS error
 WRITE_BACKOFF_S = 0.5  # wait before the second try; doubles after each failure (0.5 + 1 + 2 + 4 s in all)
 _MANIFEST = "manifest"  # key of the manifest save in Coordinator._retry
-
-
-def processed_tokens(results) -> tuple[int, int]:
-    """(prompt, generated) tokens of the rows that succeeded. A failed row (too long, bad sampling
-    values, ...) keeps its `prompt_tokens` in the output but was not processed: the counters,
-    metrics, summary and tokens/s leave it out."""
-    prompt = generated = 0
-    for r in results:
-        if r.error is None and r.finish_reason != "error":
-            prompt += r.prompt_tokens
-            generated += r.completion_tokens
-    return prompt, generated
-
-
-def tokens_per_s(generated_tokens: int, processing_s: float) -> float:
-    """The one definition of a job's tokens/s (progress bar, status, summary): tokens generated in this
-    run / seconds from this run's first lease to its last shard written (to now while none is)."""
-    return generated_tokens / processing_s if processing_s > 0 else 0.0
 
 
 @dataclass
@@ -368,51 +351,49 @@ class Coordinator:
                 else:
                     self._write_shard(key)
 
-    def stats(self) -> dict:
+    def stats(self) -> JobStats:
         """Counts for progress and the summary; also retries the writes that are due (see `_retry_writes`).
         `error` is set when the job failed (a write kept failing); `done` once every shard is written
         and recorded in a saved manifest."""
         self._retry_writes()
         with self.lock:
-            elapsed = max(time.time() - self.started, 1e-9)
+            now = time.monotonic()
             in_flight = sum(len(w.leased) for w in self.workers.values())
             self.eta_s = self.metrics.queue(len(self.queue), in_flight, len(self.workers), self.rows_done,
                                             self.manifest.num_rows)
-            processing = ((self.last_written or time.time()) - self.first_lease) if self.first_lease else 0.0
-            return {
-                "job_id": self.manifest.job_id,
-                "rows_total": self.manifest.num_rows,
-                "rows_done": self.rows_done,
-                "rows_done_this_run": self.rows_done - self.rows_at_start,
-                "failed_rows": self.failed_rows,
-                "shards_total": self.manifest.num_shards,
-                "shards_done": self.manifest.num_shards - len(self.remaining),
-                "queued": len(self.queue),
-                "in_flight": in_flight,
-                "retries": self.retries,
-                "prompt_tokens": self.prompt_tokens,  # this run's
-                "generated_tokens": self.generated_tokens,
-                "job_prompt_tokens": self.prompt_tokens_before + self.prompt_tokens,  # the whole job's
-                "job_generated_tokens": self.generated_tokens_before + self.generated_tokens,
-                "tokens_per_s": tokens_per_s(self.generated_tokens, processing),
-                "eta_s": self.eta_s,
-                "elapsed_s": elapsed,
-                "processing_s": processing,
-                "done": not self.remaining and _MANIFEST not in self._retry,
-                "error": self.error,
-                "cancelled": self.cancelled,
-                "active_workers": len(self.workers),
-                "scheduling": {"lease_s": self.lease_s, "complete_s": self.complete_s, "write_s": self.write_s,
-                               "shards_written": self.shards_written, "shard_s": self.shard_s,
-                               "pieces_leased": self.pieces_leased},
-                "workers": {wid: {"node": w.node, "rows": w.rows, "prompt_tokens": w.prompt_tokens,
-                                  "generated_tokens": w.generated_tokens, "leased": len(w.leased),
-                                  "lost": wid in self.lost, "lease_wait_s": w.lease_wait_s, "idle_s": w.idle_s,
-                                  "alive_s": (w.last_seen if wid in self.lost else time.monotonic()) - w.registered}
-                            for wid, w in list(self.workers.items()) + list(self.lost.items())},
-            }
+            return JobStats(
+                job_id=self.manifest.job_id,
+                rows_total=self.manifest.num_rows,
+                rows_done=self.rows_done,
+                rows_done_this_run=self.rows_done - self.rows_at_start,
+                failed_rows=self.failed_rows,
+                shards_total=self.manifest.num_shards,
+                shards_done=self.manifest.num_shards - len(self.remaining),
+                queued=len(self.queue),
+                in_flight=in_flight,
+                retries=self.retries,
+                prompt_tokens=self.prompt_tokens,
+                generated_tokens=self.generated_tokens,
+                job_prompt_tokens=self.prompt_tokens_before + self.prompt_tokens,
+                job_generated_tokens=self.generated_tokens_before + self.generated_tokens,
+                eta_s=self.eta_s,
+                elapsed_s=max(time.time() - self.started, 1e-9),
+                processing_s=((self.last_written or time.time()) - self.first_lease) if self.first_lease else 0.0,
+                done=not self.remaining and _MANIFEST not in self._retry,
+                error=self.error,
+                cancelled=self.cancelled,
+                active_workers=len(self.workers),
+                scheduling=SchedulingStats(self.lease_s, self.complete_s, self.write_s, self.shards_written,
+                                           self.shard_s, self.pieces_leased),
+                workers={wid: WorkerStats(w.node, w.rows, w.prompt_tokens, w.generated_tokens, len(w.leased),
+                                          wid in self.lost, w.lease_wait_s, w.idle_s,
+                                          (w.last_seen if wid in self.lost else now) - w.registered)
+                         for wid, w in list(self.workers.items()) + list(self.lost.items())},
+            )
 
-    def write_progress(self, state: str) -> dict:
+    def write_progress(self, state: str) -> JobStats:
+        """Save what is pending, write OUT/_progress.json (`JobStats.to_dict()` with `state`, `updated`
+        and `metrics_port`) and return the stats; a final `state` also writes the final metrics."""
         s = self.stats()
         if state == "finished" and self.manifest.finished is None:
             self.manifest.finished = time.time()
@@ -429,7 +410,8 @@ class Coordinator:
                     self.metrics.push(self.pushgateway)
                 except OSError as e:
                     log.error("could not push metrics to %s: %s", self.pushgateway, e)
-        self._write_progress_file(dict(s, state=state, updated=time.time(), metrics_port=self.metrics_port))
+        self._write_progress_file(dict(s.to_dict(), state=state, updated=time.time(),
+                                        metrics_port=self.metrics_port))
         return s
 
     def _write_progress_file(self, data: dict) -> None:

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ternpool.engine import ModelConfig
@@ -34,9 +34,10 @@ from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel
                                     write_progress)
 from ternpool.jobs.runlock import OutputLock
 
-from .coordinator import CoordinatorActor, tokens_per_s
+from .coordinator import CoordinatorActor
 from .metrics import ports_to_try
 from .ray_env import alive_nodes, connect, loss_reason
+from .stats import JobStats, JobSummary, summarize
 from .worker import WorkerActor, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -60,52 +61,6 @@ class PoolConfig:
     metrics_host: str = "127.0.0.1"  # where the coordinator serves Prometheus metrics
     metrics_port: int | None = None  # None: 9469, or a free port when that is taken; 0: a free port; -1: none
     pushgateway: str | None = None  # push the final metrics there
-
-
-@dataclass(frozen=True)
-class JobSummary:
-    """The end of a job. rows, failed_rows and the token counts are the whole job's (a resumed job adds
-    the earlier runs' shards, from the manifest); the `*_this_run` fields and tokens/s are this run's.
-    Tokens are those of rows without an error."""
-
-    output: str
-    job_id: str
-    state: str  # finished | cancelled | failed
-    rows: int
-    failed_rows: int
-    prompt_tokens: int
-    generated_tokens: int
-    wall_s: float
-    retries: int
-    worker_restarts: int
-    per_worker: dict
-    error: str | None = None
-    processing_s: float = 0.0  # this run: first shard handed out to last shard written
-    scheduling: dict = field(default_factory=dict)  # the coordinator's own time, see Coordinator.stats
-    rows_this_run: int = 0
-    prompt_tokens_this_run: int = 0
-    generated_tokens_this_run: int = 0
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Generated tokens of this run / its processing time: what `status` and the progress bar show."""
-        return tokens_per_s(self.generated_tokens_this_run, self.processing_s)
-
-    @property
-    def resumed(self) -> bool:
-        return self.rows_this_run != self.rows
-
-
-def summarize(output: str, job_id: str, state: str, stats: dict, wall_s: float, worker_restarts: int = 0,
-              error: str | None = None) -> JobSummary:
-    """A JobSummary from the coordinator's final `stats()`."""
-    return JobSummary(
-        output, job_id, state, stats["rows_done"], stats["failed_rows"],
-        stats.get("job_prompt_tokens", stats["prompt_tokens"]),
-        stats.get("job_generated_tokens", stats["generated_tokens"]),
-        wall_s, stats["retries"], worker_restarts, stats["workers"], error, stats["processing_s"],
-        stats.get("scheduling", {}), stats.get("rows_done_this_run", stats["rows_done"]),
-        stats["prompt_tokens"], stats["generated_tokens"])
 
 
 @dataclass(frozen=True)
@@ -219,11 +174,32 @@ def worker_engine(spec: JobSpec, engine: EngineConfig) -> EngineConfig:
     return replace(engine, truncate=spec.truncate)
 
 
+def size_on_cluster(plan: Plan, pool: PoolConfig) -> JobSizing:
+    """`size_job` against the nodes of the cluster `submit` would use (what `--dry-run` prints): joins
+    or starts it as `submit` does, and stops a cluster it started."""
+    owns_ray = connect(pool.address, pool.object_store_memory)
+    try:
+        return size_job(plan, pool)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
 def check_memory(plan: Plan, pool: PoolConfig) -> JobSizing:
     """Refuse, before any compute, a job one worker of which does not fit some node (see `size_job`)."""
     sizing = size_job(plan, pool)
     sizing.check()
     return sizing
+
+
+class ProgressUnavailable(RuntimeError):
+    """`JobHandle.progress()` could not reach the coordinator: the job is ending (its coordinator is gone,
+    its cluster stopped) or the coordinator did not answer in time. `wait()` tells how the job ended."""
+
+
+class StillRunning(TimeoutError):
+    """`JobHandle.wait(timeout)` returned before the job ended (a job that failed with a timeout of its
+    own raises that one instead)."""
 
 
 class JobHandle:
@@ -294,10 +270,15 @@ class JobHandle:
 
     # -- public ----------------------------------------------------------------------------------
 
-    def progress(self) -> dict:
+    def progress(self) -> JobStats:
+        """The coordinator's counts now; ProgressUnavailable when it does not answer (see there)."""
         if not ray.is_initialized():  # the job ended and stopped its cluster: a Ray call would start another
-            raise RuntimeError(f"job {self.job_id} has ended: see wait()")
-        return ray.get(self.coordinator.stats.remote(), timeout=30)
+            raise ProgressUnavailable(f"job {self.job_id} has ended: see wait()")
+        try:
+            return ray.get(self.coordinator.stats.remote(), timeout=30)
+        except RayError as e:
+            raise ProgressUnavailable(f"job {self.job_id}: its coordinator did not answer "
+                                      f"({type(e).__name__}: {e}); see wait()") from e
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -305,7 +286,7 @@ class JobHandle:
     def wait(self, timeout: float | None = None) -> JobSummary:
         # an Event, not Thread.join: a join interrupted by Ctrl-C can leave the thread looking finished
         if not self._done.wait(timeout):
-            raise TimeoutError(f"job {self.job_id} still running after {timeout} s")
+            raise StillRunning(f"job {self.job_id} still running after {timeout} s")
         if self._error is not None:
             raise self._error
         return self._summary
@@ -376,11 +357,11 @@ class JobHandle:
                     break
                 self._reap()
                 stats = ray.get(self.coordinator.stats.remote(), timeout=30)
-                if stats["done"]:
+                if stats.done:
                     state = "finished"
                     break
-                if stats.get("error"):  # a part file or the manifest could not be written: stop the workers
-                    log.error("job %s failed: %s", self.job_id, stats["error"])
+                if stats.error:  # a part file or the manifest could not be written: stop the workers
+                    log.error("job %s failed: %s", self.job_id, stats.error)
                     break
                 self._kill_hung()
                 self._fill_nodes()
@@ -397,7 +378,7 @@ class JobHandle:
         try:
             try:
                 stats = ray.get(self.coordinator.write_progress.remote(state), timeout=30)
-            except Exception as e:  # the coordinator is gone (e.g. the cluster was stopped): use the manifest
+            except RayError as e:  # the coordinator is gone (e.g. the cluster was stopped): use the manifest
                 log.warning("coordinator unreachable at the end of the job (%s); summary from the manifest", e)
                 stats = self._stats_from_manifest(state)
             for actor in [w[0] for w in self._workers.values()] + [self.coordinator]:
@@ -405,8 +386,8 @@ class JobHandle:
                     if actor is self.coordinator:
                         ray.get(actor.shutdown.remote(), timeout=10)
                     ray.kill(actor, no_restart=True)
-                except Exception:  # already gone
-                    pass
+                except RayError as e:  # already gone
+                    log.info("actor %s of job %s was already gone at the end: %s", actor, self.job_id, e)
             self._workers.clear()
             if state == "cancelled":
                 clear_cancel(self.output)
@@ -414,8 +395,8 @@ class JobHandle:
                 progress = read_progress(self.output) or {}
                 write_progress(self.output, dict(progress, state="failed", updated=time.time(),
                                                  error=str(self._error) if self._error is not None
-                                                 else stats.get("error") or "the job failed"))
-            error = self._error if self._error is not None else stats.get("error")
+                                                 else stats.error or "the job failed"))
+            error = self._error if self._error is not None else stats.error
             self._summary = summarize(self.output, self.job_id, state, stats, time.time() - self._started,
                                       self._restarts, None if error is None else str(error))
         finally:
@@ -424,16 +405,10 @@ class JobHandle:
             self._lock.release()
             self._done.set()
 
-    def _stats_from_manifest(self, state: str) -> dict:
-        m = Manifest.load(self.output)
-        stats = {"rows_done": sum(v["rows"] for v in m.completed.values()),
-                 "failed_rows": sum(v.get("failed_rows", 0) for v in m.completed.values()),
-                 "job_prompt_tokens": sum(v.get("prompt_tokens", 0) for v in m.completed.values()),
-                 "job_generated_tokens": sum(v.get("generated_tokens", 0) for v in m.completed.values()),
-                 "prompt_tokens": 0, "generated_tokens": 0, "retries": 0, "workers": {}, "processing_s": 0.0}
+    def _stats_from_manifest(self, state: str) -> JobStats:
+        stats = JobStats.from_manifest(Manifest.load(self.output))
         try:
-            write_progress(self.output, dict(stats, state=state, job_id=m.job_id, rows_total=m.num_rows,
-                                             shards_total=m.num_shards, shards_done=len(m.completed)))
+            write_progress(self.output, dict(stats.to_dict(), state=state))
         except OSError as e:  # e.g. a full disk: progress is advisory, the summary still reports the job
             log.error("could not write the progress file of %s: %s", self.output, e)
         return stats

@@ -153,3 +153,25 @@ def memory_sharing(model: str, workers: int = 2, head: str = "bf16", weights_for
             "weights_file_bytes": (native_dir / WEIGHTS_FILE).stat().st_size, "per_worker": per,
             "total_rss": sum(r["rss"] for r in per), "total_pss": sum(r["pss"] for r in per),
             "weights_rss": sum(r["file_rss"] for r in per), "weights_pss": sum(r["file_pss"] for r in per)}
+
+
+def bench_kernels(shape: str, threads: int | None = None, batches=(1, 8, 32, 64), head: bool = True) -> dict:
+    """`ternpool bench kernels`: every linear shape of a model shape (v_proj is k_proj's shape, left
+    out) in both weight formats and, with `head`, the output head, timed at each batch size with this
+    machine's read bandwidth measured in the same run. Returns {shape, threads, isa, read_bandwidth,
+    read_bandwidth_numpy_one_thread, rows} (rows: `kernels.bench.bench_linears`)."""
+    from ternpool.kernels import set_threads
+    from ternpool.kernels.bench import bench_linears, read_bandwidth
+    from ternpool.kernels.config import ISA
+
+    from .modelgen import SHAPES
+    from .shapes import linear_shapes
+
+    threads = set_threads(threads)
+    dims = SHAPES[shape]
+    shapes = linear_shapes(dims)
+    shapes.pop("v_proj", None)  # same shape as k_proj
+    bw, bw1 = read_bandwidth(), read_bandwidth(parallel=False)
+    rows = bench_linears(shapes, batches=tuple(batches), vocab=dims.vocab_size if head else None)
+    return {"shape": shape, "threads": threads, "isa": ISA, "read_bandwidth": bw,
+            "read_bandwidth_numpy_one_thread": bw1, "rows": rows}

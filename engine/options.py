@@ -1,6 +1,6 @@
 """`EngineConfig`: every option of an engine in one frozen dataclass, and the names they take.
 
-The command line builds one (`cluster/cliopts.py`), `PoolConfig.engine` carries it to every
+The command line builds one (`cluster/cli/options.py`), `PoolConfig.engine` carries it to every
 worker, and `Engine.load(model, config)` reads it: an option is a field here and a flag there,
 nowhere else. Light on purpose (no NumPy, no kernels), so that the command line can import it.
 """

@@ -50,7 +50,7 @@ def test_the_embedded_cluster_listens_on_loopback_only(tmp_path, tiny_model):
                                     faults={"step_delay": 0.05}))
     try:
         deadline = time.monotonic() + 120
-        while handle.progress()["active_workers"] < 1 and time.monotonic() < deadline:
+        while handle.progress().active_workers < 1 and time.monotonic() < deadline:
             time.sleep(0.2)
         sockets = _listening(psutil.Process())
     finally:

@@ -83,7 +83,7 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
                     pool=PoolConfig(engine=EngineConfig(slots=4), hang_timeout=60,
                                     faults={"step_delay": 0.02}))  # slow nodes
     deadline = time.time() + 120
-    while handle.progress()["rows_done"] < 30 and time.time() < deadline:
+    while handle.progress().rows_done < 30 and time.time() < deadline:
         time.sleep(0.2)
     # kill one worker process mid-shard
     victim = next(iter(handle.workers.values()))
@@ -92,17 +92,17 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     info = ray.get(victim.info.remote(), timeout=30)
     pid = info["pid"]
     os.kill(pid, signal.SIGKILL)
-    while handle.progress()["rows_done"] < 120 and time.time() < deadline:
+    while handle.progress().rows_done < 120 and time.time() < deadline:
         time.sleep(0.2)
-    assert handle.progress()["rows_done"] < 200, "the job must still be running when the node goes"
+    assert handle.progress().rows_done < 200, "the job must still be running when the node goes"
     doomed = next(n for n in nodes if n.node_id != info["node"])  # a node whose worker is still the first one
     cluster.remove_node(doomed, allow_graceful=False)  # lose a whole node
     summary = handle.wait(timeout=600)
     assert summary.state == "finished", summary
     assert summary.worker_restarts >= 2 and summary.retries >= 1
     _check_exactly_once(out, 240, bad)
-    busy = [w for w in summary.per_worker.values() if w["rows"] > 0]
-    assert len({w["node"] for w in busy}) >= 2  # work spread over nodes
+    busy = [w for w in summary.per_worker.values() if w.rows > 0]
+    assert len({w.node for w in busy}) >= 2  # work spread over nodes
 
 
 def test_poison_row_is_isolated_and_hung_worker_is_replaced(tmp_path, tiny_model, ray_cluster):
@@ -195,12 +195,12 @@ def test_nodes_that_join_get_workers(tmp_path, tiny_model, make_prompts):
                         shard_rows=5, pool=PoolConfig(engine=EngineConfig(slots=4),
                                                       faults={"step_delay": 0.01}))  # ~30 s for one worker
         deadline = time.time() + 120
-        while handle.progress()["rows_done"] < 10 and time.time() < deadline:
+        while handle.progress().rows_done < 10 and time.time() < deadline:
             time.sleep(0.2)
         cluster.add_node(num_cpus=1, object_store_memory=150 * 1024 ** 2)
         summary = handle.wait(timeout=600)
         assert summary.state == "finished"
-        assert len({w["node"] for w in summary.per_worker.values() if w["rows"] > 0}) == 2
+        assert len({w.node for w in summary.per_worker.values() if w.rows > 0}) == 2
         _check_exactly_once(tmp_path / "out", 400, {})
     finally:
         ray.shutdown()

@@ -26,6 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def _count(stats, name: str):
+    """A count of `JobHandle.progress()`: a JobStats, or a dict in checkouts before it was typed."""
+    return stats[name] if isinstance(stats, dict) else getattr(stats, name)
+
+
 def _api_phases(model: str, src: Path, out: Path) -> dict[str, float]:
     import ray
 
@@ -47,9 +52,9 @@ def _api_phases(model: str, src: Path, out: Path) -> dict[str, float]:
             except Exception:  # the job is ending: its coordinator is gone
                 break
             now = time.perf_counter() - t0
-            if s["active_workers"] and "worker ready" not in marks:
+            if _count(s, "active_workers") and "worker ready" not in marks:
                 marks["worker ready"] = now
-            if s["rows_done"] and "first shard" not in marks:
+            if _count(s, "rows_done") and "first shard" not in marks:
                 marks["first shard"] = now
             time.sleep(0.02)
         summary = handle.wait()

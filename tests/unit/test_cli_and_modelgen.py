@@ -105,7 +105,7 @@ def test_console_script_help():
 
 def test_submit_object_store_option_reaches_the_pool_config():
     from ternpool.cluster.cli import build_parser
-    from ternpool.cluster.jobcli import _pool
+    from ternpool.cluster.cli.jobs import _pool
 
     args = build_parser().parse_args(["submit", "in.parquet", "--model", "m", "--output", "o", "--object-store-mb", "96"])
     assert _pool(args).object_store_memory == 96 * 1024 ** 2

@@ -1,5 +1,5 @@
-"""`ternpool status`, `cancel` and `--help` load neither Numba, the kernels, Ray, torch nor transformers:
-they work from any shell at once."""
+"""`ternpool status`, `cancel` and every command's `--help` load neither Numba, the kernels, Ray, torch nor
+transformers: they work from any shell at once."""
 
 from __future__ import annotations
 
@@ -46,8 +46,33 @@ def job_output(tmp_path_factory) -> str:
     return spec.output
 
 
-@pytest.mark.parametrize("argv", [["status", "OUT"], ["status", "OUT", "--json"], ["cancel", "OUT"], ["--help"],
-                                  ["submit", "--help"], ["status", "--help"], ["cancel", "--help"]])
+def _commands(parser=None, prefix=()) -> list[list[str]]:
+    """Every command and subcommand of the parser, `ternpool` itself first: [[], ["make-model"], ...,
+    ["bench"], ["bench", "kernels"], ...]."""
+    import argparse
+
+    from ternpool.cluster.cli import build_parser
+
+    parser = parser or build_parser()
+    found = [list(prefix)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _commands(sub, (*prefix, name))
+    return found
+
+
+HELP = [[*command, "--help"] for command in _commands()]
+
+
+def test_every_command_has_its_help_checked():
+    names = {" ".join(argv[:-1]) for argv in HELP}
+    assert {"", "submit", "status", "cancel", "demo", "generate", "make-model", "convert", "bench",
+            "bench kernels", "bench cluster"} <= names, names
+
+
+@pytest.mark.parametrize("argv", [["status", "OUT"], ["status", "OUT", "--json"], ["cancel", "OUT"], *HELP],
+                         ids=lambda argv: " ".join(argv))
 def test_light_commands_import_nothing_heavy(job_output, argv):
     argv = [job_output if a == "OUT" else a for a in argv]
     assert _loaded_after(argv) == []

@@ -58,18 +58,18 @@ def test_scheduling_counts_and_worker_waits_reach_stats_and_metrics(tmp_path):
     while _finish_one(coord):
         pass
     s = coord.stats()
-    sched = s["scheduling"]
-    assert sched["shards_written"] == sched["pieces_leased"] == 6
-    assert 0 < sched["write_s"] <= sched["complete_s"] and sched["lease_s"] > 0
-    assert sched["shard_s"] > 0
-    w = s["workers"]["w"]
-    assert (w["lease_wait_s"], w["idle_s"]) == (0.75, 1.0)
-    assert w["alive_s"] > 0 and w["rows"] == 24
+    sched = s.scheduling
+    assert sched.shards_written == sched.pieces_leased == 6
+    assert 0 < sched.write_s <= sched.complete_s and sched.lease_s > 0
+    assert sched.shard_s > 0
+    w = s.workers["w"]
+    assert (w.lease_wait_s, w.idle_s) == (0.75, 1.0)
+    assert w.alive_s > 0 and w.rows == 24
     text = coord.metrics.exposition().decode()
     wait = [ln for ln in text.splitlines() if ln.startswith("ternpool_worker_wait_seconds_total{")]
     assert len(wait) == 1 and 'worker="w"' in wait[0] and float(wait[0].split()[-1]) == 1.75
     busy = [ln for ln in text.splitlines() if ln.startswith("ternpool_coordinator_busy_seconds_total{")]
-    assert float(busy[0].split()[-1]) == pytest.approx(sched["lease_s"] + sched["complete_s"])
+    assert float(busy[0].split()[-1]) == pytest.approx(sched.lease_s + sched.complete_s)
 
 
 def test_manifest_saves_are_batched_and_a_crash_only_redoes_unsaved_shards(tmp_path, monkeypatch):
@@ -164,13 +164,13 @@ def test_a_part_write_that_fails_a_few_times_keeps_the_results_and_writes_the_pa
     coord = _coordinator(tmp_path)
     assert _finish_one(coord)  # the worker's call returns normally: nothing is raised at it
     assert len(coord.partial[0]) == 4 and not (tmp_path / "out" / "part-00000.parquet").exists()
-    assert coord.stats()["error"] is None  # second try (fails)
-    assert coord.stats()["error"] is None  # third try (fails)
+    assert coord.stats().error is None  # second try (fails)
+    assert coord.stats().error is None  # third try (fails)
     s = coord.stats()  # fourth try: written
-    assert s["error"] is None and s["shards_done"] == 1 and 0 not in coord.partial
+    assert s.error is None and s.shards_done == 1 and 0 not in coord.partial
     while _finish_one(coord):
         pass
-    assert coord.stats()["done"]
+    assert coord.stats().done
     assert written == [0, 1, 2, 3, 4, 5]  # each part written once
     assert _on_disk(tmp_path) == set(range(6))
     assert read_output(str(tmp_path / "out")).column("row_index").to_pylist() == list(range(24))
@@ -185,14 +185,14 @@ def test_a_part_write_that_keeps_failing_fails_the_job_with_the_os_error_and_kee
     for _ in range(3):
         _finish_one(coord)
     for _ in range(coordinator_mod.WRITE_ATTEMPTS - 2):
-        assert coord.stats()["error"] is None
+        assert coord.stats().error is None
     s = coord.stats()
-    assert s["error"].startswith("OSError: [Errno 28] No space left on device:")
-    assert "part-00002.parquet" in s["error"]
-    assert not s["done"] and coord.lease("w") == DONE  # workers stop
+    assert s.error.startswith("OSError: [Errno 28] No space left on device:")
+    assert "part-00002.parquet" in s.error
+    assert not s.done and coord.lease("w") == DONE  # workers stop
     coord.write_progress("failed")
     progress = json.loads((tmp_path / "out" / "_progress.json").read_text())
-    assert progress["state"] == "failed" and progress["error"] == s["error"]
+    assert progress["state"] == "failed" and progress["error"] == s.error
     assert _on_disk(tmp_path) == {0, 1} and written == [0, 1]
     assert len(coord.partial[2]) == 4  # the failed shard's results were never dropped
 
@@ -200,7 +200,7 @@ def test_a_part_write_that_keeps_failing_fails_the_job_with_the_os_error_and_kee
     again = _coordinator(tmp_path)  # a rerun with space
     while _finish_one(again):
         pass
-    assert again.stats()["done"]
+    assert again.stats().done
     assert read_output(str(tmp_path / "out")).column("row_index").to_pylist() == list(range(24))
 
 
@@ -218,9 +218,9 @@ def test_a_manifest_save_that_fails_is_retried_and_then_fails_the_job(tmp_path, 
     monkeypatch.setattr(coord.manifest, "save", save)
     _finish_one(coord)
     _finish_one(coord)  # the last shard: its save fails, so the job is not done yet
-    assert coord.stats()["done"] is False  # second try fails
+    assert coord.stats().done is False  # second try fails
     s = coord.stats()  # third try saves
-    assert s["done"] and s["error"] is None and _on_disk(tmp_path) == {0, 1}
+    assert s.done and s.error is None and _on_disk(tmp_path) == {0, 1}
 
     (tmp_path / "b").mkdir()
     again = _coordinator(tmp_path / "b", rows=8)
@@ -232,7 +232,7 @@ def test_a_manifest_save_that_fails_is_retried_and_then_fails_the_job(tmp_path, 
     _finish_one(again)
     for _ in range(coordinator_mod.WRITE_ATTEMPTS):
         s = again.stats()
-    assert s["error"].startswith("OSError: [Errno 5] Input/output error:") and not s["done"]
+    assert s.error.startswith("OSError: [Errno 5] Input/output error:") and not s.done
     assert again.lease("w") == DONE
 
 
@@ -264,16 +264,16 @@ def test_failed_rows_tokens_are_not_counted(tmp_path, tiny_engine):
     good_generated = out["completion_tokens"][0] + out["completion_tokens"][3]
     assert good_prompt > 0 and good_generated == 5
     s = coord.stats()
-    assert (s["prompt_tokens"], s["generated_tokens"]) == (good_prompt, good_generated)
-    assert (s["workers"]["w"]["prompt_tokens"], s["workers"]["w"]["generated_tokens"]) == (good_prompt, 5)
+    assert (s.prompt_tokens, s.generated_tokens) == (good_prompt, good_generated)
+    assert (s.workers["w"].prompt_tokens, s.workers["w"].generated_tokens) == (good_prompt, 5)
     text = coord.metrics.exposition().decode()
     prompt_metric = [ln for ln in text.splitlines() if ln.startswith("ternpool_prompt_tokens_total{")]
     assert len(prompt_metric) == 1 and float(prompt_metric[0].split()[-1]) == good_prompt
 
 
 def test_resumed_summary_counts_the_whole_job_and_agrees_with_status(tmp_path, capsys):
-    from ternpool.cluster.driver import summarize
-    from ternpool.cluster.jobcli import print_summary
+    from ternpool.cluster.cli.jobs import print_summary
+    from ternpool.cluster.stats import summarize
     from ternpool.jobs import status
 
     first = _coordinator(tmp_path)
@@ -288,11 +288,11 @@ def test_resumed_summary_counts_the_whole_job_and_agrees_with_status(tmp_path, c
     while _finish_one(again):
         pass
     stats = again.write_progress("finished")
-    summary = summarize(str(tmp_path / "out"), stats["job_id"], "finished", stats, wall_s=99.0)
+    summary = summarize(str(tmp_path / "out"), stats.job_id, "finished", stats, wall_s=99.0)
     assert (summary.rows, summary.rows_this_run, summary.resumed) == (24, 16, True)
     assert (summary.prompt_tokens, summary.generated_tokens) == (72, 48)
     assert (summary.prompt_tokens_this_run, summary.generated_tokens_this_run) == (48, 32)
-    assert summary.tokens_per_s == pytest.approx(32 / stats["processing_s"]) and stats["processing_s"] > 0
+    assert summary.tokens_per_s == pytest.approx(32 / stats.processing_s) and stats.processing_s > 0
     st = status(str(tmp_path / "out"))
     assert st["state"] == "finished" and st["tokens_per_s"] == summary.tokens_per_s and st["eta_s"] == 0.0
     print_summary(summary)
@@ -305,18 +305,18 @@ def test_eta_is_remaining_rows_over_the_recent_row_rate(tmp_path, monkeypatch, c
     from types import SimpleNamespace
 
     from ternpool.cluster import metrics as metrics_mod
-    from ternpool.cluster.jobcli import cmd_status
+    from ternpool.cluster.cli.jobs import cmd_status
     from ternpool.jobs import status
 
     clock = [100.0]
     monkeypatch.setattr(metrics_mod, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     coord = _coordinator(tmp_path)  # 24 rows in shards of 4
     _finish_one(coord)
-    assert coord.stats()["eta_s"] is None  # one sample: no rate yet
+    assert coord.stats().eta_s is None  # one sample: no rate yet
     clock[0] = 110.0
     _finish_one(coord)
     s = coord.write_progress("running")
-    assert s["eta_s"] == pytest.approx((24 - 8) * 10.0 / 4)  # 4 rows in 10 s, 16 to go
+    assert s.eta_s == pytest.approx((24 - 8) * 10.0 / 4)  # 4 rows in 10 s, 16 to go
     lock = OutputLock(str(tmp_path / "out"))  # "running" needs a live driver holding OUT
     lock.acquire()
     try:
@@ -327,3 +327,44 @@ def test_eta_is_remaining_rows_over_the_recent_row_rate(tmp_path, monkeypatch, c
         lock.release()
     line = capsys.readouterr().out.strip().splitlines()[0]
     assert "running; " in line and line.endswith(", ETA 40 s"), line
+
+
+def test_progress_file_holds_every_count_of_the_typed_stats(tmp_path):
+    """`stats()` is a JobStats; OUT/_progress.json keeps the keys `status` and other shells read."""
+    from ternpool.cluster.stats import JobStats, SchedulingStats, WorkerStats
+
+    coord = _coordinator(tmp_path)
+    coord.register("w", "node-a")
+    _finish_one(coord)
+    s = coord.write_progress("running")
+    assert isinstance(s, JobStats) and isinstance(s.scheduling, SchedulingStats)
+    assert isinstance(s.workers["w"], WorkerStats) and s.workers["w"].node == "node-a"
+    progress = json.loads((tmp_path / "out" / "_progress.json").read_text())
+    assert set(progress) == {
+        "job_id", "rows_total", "rows_done", "rows_done_this_run", "failed_rows", "shards_total", "shards_done",
+        "queued", "in_flight", "retries", "prompt_tokens", "generated_tokens", "job_prompt_tokens",
+        "job_generated_tokens", "tokens_per_s", "eta_s", "elapsed_s", "processing_s", "done", "error", "cancelled",
+        "active_workers", "scheduling", "workers", "state", "updated", "metrics_port"}
+    assert set(progress["scheduling"]) == {"lease_s", "complete_s", "write_s", "shards_written", "shard_s",
+                                           "pieces_leased"}
+    assert progress["workers"]["w"] == {"node": "node-a", "rows": 4, "prompt_tokens": 12, "generated_tokens": 8,
+                                        "leased": 0, "lost": False, "lease_wait_s": 0.0, "idle_s": 0.0,
+                                        "alive_s": progress["workers"]["w"]["alive_s"]}
+    assert (progress["state"], progress["rows_done"], progress["shards_done"]) == ("running", 4, 1)
+    assert progress["tokens_per_s"] == s.tokens_per_s > 0
+
+
+def test_stats_from_the_manifest_alone_count_the_completed_shards(tmp_path):
+    """What the driver reports when the coordinator is gone at the end of a job."""
+    from ternpool.cluster.stats import JobStats, summarize
+
+    coord = _coordinator(tmp_path)
+    _finish_one(coord)
+    _finish_one(coord)
+    coord.cancel()
+    coord.write_progress("cancelled")  # saves the manifest
+    s = JobStats.from_manifest(Manifest.load(str(tmp_path / "out")))
+    assert (s.rows_total, s.rows_done, s.shards_total, s.shards_done, s.done) == (24, 8, 6, 2, False)
+    assert (s.job_prompt_tokens, s.job_generated_tokens, s.prompt_tokens, s.tokens_per_s) == (24, 16, 0, 0.0)
+    summary = summarize(str(tmp_path / "out"), s.job_id, "failed", s, wall_s=1.0)
+    assert (summary.rows, summary.generated_tokens, summary.resumed, summary.per_worker) == (8, 16, False, {})

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from ternpool.cluster.cli import build_parser
-from ternpool.cluster.cliopts import engine_config, sampling_params
+from ternpool.cluster.cli.options import engine_config, sampling_params
 from ternpool.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 from ternpool.engine.shapes import LINEARS, kv_bytes_per_slot, linear_shapes, packed_shape
 from ternpool.jobs import JobSpec
@@ -33,7 +33,7 @@ def test_engine_config_defaults_and_paths():
 
 
 def test_the_cli_builds_one_engine_config_for_a_pool_and_for_generate():
-    from ternpool.cluster.jobcli import _pool
+    from ternpool.cluster.cli.jobs import _pool
 
     args = build_parser().parse_args(["submit", "in.parquet", "--model", "m", "--output", "o", "--threads-per-worker",
                                       "2", "--slots", "3", "--max-context", "64", "--head", "int8",

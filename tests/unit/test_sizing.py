@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ternpool.cluster.driver import PoolConfig, prepare, size_job
-from ternpool.cluster.jobcli import _print_plan
+from ternpool.cluster.cli.jobs import _print_plan
 from ternpool.engine import Engine
 from ternpool.engine.footprint import footprint
 from ternpool.engine.options import DEFAULT_SLOTS, EngineConfig

@@ -1,4 +1,4 @@
-"""`ternpool submit | status | cancel | demo`: argument parsing and printing for batch jobs."""
+"""`ternpool submit | status | cancel | demo`: batch jobs on a Ray worker pool, and reading their state."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import logging
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from ternpool.engine.options import TRUNCATE_MODES
 
-from .cliopts import add_engine_options, add_sampling_options, engine_config, sampling_params
+from .options import add_engine_options, add_sampling_options, engine_config, sampling_params
 
 log = logging.getLogger("ternpool")
 
@@ -50,7 +49,7 @@ def _job_kwargs(args) -> dict:
 
 
 def _pool(args):
-    from .driver import PoolConfig
+    from ternpool.cluster.driver import PoolConfig
 
     return PoolConfig(address=args.address, workers=args.workers, engine=engine_config(args),
                       hang_timeout=args.hang_timeout,
@@ -61,7 +60,7 @@ def _pool(args):
 
 def _print_plan(plan, pool, sizing) -> None:
     """The dry run's report: inputs, shards, model, and for every node whether one worker fits it
-    (`sizing` from `driver.size_job`, the check `submit` refuses a job with)."""
+    (`sizing` from `driver.size_job`, the check `submit` refuses a job with; nothing is computed here)."""
     cfg = plan.config
     todo = plan.todo
     print(f"input:   {plan.inputs.uri}: {len(plan.inputs.files)} file(s), {plan.inputs.num_rows} rows, "
@@ -84,7 +83,10 @@ def _print_plan(plan, pool, sizing) -> None:
 
 
 def _run(handle, show_progress: bool):
+    """Wait for the job with a progress bar; Ctrl-C cancels it (completed shards are kept)."""
     from tqdm import tqdm
+
+    from ternpool.cluster.driver import ProgressUnavailable, StillRunning
 
     total = handle.plan.manifest.num_rows
     bar = tqdm(total=total, unit="row", disable=not show_progress, dynamic_ncols=True, file=sys.stderr)
@@ -103,14 +105,15 @@ def _run(handle, show_progress: bool):
         while not interrupted.is_set():
             try:
                 return handle.wait(timeout=0.5)
-            except TimeoutError:
+            except StillRunning:  # show its progress, wait again
                 pass
             try:
                 s = handle.progress()
-            except Exception:  # the coordinator may be gone while the job winds down
+            except ProgressUnavailable as e:  # e.g. the job winds down: wait() returns its summary
+                log.debug("no progress to show: %s", e)
                 continue
-            bar.n = s["rows_done"]
-            bar.set_postfix(tok_s=f"{s['tokens_per_s']:.1f}", workers=s["active_workers"], failed=s["failed_rows"],
+            bar.n = s.rows_done
+            bar.set_postfix(tok_s=f"{s.tokens_per_s:.1f}", workers=s.active_workers, failed=s.failed_rows,
                             refresh=False)
             bar.refresh()
         bar.write("interrupted: cancelling (completed shards are kept; rerun the same command to resume)")
@@ -131,31 +134,21 @@ def print_summary(summary) -> None:
           f"{s.processing_s:.1f} s of processing ({s.wall_s:.1f} s in all); {s.retries} retries, "
           f"{s.worker_restarts} worker losses")
     for wid, w in sorted(s.per_worker.items()):
-        rate = w["generated_tokens"] / s.processing_s if s.processing_s else 0.0
-        lost = " (lost)" if w.get("lost") else ""
-        print(f"  {wid}{lost}: {w['rows']} rows, {w['generated_tokens']} tokens, {rate:.1f} tokens/s")
+        rate = w.generated_tokens / s.processing_s if s.processing_s else 0.0
+        lost = " (lost)" if w.lost else ""
+        print(f"  {wid}{lost}: {w.rows} rows, {w.generated_tokens} tokens, {rate:.1f} tokens/s")
     print(f"output: {s.output} (read with ternpool.jobs.read_output)")
 
 
 def cmd_submit(args) -> int:
-    from .driver import JobHandle, prepare
+    from ternpool.cluster.driver import JobHandle, prepare, size_on_cluster
     from ternpool.jobs import JobSpec
 
     spec = JobSpec(inputs=args.input, output=args.output, model=args.model, **_job_kwargs(args))
     plan = prepare(spec)
     pool = _pool(args)
     if args.dry_run:  # the same sizing as submit, against the nodes of the cluster submit would use
-        import ray
-
-        from .driver import size_job
-        from .ray_env import connect
-
-        owns_ray = connect(pool.address, pool.object_store_memory)
-        try:
-            sizing = size_job(plan, pool)
-        finally:
-            if owns_ray:
-                ray.shutdown()
+        sizing = size_on_cluster(plan, pool)
         _print_plan(plan, pool, sizing)
         return 0 if sizing.fits else 2
     if not plan.todo:
@@ -209,25 +202,13 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .driver import JobHandle, PoolConfig, prepare
-    from ternpool.engine import SamplingParams
-    from ternpool.engine.modelgen import make_model
+    from ternpool.cluster.demo import prepare_demo
+    from ternpool.cluster.driver import JobHandle, PoolConfig
     from ternpool.engine.options import EngineConfig
-    from ternpool.jobs import JobSpec
-    from ternpool.jobs.demo import write_demo_prompts
+    from ternpool.jobs import read_output
 
-    root = Path(args.dir)
-    model = root / "model"
-    if not (model / "config.json").exists():
-        make_model(model, "tiny")
-        print(f"made a tiny random model in {model}")
-    prompts = root / "prompts.parquet"
-    if not prompts.exists():
-        write_demo_prompts(prompts, rows=args.rows)
-        print(f"wrote {args.rows} example prompts to {prompts}")
-    output = root / "output"
-    plan = prepare(JobSpec(inputs=str(prompts), output=str(output), model=str(model),
-                           sampling=SamplingParams(max_tokens=32), shard_rows=32))
+    plan = prepare_demo(args.dir, rows=args.rows, note=print)
+    output = plan.spec.output
     if plan.todo:
         summary = _run(JobHandle(plan, PoolConfig(engine=EngineConfig(slots=8))), show_progress=sys.stderr.isatty())
         print_summary(summary)
@@ -235,8 +216,6 @@ def cmd_demo(args) -> int:
             return 1
     else:
         print(f"the job in {output} is already complete")
-    from ternpool.jobs import read_output
-
     table = read_output(str(output))
     print(f"first rows of {output}:")
     for row in table.slice(0, 5).to_pylist():
@@ -283,12 +262,3 @@ def add_commands(sub) -> None:
     d.add_argument("--dir", default="ternpool-demo", help="working directory (default: ./ternpool-demo)")
     d.add_argument("--rows", type=int, default=200, help="example prompts to write (default: 200)")
     d.set_defaults(func=cmd_demo)
-
-    b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios measured in one run")
-    bsub = b.add_subparsers(dest="bench", required=True)
-    from .benchcli import add_bench_commands
-
-    add_bench_commands(bsub)
-    from .benchpoolcli import add_pool_bench_commands
-
-    add_pool_bench_commands(bsub)
