@@ -35,7 +35,7 @@ from ternpool.jobs.runlock import OutputLock
 from .coordinator import CoordinatorActor, tokens_per_s
 from .metrics import ports_to_try
 from .ray_env import alive_nodes, connect, loss_reason
-from .worker import WorkerActor, WorkerConfig
+from .worker import Worker, WorkerConfig, worker_actor
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ class PoolConfig:
     hang_timeout: float = 300.0  # seconds without progress before a worker is declared hung
     max_worker_restarts: int = 20
     object_store_memory: int | None = None
-    faults: dict = field(default_factory=dict)  # test hooks, see WorkerConfig
     metrics_host: str = "127.0.0.1"  # where the coordinator serves Prometheus metrics
     metrics_port: int | None = None  # None: 9469, or a free port when that is taken; 0: a free port; -1: none
     pushgateway: str | None = None  # push the final metrics there
@@ -215,10 +214,12 @@ def check_memory(plan: Plan, pool: PoolConfig) -> JobSizing:
 
 
 class JobHandle:
-    """A running job: `progress()`, `wait()`, `cancel()`, `output`."""
+    """A running job: `progress()`, `wait()`, `cancel()`, `output`. `worker_cls` is the class of the worker
+    actors (a `Worker` subclass: the fault tests inject theirs here)."""
 
-    def __init__(self, plan: Plan, pool: PoolConfig):
+    def __init__(self, plan: Plan, pool: PoolConfig, worker_cls: type[Worker] = Worker):
         self.plan, self.pool, self.output = plan, pool, plan.spec.output
+        self._worker_actor = worker_actor(worker_cls)
         self.job_id = plan.manifest.job_id
         # the coordinator serves on this node: an explicit port is checked before starting anything
         self._metrics_ports = ports_to_try(pool.metrics_host, pool.metrics_port)
@@ -309,8 +310,8 @@ class JobHandle:
         cpus = self.pool.threads_per_worker or alive_nodes().get(node, 1.0)
         cfg = WorkerConfig(self.plan.model_dir, threads=self.pool.threads_per_worker, slots=self.pool.slots,
                            max_context=self.pool.max_context, truncate=self.plan.spec.truncate, head=self.pool.head,
-                           weights_format=self.pool.weights_format, faults=self.pool.faults)
-        actor = WorkerActor.options(
+                           weights_format=self.pool.weights_format)
+        actor = self._worker_actor.options(
             num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             name=None).remote(wid, cfg, self.coordinator, self.plan.spec, self.plan.inputs.text_column)
         self._workers[wid] = (actor, actor.run.remote(), node)
@@ -428,14 +429,15 @@ class JobHandle:
         return stats
 
 
-def submit(inputs: str, model: str, output: str, *, pool: PoolConfig | None = None, **job) -> JobHandle:
+def submit(inputs: str, model: str, output: str, *, pool: PoolConfig | None = None,
+           worker_cls: type[Worker] = Worker, **job) -> JobHandle:
     """Validate and start a batch job; returns at once with a `JobHandle`.
 
     `job` takes the `JobSpec` fields: max_tokens, temperature, top_p, top_k, seed, stop,
-    shard_rows, max_retries, truncate.
+    shard_rows, max_retries, truncate. `worker_cls`: see `JobHandle`.
     """
     plan = prepare(JobSpec(inputs=inputs, output=output, model=model, **job))
-    return JobHandle(plan, pool or PoolConfig())
+    return JobHandle(plan, pool or PoolConfig(), worker_cls)
 
 
 def request_job_cancel(output: str) -> None:

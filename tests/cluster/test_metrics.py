@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ternpool.cluster.driver import PoolConfig, submit
 from ternpool.jobs import read_output
 
+from faulty_worker import faulty  # tests/cluster/faulty_worker.py
+
 pytestmark = pytest.mark.cluster
 
 
@@ -93,7 +95,7 @@ def test_a_real_prometheus_scrapes_a_running_job(tmp_path, tiny_model):
     pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(300)]}), src)
     metrics_port = _free_port()
     handle = submit(str(src), tiny_model, str(tmp_path / "out"), max_tokens=16, shard_rows=10,
-                    pool=PoolConfig(slots=4, metrics_port=metrics_port, faults={"step_delay": 0.02}))
+                    pool=PoolConfig(slots=4, metrics_port=metrics_port), worker_cls=faulty(step_delay=0.02))
     prom_port = _free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(f"""

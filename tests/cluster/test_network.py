@@ -18,6 +18,8 @@ import pytest
 from ternpool.cluster import metrics
 from ternpool.cluster.driver import PoolConfig, submit
 
+from faulty_worker import faulty  # tests/cluster/faulty_worker.py
+
 pytestmark = pytest.mark.cluster
 
 
@@ -45,7 +47,8 @@ def test_the_embedded_cluster_listens_on_loopback_only(tmp_path, tiny_model):
     pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(60)]}), src)
     # slowed down so that the job is surely still running while the sockets are listed
     handle = submit(str(src), tiny_model, str(tmp_path / "out"), max_tokens=8, shard_rows=10,
-                    pool=PoolConfig(slots=4, threads_per_worker=1, metrics_port=0, faults={"step_delay": 0.05}))
+                    pool=PoolConfig(slots=4, threads_per_worker=1, metrics_port=0),
+                    worker_cls=faulty(step_delay=0.05))
     try:
         deadline = time.monotonic() + 120
         while handle.progress()["active_workers"] < 1 and time.monotonic() < deadline:

@@ -15,6 +15,8 @@ from ternpool.cluster.driver import PoolConfig, submit
 from ternpool.engine import Engine, Request, SamplingParams
 from ternpool.jobs import read_output
 
+from faulty_worker import faulty  # tests/cluster/faulty_worker.py
+
 pytestmark = pytest.mark.cluster
 
 
@@ -80,7 +82,7 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     bad = make_prompts(src, 240, seed=1)
     out = tmp_path / "out"
     handle = submit(str(src), tiny_model, str(out), max_tokens=24, shard_rows=10,
-                    pool=PoolConfig(slots=4, hang_timeout=60, faults={"step_delay": 0.02}))  # slow nodes
+                    pool=PoolConfig(slots=4, hang_timeout=60), worker_cls=faulty(step_delay=0.02))  # slow nodes
     deadline = time.time() + 120
     while handle.progress()["rows_done"] < 30 and time.time() < deadline:
         time.sleep(0.2)
@@ -114,8 +116,8 @@ def test_poison_row_is_isolated_and_hung_worker_is_replaced(tmp_path, tiny_model
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(48)], "prompt": prompts}), src)
     out = tmp_path / "out"
     handle = submit(str(src), tiny_model, str(out), max_tokens=6, shard_rows=8, max_retries=1,
-                    pool=PoolConfig(slots=4, hang_timeout=4, max_worker_restarts=40,
-                                    faults={"exit_on_prompt": "POISON", "hang_on_prompt": "HANG"}))
+                    pool=PoolConfig(slots=4, hang_timeout=4, max_worker_restarts=40),
+                    worker_cls=faulty(exit_on_prompt="POISON", hang_on_prompt="HANG"))
     summary = handle.wait(timeout=900)
     assert summary.state == "finished"
     table = read_output(str(out))
@@ -191,7 +193,7 @@ def test_nodes_that_join_get_workers(tmp_path, tiny_model, make_prompts):
         pq.write_table(pa.table({"id": [f"r{i}" for i in range(400)],
                                  "prompt": [f"story {i} of the river" for i in range(400)]}), src)
         handle = submit(str(src), tiny_model, str(tmp_path / "out"), max_tokens=32, shard_rows=5,
-                        pool=PoolConfig(slots=4, faults={"step_delay": 0.01}))  # ~30 s for one worker
+                        pool=PoolConfig(slots=4), worker_cls=faulty(step_delay=0.01))  # ~30 s for one worker
         deadline = time.time() + 120
         while handle.progress()["rows_done"] < 10 and time.time() < deadline:
             time.sleep(0.2)

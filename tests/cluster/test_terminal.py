@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,10 +46,13 @@ def test_a_crashing_worker_is_reported_by_the_driver_not_by_ray(tmp_path, tiny_m
     script = textwrap.dedent(f"""
         import logging
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from faulty_worker import faulty
         from ternpool.cluster.driver import PoolConfig, submit
         h = submit({str(src)!r}, {tiny_model!r}, {str(tmp_path / "out")!r}, max_tokens=4, shard_rows=10,
-                   max_retries=0, pool=PoolConfig(slots=2, threads_per_worker=1, metrics_port=0,
-                                                  faults={{"exit_on_prompt": "story 3"}}))
+                   max_retries=0, pool=PoolConfig(slots=2, threads_per_worker=1, metrics_port=0),
+                   worker_cls=faulty(exit_on_prompt="story 3"))
         s = h.wait(600)
         print("state", s.state, "rows", s.rows, "failed", s.failed_rows)
     """)

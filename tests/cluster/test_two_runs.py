@@ -16,6 +16,8 @@ import pytest
 from ternpool.cluster.driver import JobHandle, PoolConfig, prepare, submit
 from ternpool.jobs import JobInputError, JobSpec, read_output, status
 
+from faulty_worker import faulty  # tests/cluster/faulty_worker.py
+
 pytestmark = pytest.mark.cluster
 
 
@@ -94,7 +96,7 @@ def test_a_failed_job_shows_failed_and_its_error_in_status(tmp_path, tiny_model)
     pq.write_table(pa.table({"prompt": ["POISON"] + [f"prompt {i}" for i in range(7)]}), src)
     out = tmp_path / "out"
     handle = submit(str(src), tiny_model, str(out), max_tokens=4, shard_rows=4,
-                    pool=PoolConfig(slots=2, max_worker_restarts=0, faults={"exit_on_prompt": "POISON"}))
+                    pool=PoolConfig(slots=2, max_worker_restarts=0), worker_cls=faulty(exit_on_prompt="POISON"))
     assert isinstance(handle, JobHandle)
     with pytest.raises(RuntimeError, match="worker losses: giving up"):
         handle.wait(timeout=600)
