@@ -7,8 +7,6 @@ import ipaddress
 import os
 import socket
 import subprocess
-import sys
-import time
 
 import psutil
 import pyarrow as pa
@@ -19,6 +17,7 @@ from ternpool.cluster import metrics
 from ternpool.cluster.driver import PoolConfig, submit
 
 from faulty_worker import faulty  # tests/cluster/faulty_worker.py
+from helpers import CLI, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -50,9 +49,7 @@ def test_the_embedded_cluster_listens_on_loopback_only(tmp_path, tiny_model):
                     pool=PoolConfig(slots=4, threads_per_worker=1, metrics_port=0),
                     worker_cls=faulty(step_delay=0.05))
     try:
-        deadline = time.monotonic() + 120
-        while handle.progress()["active_workers"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: handle.progress()["active_workers"] >= 1, 120, "a worker active")
         sockets = _listening(psutil.Process())
     finally:
         summary = handle.wait(timeout=600)
@@ -96,7 +93,7 @@ def test_the_cli_reports_the_port_it_moved_to_and_refuses_an_explicit_taken_one(
         else:
             s.listen()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "-m", tiny_model, "--max-tokens", "2",
+        cmd = [*CLI, "submit", str(src), "-m", tiny_model, "--max-tokens", "2",
                "--threads-per-worker", "1"]
         moved = subprocess.run(cmd + ["-o", str(tmp_path / "a")], capture_output=True, text=True, env=env,
                                timeout=600)

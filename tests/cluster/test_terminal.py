@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import CLI
+
 pytestmark = pytest.mark.cluster
 
 RAY_NOISE = ("\x1b[", "Token authentication", "(raylet)", "pid=", "View the dashboard", "Started a local Ray")
@@ -32,7 +34,7 @@ def _prompts(tmp_path, rows: int):
 
 def test_submit_prints_our_lines_only(tmp_path, tiny_model):
     src = _prompts(tmp_path, 20)
-    r = subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "-m", tiny_model,
+    r = subprocess.run([*CLI, "submit", str(src), "-m", tiny_model,
                         "-o", str(tmp_path / "out"), "--max-tokens", "4", "--metrics-port", "0"],
                        capture_output=True, text=True, env=_env(), timeout=600)  # stderr is not a TTY
     both = r.stdout + r.stderr

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,26 +14,9 @@ from ternpool.cluster.driver import JobHandle, PoolConfig, prepare, submit
 from ternpool.jobs import JobInputError, JobSpec, read_output, status
 
 from faulty_worker import faulty  # tests/cluster/faulty_worker.py
+from helpers import CLI, run_cli, snapshot, wait_until
 
 pytestmark = pytest.mark.cluster
-
-
-def snapshot(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
-
-
-def _wait_for(path: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert time.time() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.2)
-
-
-def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_a_second_submit_on_the_same_output_exits_at_once_and_the_first_runs_on(tmp_path, tiny_model,
@@ -44,27 +24,27 @@ def test_a_second_submit_on_the_same_output_exits_at_once_and_the_first_runs_on(
     src = tmp_path / "prompts.parquet"
     make_prompts(src, 2000, seed=7)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model, "--output",
+    cmd = [*CLI, "submit", str(src), "--model", tiny_model, "--output",
            str(out), "--max-tokens", "24", "--shard-rows", "20", "--threads-per-worker", "1", "--no-progress",
            "--metrics-port", "-1"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(out / "_manifest.json")  # created under the first run's lock
+        wait_until((out / "_manifest.json").exists, 180, "OUT/_manifest.json")  # created under the first run's lock
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert second.returncode == 2, second.stdout + second.stderr
         assert f"is being written by another ternpool run, pid {first.pid} on host " in second.stderr
         assert f"ternpool cancel {out}" in second.stderr
         assert "shards to run" not in second.stdout  # it never started a job
         assert "Started a local Ray instance" not in second.stderr  # nor a Ray cluster
-        st = json.loads(_cli("status", str(out), "--json").stdout)
+        st = json.loads(run_cli("status", str(out), "--json").stdout)
         assert st["driver"]["pid"] == first.pid  # the winner's
-        _cli("cancel", str(out))
+        run_cli("cancel", str(out))
         stdout, _ = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
     assert first.returncode in (0, 130), stdout
-    st = json.loads(_cli("status", str(out), "--json").stdout)
+    st = json.loads(run_cli("status", str(out), "--json").stdout)
     assert st["state"] in ("cancelled", "finished") and st["driver"] is None
     done = read_output(str(out))  # only the first run's rows, each once
     assert done.num_rows == st["rows_done"] and len(set(done.column("row_index").to_pylist())) == done.num_rows

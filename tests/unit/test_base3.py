@@ -21,15 +21,12 @@ from ternpool.kernels import (
 )
 from ternpool.kernels.base3 import decode_base3, encode_base3, packed_cols
 
+from helpers import readonly
+
+
 pytestmark = pytest.mark.unit
 
 COLS = [1, 31, 32, 159, 160, 161, 320, 333, 2560, 6912]
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    a = a.copy()
-    a.setflags(write=False)
-    return a
 
 
 def _ternary(rng, rows, cols):
@@ -105,7 +102,7 @@ def test_base3_matmul_is_exact(cols, tokens):
     q = _activations(rng, tokens, cols)
     want = (q.astype(np.int64) @ w.T.astype(np.int64)).astype(np.int32)
     assert np.array_equal(base3_matmul_ref(packed, q), want)
-    got = base3_matmul(_readonly(packed), _readonly(q))
+    got = base3_matmul(readonly(packed), readonly(q))
     assert got.dtype == np.int32 and np.array_equal(got, want)
 
 
