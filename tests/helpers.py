@@ -1,5 +1,6 @@
 """Helpers that several test modules share, written once: the command line, waiting for a state,
-snapshots of a directory, prompt files and the job planned on them, and edits of a model directory.
+snapshots of a directory, read-only arrays and thread counts for kernels, prompt files and the job
+planned on them, and edits of a model directory.
 
 Imported as `helpers` (pytest puts tests/ on sys.path for tests/conftest.py). Fixtures live in
 tests/conftest.py; workers with injected faults in tests/cluster/faulty_worker.py.
@@ -70,7 +71,32 @@ def readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def assert_same_with_any_thread_count(kernel: Callable, *args) -> None:
+    """kernel(*args) gives the same array with one Numba thread as with all of them."""
+    import numba
+
+    from ternpool.kernels import set_threads
+
+    before = numba.get_num_threads()
+    try:
+        set_threads(1)
+        one = kernel(*args)
+        set_threads(None)
+        assert np.array_equal(one, kernel(*args))
+    finally:
+        numba.set_num_threads(before)
+
+
 # -- jobs -------------------------------------------------------------------------------------------
+
+def write_prompts(path: Path, prompts: int | list, *, row_group_size: int | None = None, **columns) -> Path:
+    """A Parquet file of a `prompt` column (the list given, or "story 0", "story 1", ... when a count)
+    followed by `columns`; returns its path."""
+    if isinstance(prompts, int):
+        prompts = [f"story {i}" for i in range(prompts)]
+    pq.write_table(pa.table({"prompt": prompts, **columns}), path, row_group_size=row_group_size)
+    return path
+
 
 def make_job(tmp_path: Path, rows: int = 10, *, src: Path | None = None, row_group_size: int | None = None,
              inputs: Path | None = None, out: Path | None = None, **spec_kwargs):
@@ -83,7 +109,7 @@ def make_job(tmp_path: Path, rows: int = 10, *, src: Path | None = None, row_gro
         inputs = inputs or src.parent
     src.parent.mkdir(parents=True, exist_ok=True)
     if not src.exists():
-        pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(rows)]}), src, row_group_size=row_group_size)
+        write_prompts(src, [f"p{i}" for i in range(rows)], row_group_size=row_group_size)
     spec = JobSpec(str(inputs or src), str(out or tmp_path / "out"), "model", **{"shard_rows": 4, **spec_kwargs})
     source = open_inputs(spec.inputs)
     return spec, source, plan_shards(source, spec.shard_rows)

@@ -9,15 +9,13 @@ import socket
 import subprocess
 
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ternpool.cluster import metrics
 from ternpool.cluster.driver import PoolConfig, submit
 
 from faulty_worker import faulty  # tests/cluster/faulty_worker.py
-from helpers import CLI, wait_until
+from helpers import CLI, wait_until, write_prompts
 
 pytestmark = pytest.mark.cluster
 
@@ -42,8 +40,7 @@ def _is_loopback(address: str) -> bool:
 
 
 def test_the_embedded_cluster_listens_on_loopback_only(tmp_path, tiny_model):
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(60)]}), src)
+    src = write_prompts(tmp_path / "p.parquet", 60)
     # slowed down so that the job is surely still running while the sockets are listed
     handle = submit(str(src), tiny_model, str(tmp_path / "out"), max_tokens=8, shard_rows=10,
                     pool=PoolConfig(slots=4, threads_per_worker=1, metrics_port=0),
@@ -64,9 +61,7 @@ def test_the_embedded_cluster_listens_on_loopback_only(tmp_path, tiny_model):
 
 
 def _src(tmp_path):
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["a", "b"]}), src)
-    return src
+    return write_prompts(tmp_path / "p.parquet", ["a", "b"])
 
 
 def test_a_taken_default_metrics_port_moves_to_a_free_one(tmp_path, tiny_model, monkeypatch):

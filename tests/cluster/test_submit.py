@@ -14,7 +14,7 @@ from ternpool.engine import Engine, Request, SamplingParams
 from ternpool.jobs import read_output
 
 from faulty_worker import faulty  # tests/cluster/faulty_worker.py
-from helpers import CLI, completed_shards, run_cli, wait_until
+from helpers import CLI, completed_shards, run_cli, wait_until, write_prompts
 
 pytestmark = pytest.mark.cluster
 
@@ -191,8 +191,7 @@ def test_bad_jobs_fail_before_compute_with_named_errors(tmp_path, tiny_model):
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
     r = run_cli("submit", str(tmp_path / "corrupt.parquet"), "--model", tiny_model, "--output", str(tmp_path / "o2"))
     assert r.returncode == 2 and "corrupt.parquet" in r.stderr
-    good = tmp_path / "good.parquet"
-    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "id": [1, 2, 3]}), good)
+    good = write_prompts(tmp_path / "good.parquet", ["a", "b", "c"], id=[1, 2, 3])
     r = run_cli("submit", str(good), "--model", str(tmp_path / "nomodel"), "--output", str(tmp_path / "o3"))
     assert r.returncode == 2 and "nomodel" in r.stderr
     assert not (tmp_path / "o3" / "_manifest.json").exists()

@@ -8,11 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from helpers import CLI
+from helpers import CLI, write_prompts
 
 pytestmark = pytest.mark.cluster
 
@@ -26,14 +24,8 @@ def _env() -> dict:
     return env
 
 
-def _prompts(tmp_path, rows: int):
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(rows)]}), src)
-    return src
-
-
 def test_submit_prints_our_lines_only(tmp_path, tiny_model):
-    src = _prompts(tmp_path, 20)
+    src = write_prompts(tmp_path / "p.parquet", 20)
     r = subprocess.run([*CLI, "submit", str(src), "-m", tiny_model,
                         "-o", str(tmp_path / "out"), "--max-tokens", "4", "--metrics-port", "0"],
                        capture_output=True, text=True, env=_env(), timeout=600)  # stderr is not a TTY
@@ -44,7 +36,7 @@ def test_submit_prints_our_lines_only(tmp_path, tiny_model):
 
 
 def test_a_crashing_worker_is_reported_by_the_driver_not_by_ray(tmp_path, tiny_model):
-    src = _prompts(tmp_path, 20)
+    src = write_prompts(tmp_path / "p.parquet", 20)
     script = textwrap.dedent(f"""
         import logging
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

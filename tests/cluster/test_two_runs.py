@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ternpool.cluster.driver import JobHandle, PoolConfig, prepare, submit
 from ternpool.jobs import JobInputError, JobSpec, read_output, status
 
 from faulty_worker import faulty  # tests/cluster/faulty_worker.py
-from helpers import CLI, run_cli, snapshot, wait_until
+from helpers import CLI, run_cli, snapshot, wait_until, write_prompts
 
 pytestmark = pytest.mark.cluster
 
@@ -53,8 +51,7 @@ def test_a_second_submit_on_the_same_output_exits_at_once_and_the_first_runs_on(
 def test_a_job_refused_for_memory_leaves_out_as_it_was(tmp_path, tiny_model):
     import ray
 
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["a", "b", "c"]}), src)
+    src = write_prompts(tmp_path / "p.parquet", ["a", "b", "c"])
     empty = tmp_path / "empty"
     empty.mkdir()
     resumable = tmp_path / "resumable"
@@ -72,8 +69,7 @@ def test_a_job_refused_for_memory_leaves_out_as_it_was(tmp_path, tiny_model):
 
 
 def test_a_failed_job_shows_failed_and_its_error_in_status(tmp_path, tiny_model):
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["POISON"] + [f"prompt {i}" for i in range(7)]}), src)
+    src = write_prompts(tmp_path / "p.parquet", ["POISON"] + [f"prompt {i}" for i in range(7)])
     out = tmp_path / "out"
     handle = submit(str(src), tiny_model, str(out), max_tokens=4, shard_rows=4,
                     pool=PoolConfig(slots=2, max_worker_restarts=0), worker_cls=faulty(exit_on_prompt="POISON"))

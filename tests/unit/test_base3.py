@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 
-import numba
 import numpy as np
 import pytest
 
@@ -16,12 +15,11 @@ from ternpool.kernels import (
     dequant_factors,
     pack_base3,
     quantize_rows,
-    set_threads,
     unpack_base3,
 )
 from ternpool.kernels.base3 import decode_base3, encode_base3, packed_cols
 
-from helpers import readonly
+from helpers import assert_same_with_any_thread_count, readonly
 
 
 pytestmark = pytest.mark.unit
@@ -251,14 +249,7 @@ def test_results_do_not_depend_on_thread_count():
     rng = np.random.default_rng(5)
     packed = pack_base3(_ternary(rng, 256, 500))
     q = _activations(rng, 5, 500)
-    before = numba.get_num_threads()
-    try:
-        set_threads(1)
-        one = base3_matmul(packed, q)
-        set_threads(None)
-        assert np.array_equal(one, base3_matmul(packed, q))
-    finally:
-        numba.set_num_threads(before)
+    assert_same_with_any_thread_count(base3_matmul, packed, q)
 
 
 _PORTABLE_CHECK = """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 
@@ -25,7 +24,7 @@ from ternpool.kernels import (
     unpack_ternary,
 )
 
-from helpers import readonly
+from helpers import assert_same_with_any_thread_count, readonly
 
 
 pytestmark = pytest.mark.unit
@@ -130,14 +129,7 @@ def test_results_do_not_depend_on_thread_count():
     rng = np.random.default_rng(5)
     packed = pack_ternary(rng.integers(-1, 2, size=(256, 300)))
     q = rng.integers(-128, 128, size=(5, 300)).astype(np.int8)
-    before = numba.get_num_threads()
-    try:
-        set_threads(1)
-        one = ternary_matmul(packed, q)
-        set_threads(None)
-        assert np.array_equal(one, ternary_matmul(packed, q))
-    finally:
-        numba.set_num_threads(before)
+    assert_same_with_any_thread_count(ternary_matmul, packed, q)
     with pytest.raises(ValueError, match="threads must be between"):
         set_threads(0)
 
