@@ -38,7 +38,7 @@ from .coordinator import CoordinatorActor
 from .metrics import ports_to_try
 from .ray_env import alive_nodes, connect, loss_reason
 from .stats import JobStats, JobSummary, summarize
-from .worker import WorkerActor, WorkerConfig
+from .worker import Worker, WorkerConfig, worker_actor
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ class PoolConfig:
     hang_timeout: float = 300.0  # seconds without progress before a worker is declared hung
     max_worker_restarts: int = 20
     object_store_memory: int | None = None
-    faults: dict = field(default_factory=dict)  # test hooks, see WorkerConfig
     metrics_host: str = "127.0.0.1"  # where the coordinator serves Prometheus metrics
     metrics_port: int | None = None  # None: 9469, or a free port when that is taken; 0: a free port; -1: none
     pushgateway: str | None = None  # push the final metrics there
@@ -203,11 +202,13 @@ class StillRunning(TimeoutError):
 
 
 class JobHandle:
-    """A running job: `progress()`, `wait()`, `cancel()`, `output`."""
+    """A running job: `progress()`, `wait()`, `cancel()`, `output`. `worker_cls` is the class of the worker
+    actors (a `Worker` subclass: the fault tests inject theirs here)."""
 
-    def __init__(self, plan: Plan, pool: PoolConfig):
+    def __init__(self, plan: Plan, pool: PoolConfig, worker_cls: type[Worker] = Worker):
         self.plan, self.pool, self.output = plan, pool, plan.spec.output
         self.engine = worker_engine(plan.spec, pool.engine)
+        self._worker_actor = worker_actor(worker_cls)
         self.job_id = plan.manifest.job_id
         # the coordinator serves on this node: an explicit port is checked before starting anything
         self._metrics_ports = ports_to_try(pool.metrics_host, pool.metrics_port)
@@ -301,8 +302,8 @@ class JobHandle:
     def _start_worker(self, node: str) -> None:
         wid = f"w-{node[:8]}-{uuid.uuid4().hex[:6]}"
         cpus = self.engine.threads or alive_nodes().get(node, 1.0)
-        cfg = WorkerConfig(self.plan.model_dir, self.engine, faults=self.pool.faults)
-        actor = WorkerActor.options(
+        cfg = WorkerConfig(self.plan.model_dir, self.engine)
+        actor = self._worker_actor.options(
             num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             name=None).remote(wid, cfg, self.coordinator, self.plan.spec, self.plan.inputs.text_column)
         self._workers[wid] = (actor, actor.run.remote(), node)
@@ -414,15 +415,16 @@ class JobHandle:
         return stats
 
 
-def submit(inputs: str, model: str, output: str, *, pool: PoolConfig | None = None, **job) -> JobHandle:
+def submit(inputs: str, model: str, output: str, *, pool: PoolConfig | None = None,
+           worker_cls: type[Worker] = Worker, **job) -> JobHandle:
     """Validate and start a batch job; returns at once with a `JobHandle`.
 
     `job` takes the `JobSpec` fields: sampling (a SamplingParams: the job's defaults and seed),
     shard_rows, max_retries, truncate. `pool` says where and how it runs, its `engine` how each
-    worker runs the model.
+    worker runs the model. `worker_cls`: see `JobHandle`.
     """
     plan = prepare(JobSpec(inputs=inputs, output=output, model=model, **job))
-    return JobHandle(plan, pool or PoolConfig())
+    return JobHandle(plan, pool or PoolConfig(), worker_cls)
 
 
 def request_job_cancel(output: str) -> None:

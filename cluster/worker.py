@@ -4,6 +4,10 @@
 a free slot and streams their rows into the engine's continuous batching,
 so the next shard starts while the last rows of the previous one finish.
 Finished pieces go back to the coordinator with their results.
+
+The driver starts `worker_actor(Worker)`; `submit(..., worker_cls=...)` takes a subclass instead. The
+fault tests use that to make a worker slow, crash or hang on chosen prompts
+(tests/cluster/faulty_worker.py): this module has no test-only code paths.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ _IDLE_WAIT_S = 0.05
 class WorkerConfig:
     model: str
     engine: EngineConfig = field(default_factory=EngineConfig)  # threads None: all CPUs Ray gave this worker
-    # test hooks: {"exit_on_prompt": s, "hang_on_prompt": s, "step_delay": seconds (a slow node)}
-    faults: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -61,8 +63,7 @@ class Worker:
         return {"worker_id": self.worker_id, "node": self.node, "pid": os.getpid(), "threads": self.engine.threads}
 
     def _beat(self, _tokens: int = 0) -> None:
-        if self.config.faults.get("step_delay"):
-            time.sleep(self.config.faults["step_delay"])
+        """Called after every engine step and while idle: a heartbeat to the coordinator once a second."""
         now = time.monotonic()
         if now - self.last_beat >= _HEARTBEAT_S:
             self.last_beat = now
@@ -71,15 +72,9 @@ class Worker:
     def _waits(self) -> tuple[float, float]:
         return self.lease_s, self.idle_s
 
-    def _fault(self, req: Request) -> None:
-        f = self.config.faults
-        if f.get("exit_on_prompt") is not None and req.prompt == f["exit_on_prompt"]:
-            os._exit(1)
-        if f.get("hang_on_prompt") is not None and req.prompt == f["hang_on_prompt"]:
-            while True:
-                time.sleep(3600)
-
     def _source(self):
+        """The engine's requests, one per row of the leased pieces (None while the coordinator says WAIT),
+        keyed (piece key, row_index)."""
         while True:
             t0 = time.perf_counter()
             lease = ray.get(self.coordinator.lease.remote(self.worker_id), timeout=120)
@@ -100,8 +95,6 @@ class Worker:
                 if rr.request is None:
                     pending.results[rr.row_index] = Result.failed(rr.row_index, rr.error)
                     continue
-                if self.config.faults:
-                    self._fault(rr.request)
                 yield Request((tuple(key), rr.row_index), rr.request.prompt, rr.request.messages,
                               rr.request.params, rr.request.prompt_token_ids)
             self._finish_if_complete(tuple(key))
@@ -148,4 +141,6 @@ def _rekey(res: Result, key) -> Result:
     return replace(res, key=key, prompt_token_ids=())
 
 
-WorkerActor = ray.remote(max_concurrency=2, max_restarts=0)(Worker)
+def worker_actor(cls: type[Worker] = Worker):
+    """`cls` (Worker or a subclass) as the Ray actor class that the driver starts, one per node."""
+    return ray.remote(max_concurrency=2, max_restarts=0)(cls)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -48,6 +49,14 @@ def model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(model_factory) -> str:
     return model_factory("tiny-packed-auto")
+
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path):
+    """A copy of the tiny model that a test may edit."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model, dst)
+    return dst
 
 
 @pytest.fixture(scope="session")

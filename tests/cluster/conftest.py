@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-WORDS = "river mill harvest bread market children weather story king garden letter morning".split()
+from ternpool.jobs.demo import WORDS  # the words of `ternpool demo`'s prompts
 
 
 def make_prompts(path, rows: int, seed: int = 0, extra: dict | None = None, row_group_size: int = 50):

@@ -3,8 +3,6 @@ row's error in the output; the worker is not lost."""
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,26 +12,13 @@ from ternpool.cluster.driver import PoolConfig, submit
 from ternpool.engine import EngineConfig, SamplingParams
 from ternpool.jobs import read_output
 
+from helpers import RAISING_TEMPLATE, edit_json
+
 pytestmark = pytest.mark.cluster
 
-# 2B4T's chat template, plus what real templates do with a role they do not know
-RAISING_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-    "{% set content = message['role'] | capitalize + ': ' + message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
-)
-
-
-def test_a_row_whose_chat_template_raises_fails_alone_and_the_worker_survives(tmp_path, tiny_model):
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model, model)
-    tc = json.loads((model / "tokenizer_config.json").read_text())
-    (model / "tokenizer_config.json").write_text(json.dumps(dict(tc, chat_template=RAISING_TEMPLATE)))
+def test_a_row_whose_chat_template_raises_fails_alone_and_the_worker_survives(tmp_path, model_copy):
+    model = model_copy
+    edit_json(model / "tokenizer_config.json", chat_template=RAISING_TEMPLATE)
     roles = ["user", "user", "tool", "user", "system", "user"]
     src = tmp_path / "chats.parquet"
     pq.write_table(pa.table({"messages": [[{"role": r, "content": f"hello {i}"}] for i, r in enumerate(roles)]}), src)

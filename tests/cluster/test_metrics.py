@@ -10,14 +10,15 @@ import time
 import urllib.parse
 import urllib.request
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ternpool.cluster.driver import PoolConfig, submit
 from ternpool.engine import EngineConfig, SamplingParams
 from ternpool.jobs import read_output
+
+from faulty_worker import faulty  # tests/cluster/faulty_worker.py
+from helpers import write_prompts
 
 pytestmark = pytest.mark.cluster
 
@@ -65,8 +66,7 @@ def test_final_metrics_equal_the_output(tmp_path, tiny_model, make_prompts):
 
 
 def test_a_taken_port_is_a_clear_error(tmp_path, tiny_model):
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["a"]}), src)
+    src = write_prompts(tmp_path / "p.parquet", ["a"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -90,12 +90,11 @@ def test_a_real_prometheus_scrapes_a_running_job(tmp_path, tiny_model):
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("the prometheus binary is not installed (.ci/run installs Debian's package 'prometheus')")
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(300)]}), src)
+    src = write_prompts(tmp_path / "p.parquet", 300)
     metrics_port = _free_port()
     handle = submit(str(src), tiny_model, str(tmp_path / "out"), sampling=SamplingParams(max_tokens=16), shard_rows=10,
-                    pool=PoolConfig(engine=EngineConfig(slots=4), metrics_port=metrics_port,
-                                    faults={"step_delay": 0.02}))
+                    pool=PoolConfig(engine=EngineConfig(slots=4), metrics_port=metrics_port),
+                    worker_cls=faulty(step_delay=0.02))
     prom_port = _free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(f"""

@@ -7,17 +7,16 @@ import ipaddress
 import os
 import socket
 import subprocess
-import sys
-import time
 
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ternpool.cluster import metrics
 from ternpool.cluster.driver import PoolConfig, submit
 from ternpool.engine import EngineConfig, SamplingParams
+
+from faulty_worker import faulty  # tests/cluster/faulty_worker.py
+from helpers import CLI, wait_until, write_prompts
 
 pytestmark = pytest.mark.cluster
 
@@ -42,16 +41,13 @@ def _is_loopback(address: str) -> bool:
 
 
 def test_the_embedded_cluster_listens_on_loopback_only(tmp_path, tiny_model):
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(60)]}), src)
+    src = write_prompts(tmp_path / "p.parquet", 60)
     # slowed down so that the job is surely still running while the sockets are listed
     handle = submit(str(src), tiny_model, str(tmp_path / "out"), sampling=SamplingParams(max_tokens=8), shard_rows=10,
-                    pool=PoolConfig(engine=EngineConfig(slots=4, threads=1), metrics_port=0,
-                                    faults={"step_delay": 0.05}))
+                    pool=PoolConfig(engine=EngineConfig(slots=4, threads=1), metrics_port=0),
+                    worker_cls=faulty(step_delay=0.05))
     try:
-        deadline = time.monotonic() + 120
-        while handle.progress().active_workers < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: handle.progress().active_workers >= 1, 120, "a worker active")
         sockets = _listening(psutil.Process())
     finally:
         summary = handle.wait(timeout=600)
@@ -66,9 +62,7 @@ def test_the_embedded_cluster_listens_on_loopback_only(tmp_path, tiny_model):
 
 
 def _src(tmp_path):
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["a", "b"]}), src)
-    return src
+    return write_prompts(tmp_path / "p.parquet", ["a", "b"])
 
 
 def test_a_taken_default_metrics_port_moves_to_a_free_one(tmp_path, tiny_model, monkeypatch):
@@ -96,7 +90,7 @@ def test_the_cli_reports_the_port_it_moved_to_and_refuses_an_explicit_taken_one(
         else:
             s.listen()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "-m", tiny_model, "--max-tokens", "2",
+        cmd = [*CLI, "submit", str(src), "-m", tiny_model, "--max-tokens", "2",
                "--threads-per-worker", "1"]
         moved = subprocess.run(cmd + ["-o", str(tmp_path / "a")], capture_output=True, text=True, env=env,
                                timeout=600)

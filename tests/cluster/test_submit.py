@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,20 +13,10 @@ from ternpool.cluster.driver import PoolConfig, submit
 from ternpool.engine import Engine, EngineConfig, Request, SamplingParams
 from ternpool.jobs import read_output
 
+from faulty_worker import faulty  # tests/cluster/faulty_worker.py
+from helpers import CLI, completed_shards, run_cli, wait_until, write_prompts
+
 pytestmark = pytest.mark.cluster
-
-
-def _wait_for_shards(out, n: int, timeout: float = 180) -> None:
-    """Until OUT/_manifest.json records at least n completed shards."""
-    import json
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        m = out / "_manifest.json"
-        if m.exists() and len(json.loads(m.read_text())["completed"]) >= n:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"fewer than {n} shards completed in {timeout} s")
 
 
 def _check_exactly_once(out, rows: int, bad: dict):
@@ -80,11 +68,9 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     bad = make_prompts(src, 240, seed=1)
     out = tmp_path / "out"
     handle = submit(str(src), tiny_model, str(out), sampling=SamplingParams(max_tokens=24), shard_rows=10,
-                    pool=PoolConfig(engine=EngineConfig(slots=4), hang_timeout=60,
-                                    faults={"step_delay": 0.02}))  # slow nodes
-    deadline = time.time() + 120
-    while handle.progress().rows_done < 30 and time.time() < deadline:
-        time.sleep(0.2)
+                    pool=PoolConfig(engine=EngineConfig(slots=4), hang_timeout=60),
+                    worker_cls=faulty(step_delay=0.02))  # slow nodes
+    wait_until(lambda: handle.progress().rows_done >= 30, 120, "30 rows done")
     # kill one worker process mid-shard
     victim = next(iter(handle.workers.values()))
     import ray
@@ -92,8 +78,7 @@ def test_multi_node_spread_worker_kill_and_node_loss(tmp_path, tiny_model, make_
     info = ray.get(victim.info.remote(), timeout=30)
     pid = info["pid"]
     os.kill(pid, signal.SIGKILL)
-    while handle.progress().rows_done < 120 and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: handle.progress().rows_done >= 120, 120, "120 rows done")
     assert handle.progress().rows_done < 200, "the job must still be running when the node goes"
     doomed = next(n for n in nodes if n.node_id != info["node"])  # a node whose worker is still the first one
     cluster.remove_node(doomed, allow_graceful=False)  # lose a whole node
@@ -115,8 +100,8 @@ def test_poison_row_is_isolated_and_hung_worker_is_replaced(tmp_path, tiny_model
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(48)], "prompt": prompts}), src)
     out = tmp_path / "out"
     handle = submit(str(src), tiny_model, str(out), sampling=SamplingParams(max_tokens=6), shard_rows=8, max_retries=1,
-                    pool=PoolConfig(engine=EngineConfig(slots=4), hang_timeout=4, max_worker_restarts=40,
-                                    faults={"exit_on_prompt": "POISON", "hang_on_prompt": "HANG"}))
+                    pool=PoolConfig(engine=EngineConfig(slots=4), hang_timeout=4, max_worker_restarts=40),
+                    worker_cls=faulty(exit_on_prompt="POISON", hang_on_prompt="HANG"))
     summary = handle.wait(timeout=900)
     assert summary.state == "finished"
     table = read_output(str(out))
@@ -130,17 +115,14 @@ def test_driver_killed_mid_job_then_rerun_resumes(tmp_path, tiny_model, make_pro
     src = tmp_path / "prompts.parquet"
     bad = make_prompts(src, 400, seed=2)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model,
+    cmd = [*CLI, "submit", str(src), "--model", tiny_model,
            "--output", str(out), "--max-tokens", "16", "--shard-rows", "20", "--threads-per-worker", "1",
            "--no-progress", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    manifest = out / "_manifest.json"
-    import json
-
-    _wait_for_shards(out, 3)
+    wait_until(lambda: completed_shards(out) >= 3, 180, "3 shards completed")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded cluster it started
     proc.wait()
-    done_before = len(json.loads(manifest.read_text())["completed"])
+    done_before = completed_shards(out)
     assert 3 <= done_before < 20
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -150,11 +132,6 @@ def test_driver_killed_mid_job_then_rerun_resumes(tmp_path, tiny_model, make_pro
     _check_exactly_once(out, 400, bad)
 
 
-def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", *args], capture_output=True, text=True,
-                          timeout=kw.pop("timeout", 300), **kw)
-
-
 def test_cancel_from_another_shell_keeps_completed_shards_and_status_reads_them(tmp_path, tiny_model,
                                                                                   make_prompts):
     import json
@@ -162,15 +139,15 @@ def test_cancel_from_another_shell_keeps_completed_shards_and_status_reads_them(
     src = tmp_path / "prompts.parquet"
     make_prompts(src, 3000, seed=3)  # long enough that the cancel lands mid-job
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model, "--output",
+    cmd = [*CLI, "submit", str(src), "--model", tiny_model, "--output",
            str(out), "--max-tokens", "24", "--shard-rows", "20", "--threads-per-worker", "1", "--no-progress", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_shards(out, 2)
-    assert "cancel requested" in _cli("cancel", str(out)).stdout
+    wait_until(lambda: completed_shards(out) >= 2, 180, "2 shards completed")
+    assert "cancel requested" in run_cli("cancel", str(out)).stdout
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, stdout
     assert "cancelled" in stdout
-    status = json.loads(_cli("status", str(out), "--json").stdout)
+    status = json.loads(run_cli("status", str(out), "--json").stdout)
     assert status["state"] == "cancelled" and 40 <= status["rows_done"] < 3000 and status["rows_total"] == 3000
     done = read_output(str(out))
     assert done.num_rows == status["rows_done"] and len(set(done.column("row_index").to_pylist())) == done.num_rows
@@ -192,11 +169,9 @@ def test_nodes_that_join_get_workers(tmp_path, tiny_model, make_prompts):
         pq.write_table(pa.table({"id": [f"r{i}" for i in range(400)],
                                  "prompt": [f"story {i} of the river" for i in range(400)]}), src)
         handle = submit(str(src), tiny_model, str(tmp_path / "out"), sampling=SamplingParams(max_tokens=32),
-                        shard_rows=5, pool=PoolConfig(engine=EngineConfig(slots=4),
-                                                      faults={"step_delay": 0.01}))  # ~30 s for one worker
-        deadline = time.time() + 120
-        while handle.progress().rows_done < 10 and time.time() < deadline:
-            time.sleep(0.2)
+                        shard_rows=5, pool=PoolConfig(engine=EngineConfig(slots=4)),
+                        worker_cls=faulty(step_delay=0.01))  # ~30 s for one worker
+        wait_until(lambda: handle.progress().rows_done >= 10, 120, "10 rows done")
         cluster.add_node(num_cpus=1, object_store_memory=150 * 1024 ** 2)
         summary = handle.wait(timeout=600)
         assert summary.state == "finished"
@@ -212,29 +187,28 @@ def test_bad_jobs_fail_before_compute_with_named_errors(tmp_path, tiny_model):
 
     src = tmp_path / "p.parquet"
     pq.write_table(pa.table({"text": ["a", "b"]}), src)
-    r = _cli("submit", str(src), "--model", tiny_model, "--output", str(tmp_path / "out"))
+    r = run_cli("submit", str(src), "--model", tiny_model, "--output", str(tmp_path / "out"))
     assert r.returncode == 2 and "p.parquet" in r.stderr and "prompt" in r.stderr
     assert not (tmp_path / "out" / "_manifest.json").exists()
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
-    r = _cli("submit", str(tmp_path / "corrupt.parquet"), "--model", tiny_model, "--output", str(tmp_path / "o2"))
+    r = run_cli("submit", str(tmp_path / "corrupt.parquet"), "--model", tiny_model, "--output", str(tmp_path / "o2"))
     assert r.returncode == 2 and "corrupt.parquet" in r.stderr
-    good = tmp_path / "good.parquet"
-    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "id": [1, 2, 3]}), good)
-    r = _cli("submit", str(good), "--model", str(tmp_path / "nomodel"), "--output", str(tmp_path / "o3"))
+    good = write_prompts(tmp_path / "good.parquet", ["a", "b", "c"], id=[1, 2, 3])
+    r = run_cli("submit", str(good), "--model", str(tmp_path / "nomodel"), "--output", str(tmp_path / "o3"))
     assert r.returncode == 2 and "nomodel" in r.stderr
     assert not (tmp_path / "o3" / "_manifest.json").exists()
-    r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o4"), "--dry-run")
+    r = run_cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o4"), "--dry-run")
     assert r.returncode == 0 and "3 rows" in r.stdout and "shards:  1" in r.stdout, r.stdout
     # the dry run judges every node with submit's own check (it connects to Ray to see them)
     assert len([ln for ln in r.stdout.splitlines() if ln.startswith("node ") and ": fits: " in ln]) == 1, r.stdout
-    r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o6"), "--dry-run",
+    r = run_cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o6"), "--dry-run",
              "--slots", "1000000")
     assert r.returncode == 2 and ": does not fit: one worker needs" in r.stdout and "Would fit: --slots" in r.stdout
-    r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o7"), "--dry-run",
+    r = run_cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o7"), "--dry-run",
              "--max-context", "100000")
     assert r.returncode == 2 and "max context 100000" in r.stderr and "max_position_embeddings 2048" in r.stderr
     # more KV cache than any node has: refused before a worker starts, saying what would fit
-    r = _cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o5"), "--slots", "1000000",
+    r = run_cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o5"), "--slots", "1000000",
              "--metrics-port", "-1", "--no-progress")
     assert r.returncode == 2 and "does not fit node" in r.stderr and "1000000 slots x 2048 tokens" in r.stderr, r.stderr
     assert "Would fit: --slots" in r.stderr
@@ -246,10 +220,10 @@ def test_ctrl_c_in_the_submitting_shell_cancels_and_rerun_resumes(tmp_path, tiny
     src = tmp_path / "prompts.parquet"
     bad = make_prompts(src, 2000, seed=5)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model, "--output",
+    cmd = [*CLI, "submit", str(src), "--model", tiny_model, "--output",
            str(out), "--max-tokens", "48", "--shard-rows", "20", "--no-progress", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    _wait_for_shards(out, 2)
+    wait_until(lambda: completed_shards(out) >= 2, 180, "2 shards completed")
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group on Ctrl-C
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, stdout

@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+
+from helpers import CLI, write_prompts
 
 pytestmark = pytest.mark.cluster
 
@@ -23,15 +24,9 @@ def _env() -> dict:
     return env
 
 
-def _prompts(tmp_path, rows: int):
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": [f"story {i}" for i in range(rows)]}), src)
-    return src
-
-
 def test_submit_prints_our_lines_only(tmp_path, tiny_model):
-    src = _prompts(tmp_path, 20)
-    r = subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "-m", tiny_model,
+    src = write_prompts(tmp_path / "p.parquet", 20)
+    r = subprocess.run([*CLI, "submit", str(src), "-m", tiny_model,
                         "-o", str(tmp_path / "out"), "--max-tokens", "4", "--metrics-port", "0"],
                        capture_output=True, text=True, env=_env(), timeout=600)  # stderr is not a TTY
     both = r.stdout + r.stderr
@@ -41,16 +36,19 @@ def test_submit_prints_our_lines_only(tmp_path, tiny_model):
 
 
 def test_a_crashing_worker_is_reported_by_the_driver_not_by_ray(tmp_path, tiny_model):
-    src = _prompts(tmp_path, 20)
+    src = write_prompts(tmp_path / "p.parquet", 20)
     script = textwrap.dedent(f"""
         import logging
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from faulty_worker import faulty
         from ternpool.cluster.driver import PoolConfig, submit
         from ternpool.engine import EngineConfig, SamplingParams
         h = submit({str(src)!r}, {tiny_model!r}, {str(tmp_path / "out")!r}, sampling=SamplingParams(max_tokens=4),
                    shard_rows=10, max_retries=0,
-                   pool=PoolConfig(engine=EngineConfig(slots=2, threads=1), metrics_port=0,
-                                   faults={{"exit_on_prompt": "story 3"}}))
+                   pool=PoolConfig(engine=EngineConfig(slots=2, threads=1), metrics_port=0),
+                   worker_cls=faulty(exit_on_prompt="story 3"))
         s = h.wait(600)
         print("state", s.state, "rows", s.rows, "failed", s.failed_rows)
     """)

@@ -5,37 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import time
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ternpool.cluster.driver import JobHandle, PoolConfig, prepare, submit
 from ternpool.engine import EngineConfig, SamplingParams
 from ternpool.jobs import JobInputError, JobSpec, read_output, status
 
+from faulty_worker import faulty  # tests/cluster/faulty_worker.py
+from helpers import CLI, run_cli, snapshot, wait_until, write_prompts
+
 pytestmark = pytest.mark.cluster
-
-
-def snapshot(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
-
-
-def _wait_for(path: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert time.time() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.2)
-
-
-def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_a_second_submit_on_the_same_output_exits_at_once_and_the_first_runs_on(tmp_path, tiny_model,
@@ -43,27 +23,27 @@ def test_a_second_submit_on_the_same_output_exits_at_once_and_the_first_runs_on(
     src = tmp_path / "prompts.parquet"
     make_prompts(src, 2000, seed=7)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model, "--output",
+    cmd = [*CLI, "submit", str(src), "--model", tiny_model, "--output",
            str(out), "--max-tokens", "24", "--shard-rows", "20", "--threads-per-worker", "1", "--no-progress",
            "--metrics-port", "-1"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(out / "_manifest.json")  # created under the first run's lock
+        wait_until((out / "_manifest.json").exists, 180, "OUT/_manifest.json")  # created under the first run's lock
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert second.returncode == 2, second.stdout + second.stderr
         assert f"is being written by another ternpool run, pid {first.pid} on host " in second.stderr
         assert f"ternpool cancel {out}" in second.stderr
         assert "shards to run" not in second.stdout  # it never started a job
         assert "Started a local Ray instance" not in second.stderr  # nor a Ray cluster
-        st = json.loads(_cli("status", str(out), "--json").stdout)
+        st = json.loads(run_cli("status", str(out), "--json").stdout)
         assert st["driver"]["pid"] == first.pid  # the winner's
-        _cli("cancel", str(out))
+        run_cli("cancel", str(out))
         stdout, _ = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
     assert first.returncode in (0, 130), stdout
-    st = json.loads(_cli("status", str(out), "--json").stdout)
+    st = json.loads(run_cli("status", str(out), "--json").stdout)
     assert st["state"] in ("cancelled", "finished") and st["driver"] is None
     done = read_output(str(out))  # only the first run's rows, each once
     assert done.num_rows == st["rows_done"] and len(set(done.column("row_index").to_pylist())) == done.num_rows
@@ -72,8 +52,7 @@ def test_a_second_submit_on_the_same_output_exits_at_once_and_the_first_runs_on(
 def test_a_job_refused_for_memory_leaves_out_as_it_was(tmp_path, tiny_model):
     import ray
 
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["a", "b", "c"]}), src)
+    src = write_prompts(tmp_path / "p.parquet", ["a", "b", "c"])
     empty = tmp_path / "empty"
     empty.mkdir()
     resumable = tmp_path / "resumable"
@@ -91,12 +70,11 @@ def test_a_job_refused_for_memory_leaves_out_as_it_was(tmp_path, tiny_model):
 
 
 def test_a_failed_job_shows_failed_and_its_error_in_status(tmp_path, tiny_model):
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["POISON"] + [f"prompt {i}" for i in range(7)]}), src)
+    src = write_prompts(tmp_path / "p.parquet", ["POISON"] + [f"prompt {i}" for i in range(7)])
     out = tmp_path / "out"
     handle = submit(str(src), tiny_model, str(out), sampling=SamplingParams(max_tokens=4), shard_rows=4,
-                    pool=PoolConfig(engine=EngineConfig(slots=2), max_worker_restarts=0,
-                                    faults={"exit_on_prompt": "POISON"}))
+                    pool=PoolConfig(engine=EngineConfig(slots=2), max_worker_restarts=0),
+                    worker_cls=faulty(exit_on_prompt="POISON"))
     assert isinstance(handle, JobHandle)
     with pytest.raises(RuntimeError, match="worker losses: giving up"):
         handle.wait(timeout=600)

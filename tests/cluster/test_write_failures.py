@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from ternpool.jobs import read_output
+
+from helpers import CLI
 
 pytestmark = pytest.mark.cluster
 
@@ -40,7 +41,7 @@ def test_a_full_disk_fails_the_job_with_the_os_error_and_a_rerun_with_space_fini
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": [f"story {i}" for i in range(rows)],
                              "blob": [secrets.token_hex(3000) for _ in range(rows)]}), src)
     out = small_disk / "out"
-    cmd = [sys.executable, "-m", "ternpool.cluster.cli", "submit", str(src), "--model", tiny_model,
+    cmd = [*CLI, "submit", str(src), "--model", tiny_model,
            "--output", str(out), "--max-tokens", "2", "--shard-rows", "4", "--threads-per-worker", "1",
            "--no-progress"]
     failed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

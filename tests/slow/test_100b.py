@@ -10,10 +10,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import CLI
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def bench_100b(model_100b, tmp_path_factory):
     if os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") < 23 * GIB:
         pytest.skip("needs a 24 GiB machine")
     out = tmp_path_factory.mktemp("bench100b") / "bench.json"
-    subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", "bench", "model", "--model", str(model_100b),
+    subprocess.run([*CLI, "bench", "model", "--model", str(model_100b),
                     "--head", "int8", "--prompt-len", "16", "--gen", "16", "--concurrency", "1,4",
                     "--json", str(out)], check=True, timeout=3600)
     return json.loads(out.read_text())

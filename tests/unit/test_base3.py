@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 
-import numba
 import numpy as np
 import pytest
 
@@ -16,20 +15,16 @@ from ternpool.kernels import (
     dequant_factors,
     pack_base3,
     quantize_rows,
-    set_threads,
     unpack_base3,
 )
 from ternpool.kernels.base3 import decode_base3, encode_base3, packed_cols
 
+from helpers import assert_same_with_any_thread_count, readonly
+
+
 pytestmark = pytest.mark.unit
 
 COLS = [1, 31, 32, 159, 160, 161, 320, 333, 2560, 6912]
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    a = a.copy()
-    a.setflags(write=False)
-    return a
 
 
 def _ternary(rng, rows, cols):
@@ -105,7 +100,7 @@ def test_base3_matmul_is_exact(cols, tokens):
     q = _activations(rng, tokens, cols)
     want = (q.astype(np.int64) @ w.T.astype(np.int64)).astype(np.int32)
     assert np.array_equal(base3_matmul_ref(packed, q), want)
-    got = base3_matmul(_readonly(packed), _readonly(q))
+    got = base3_matmul(readonly(packed), readonly(q))
     assert got.dtype == np.int32 and np.array_equal(got, want)
 
 
@@ -254,14 +249,7 @@ def test_results_do_not_depend_on_thread_count():
     rng = np.random.default_rng(5)
     packed = pack_base3(_ternary(rng, 256, 500))
     q = _activations(rng, 5, 500)
-    before = numba.get_num_threads()
-    try:
-        set_threads(1)
-        one = base3_matmul(packed, q)
-        set_threads(None)
-        assert np.array_equal(one, base3_matmul(packed, q))
-    finally:
-        numba.set_num_threads(before)
+    assert_same_with_any_thread_count(base3_matmul, packed, q)
 
 
 _PORTABLE_CHECK = """

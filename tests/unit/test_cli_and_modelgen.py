@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -13,6 +12,8 @@ from ternpool.engine import ModelConfig
 from ternpool.engine.modelgen import SHAPES, make_model
 from ternpool.engine.safetensors_io import index_model
 from ternpool.engine.tokenizer import Tokenizer
+
+from helpers import CLI
 
 pytestmark = pytest.mark.unit
 
@@ -98,7 +99,7 @@ def test_cli_errors_are_short_and_named(tmp_path, capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", "generate", "--help"],
+    out = subprocess.run([*CLI, "generate", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--max-tokens" in out and "--json" in out
 

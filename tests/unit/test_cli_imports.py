@@ -13,6 +13,8 @@ import pytest
 
 from ternpool.jobs import JobSpec, Manifest, open_inputs, plan_shards
 
+from helpers import CLI
+
 pytestmark = pytest.mark.unit
 
 HEAVY = ("numba", "ray", "ternpool.kernels", "torch", "transformers")
@@ -79,11 +81,11 @@ def test_light_commands_import_nothing_heavy(job_output, argv):
 
 
 def test_status_and_cancel_still_work_from_a_plain_shell(job_output, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", "status", job_output, "--json"],
+    run = subprocess.run([*CLI, "status", job_output, "--json"],
                          capture_output=True, text=True, timeout=120)
     s = json.loads(run.stdout)
     assert (s["rows_done"], s["rows_total"], s["shards_done"]) == (2, 3, 1)
-    run = subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", "cancel", job_output],
+    run = subprocess.run([*CLI, "cancel", job_output],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "cancel requested" in run.stdout
     from ternpool.jobs import cancel_requested

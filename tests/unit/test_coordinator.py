@@ -17,21 +17,15 @@ from ternpool.jobs import JobSpec, Manifest, open_inputs, plan_shards, read_outp
 from ternpool.jobs.output import write_part as real_write_part
 from ternpool.jobs.runlock import OutputLock
 
+from helpers import make_job
+
 pytestmark = pytest.mark.unit
 
 
-def _job(tmp_path, rows=24, shard_rows=4):
-    src = tmp_path / "p.parquet"
-    if not src.exists():  # a second coordinator on the same job must see the same file
-        pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(rows)]}), src,
-                       row_group_size=shard_rows)
-    spec = JobSpec(str(src), str(tmp_path / "out"), "model", shard_rows=shard_rows)
-    inputs = open_inputs(spec.inputs)
-    return spec, inputs, plan_shards(inputs, shard_rows)
-
-
-def _coordinator(tmp_path, **kw) -> Coordinator:
-    spec, inputs, plan = _job(tmp_path, **kw)
+def _coordinator(tmp_path, rows=24, shard_rows=4) -> Coordinator:
+    # a second coordinator on the same job sees the same file
+    spec, inputs, plan = make_job(tmp_path, rows, src=tmp_path / "p.parquet", row_group_size=shard_rows,
+                                  shard_rows=shard_rows)
     return Coordinator(spec, inputs, plan, Manifest.open(spec.output, spec, inputs, plan, {"m": 1}), 2)
 
 

@@ -12,27 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from ternpool.engine.requests import SamplingParams
-from ternpool.jobs import JobInputError, JobSpec, Manifest, model_fingerprint, open_inputs, \
-    plan_shards, request_cancel, status
+from ternpool.jobs import JobInputError, Manifest, model_fingerprint, request_cancel, status
 from ternpool.jobs.manifest import FORMAT_VERSION
 from ternpool.jobs.progress import CANCEL_FILE, PROGRESS_FILE, cancel_requested, clear_cancel, \
     read_progress, write_progress
 from ternpool.jobs.runlock import OutputLock
 
+from helpers import make_job
+
 pytestmark = pytest.mark.unit
 
 MODEL = {"config_sha256": "abc", "weights": [{"name": "model.safetensors", "size": 10}]}
-
-
-def make_job(tmp_path, rows=10, **spec_kwargs):
-    in_dir = tmp_path / "in"
-    in_dir.mkdir(exist_ok=True)
-    path = in_dir / "a.parquet"
-    if not path.exists():
-        pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(rows)]}), path)
-    spec = JobSpec(str(in_dir), str(tmp_path / "out"), "model", **{"shard_rows": 4, **spec_kwargs})
-    inputs = open_inputs(spec.inputs)
-    return spec, inputs, plan_shards(inputs, spec.shard_rows)
 
 
 def open_manifest(tmp_path, model=MODEL, **spec_kwargs) -> Manifest:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 
@@ -25,15 +24,12 @@ from ternpool.kernels import (
     unpack_ternary,
 )
 
+from helpers import assert_same_with_any_thread_count, readonly
+
+
 pytestmark = pytest.mark.unit
 
 ODD = [1, 3, 127, 129]
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    a = a.copy()
-    a.setflags(write=False)
-    return a
 
 
 @pytest.mark.parametrize("rows", [4, 12, 508, 516])
@@ -63,7 +59,7 @@ def test_quantize_matches_reference_exactly(tokens, cols):
     rng = np.random.default_rng(cols)
     x = (rng.standard_normal((tokens, cols)) * rng.uniform(0.01, 100, (tokens, 1))).astype(np.float32)
     x[0, 0] = 0.0
-    got, ref = quantize_rows(_readonly(x)), quantize_rows_ref(x)
+    got, ref = quantize_rows(readonly(x)), quantize_rows_ref(x)
     for g, r in zip(got, ref):
         assert g.dtype == r.dtype and np.array_equal(g, r)
     q, qsum, scale = got
@@ -90,7 +86,7 @@ def test_ternary_matmul_is_exact(rows, cols, tokens):
     packed = pack_ternary(rng.integers(-1, 2, size=(rows, cols)))
     q = rng.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
     q[0, :] = -128  # extremes: codes 2 x -128 must not overflow
-    assert np.array_equal(ternary_matmul(_readonly(packed), _readonly(q)), ternary_matmul_ref(packed, q))
+    assert np.array_equal(ternary_matmul(readonly(packed), readonly(q)), ternary_matmul_ref(packed, q))
 
 
 @pytest.mark.parametrize("rows,cols,tokens", [(4, 1, 1), (516, 129, 3), (640, 2560, 8)])
@@ -133,14 +129,7 @@ def test_results_do_not_depend_on_thread_count():
     rng = np.random.default_rng(5)
     packed = pack_ternary(rng.integers(-1, 2, size=(256, 300)))
     q = rng.integers(-128, 128, size=(5, 300)).astype(np.int8)
-    before = numba.get_num_threads()
-    try:
-        set_threads(1)
-        one = ternary_matmul(packed, q)
-        set_threads(None)
-        assert np.array_equal(one, ternary_matmul(packed, q))
-    finally:
-        numba.set_num_threads(before)
+    assert_same_with_any_thread_count(ternary_matmul, packed, q)
     with pytest.raises(ValueError, match="threads must be between"):
         set_threads(0)
 
@@ -159,7 +148,7 @@ def test_bf16_head_matches_reference(vocab, hidden, tokens):
     rng = np.random.default_rng(vocab)
     w = f32_to_bf16(rng.standard_normal((vocab, hidden)).astype(np.float32))
     h = rng.standard_normal((tokens, hidden)).astype(np.float32)
-    np.testing.assert_allclose(bf16_matmul(_readonly(w), h), bf16_matmul_ref(w, h), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(bf16_matmul(readonly(w), h), bf16_matmul_ref(w, h), rtol=1e-5, atol=1e-4)
 
 
 def test_bf16_head_is_batch_invariant():
@@ -178,7 +167,7 @@ def test_attention_matches_reference(heads, kv_heads, dim):
     vc = rng.standard_normal((3, kv_heads, 40, dim)).astype(np.float32)
     q = rng.standard_normal((6, heads, dim)).astype(np.float32)
     slots, pos = np.array([0, 2, 2, 1, 0, 1]), np.array([0, 39, 3, 5, 9, 1])
-    np.testing.assert_allclose(attention(q, _readonly(kc), _readonly(vc), slots, pos, dim ** -0.5),
+    np.testing.assert_allclose(attention(q, readonly(kc), readonly(vc), slots, pos, dim ** -0.5),
                                attention_ref(q, kc, vc, slots, pos, dim ** -0.5), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="past the cache length"):
         attention(q, kc, vc, slots, np.full(6, 40), 1.0)

@@ -3,7 +3,6 @@ naming the file and the tensor or key."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -11,46 +10,13 @@ import pytest
 
 from ternpool.engine import Engine, ModelConfig, ModelFormatError
 from ternpool.engine.hub import resolve_model_dir
-from ternpool.engine.safetensors_io import TensorSpec, index_model, read_header, write_safetensors
+from ternpool.engine.safetensors_io import index_model
 from ternpool.engine.weights import load_weights, ternarize
 from ternpool.kernels import bf16_to_f32, unpack_ternary
 
+from helpers import edit_json, rewrite_safetensors
+
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture
-def model_copy(tiny_model, tmp_path):
-    dst = tmp_path / "model"
-    shutil.copytree(tiny_model, dst)
-    return dst
-
-
-def _edit_config(path, _section: str | None = None, **changes):
-    """Change keys of config.json (or of its `_section` object); a None value removes the key."""
-    cfg = json.loads((path / "config.json").read_text())
-    target = cfg[_section] if _section else cfg
-    for k, v in changes.items():
-        if v is None:
-            target.pop(k, None)
-        else:
-            target[k] = v
-    (path / "config.json").write_text(json.dumps(cfg))
-
-
-def _edit_quant(path, **changes):
-    _edit_config(path, "quantization_config", **changes)
-
-
-def _rewrite(path, drop=(), replace=None, add=None):
-    """Rewrite model.safetensors without `drop`, with `replace` {name: (dtype, array)}, plus `add`."""
-    file = path / "model.safetensors"
-    infos = read_header(file)
-    arrays = {n: (i.dtype, np.array(i.load())) for n, i in infos.items() if n not in drop}
-    arrays.update(replace or {})
-    arrays.update(add or {})
-    specs = [TensorSpec(n, d, tuple(a.shape)) for n, (d, a) in arrays.items()]
-    write_safetensors(file.with_name("new.safetensors"), specs, lambda s: arrays[s.name][1])
-    file.with_name("new.safetensors").replace(file)
 
 
 def test_config_reads_the_real_2b4t_fields(tiny_model):
@@ -72,7 +38,7 @@ def test_config_reads_the_real_2b4t_fields(tiny_model):
     ({"quantization_config": None}, "quant_method 'bitnet'"),
 ])
 def test_config_rejections(model_copy, change, match):
-    _edit_config(model_copy, **change)
+    edit_json(model_copy / "config.json", **change)
     with pytest.raises(ModelFormatError, match=match) as e:
         Engine.load(model_copy)
     assert "config.json" in str(e.value)
@@ -85,20 +51,20 @@ def test_config_rejections(model_copy, change, match):
     ({"linear_class": "bitlinear", "quantization_mode": "online"}, "requires linear_class 'autobitlinear'"),
 ])
 def test_quantization_config_rejections(model_copy, change, match):
-    _edit_quant(model_copy, **change)
+    edit_json(model_copy / "config.json", "quantization_config", **change)
     with pytest.raises(ModelFormatError, match=match):
         ModelConfig.from_dir(model_copy)
 
 
 def test_missing_linear_class_means_bitlinear(model_copy):
-    _edit_quant(model_copy, linear_class=None)
+    edit_json(model_copy / "config.json", "quantization_config", linear_class=None)
     cfg = ModelConfig.from_dir(model_copy)
     assert cfg.linear_class == "bitlinear" and cfg.scale_divides
 
 
 def test_linear_class_decides_what_weight_scale_means(model_copy):
     auto = load_weights(model_copy, ModelConfig.from_dir(model_copy))
-    _edit_quant(model_copy, linear_class="bitlinear")
+    edit_json(model_copy / "config.json", "quantization_config", linear_class="bitlinear")
     div = load_weights(model_copy, ModelConfig.from_dir(model_copy))
     stored = float(bf16_to_f32(np.array(index_model(model_copy)["model.layers.0.self_attn.q_proj.weight_scale"]
                                         .load()))[0])
@@ -115,23 +81,25 @@ def test_missing_config_and_bad_json(tmp_path, model_copy):
 
 
 def test_missing_tensor_is_named(model_copy):
-    _rewrite(model_copy, drop=["model.layers.1.mlp.down_proj.weight_scale"])
+    rewrite_safetensors(model_copy, drop=["model.layers.1.mlp.down_proj.weight_scale"])
     with pytest.raises(ModelFormatError, match=r"missing tensor\(s\) \['model.layers.1.mlp.down_proj.weight_scale'\]"):
         Engine.load(model_copy)
 
 
 def test_wrong_shape_and_dtype_are_named(model_copy):
-    _rewrite(model_copy, replace={"model.layers.0.self_attn.k_proj.weight": ("U8", np.zeros((4, 64), np.uint8))})
+    rewrite_safetensors(model_copy,
+                        replace={"model.layers.0.self_attn.k_proj.weight": ("U8", np.zeros((4, 64), np.uint8))})
     with pytest.raises(ModelFormatError, match=r"model.safetensors: tensor model.layers.0.self_attn.k_proj.weight "
                                                r"is U8\[4, 64\], expected U8\[8, 64\]"):
         Engine.load(model_copy)
-    _rewrite(model_copy, replace={"model.layers.0.self_attn.k_proj.weight": ("I8", np.zeros((8, 64), np.int8))})
+    rewrite_safetensors(model_copy,
+                        replace={"model.layers.0.self_attn.k_proj.weight": ("I8", np.zeros((8, 64), np.int8))})
     with pytest.raises(ModelFormatError, match=r"k_proj.weight is I8\[8, 64\], expected U8"):
         Engine.load(model_copy)
 
 
 def test_unknown_tensor_is_named(model_copy):
-    _rewrite(model_copy, add={"lm_head.weight": ("BF16", np.zeros((512, 64), np.uint16))})
+    rewrite_safetensors(model_copy, add={"lm_head.weight": ("BF16", np.zeros((512, 64), np.uint16))})
     with pytest.raises(ModelFormatError, match=r"unexpected tensor\(s\) \['lm_head.weight'\].*tied embeddings"):
         Engine.load(model_copy)
 
@@ -149,7 +117,7 @@ def test_truncated_file_names_file_and_tensor(model_copy):
 
 
 def test_output_size_not_multiple_of_four_is_rejected(model_copy):
-    _edit_config(model_copy, num_key_value_heads=1, num_attention_heads=2, hidden_size=64,
+    edit_json(model_copy / "config.json", num_key_value_heads=1, num_attention_heads=2, hidden_size=64,
                  head_dim=2, intermediate_size=178)
     with pytest.raises(ModelFormatError, match="multiple of 4"):
         Engine.load(model_copy)
@@ -206,6 +174,6 @@ def test_hub_id_when_offline_says_how_to_pass_a_directory(monkeypatch, tmp_path)
 def test_loading_does_not_unpickle_or_run_code(model_copy):
     (model_copy / "pytorch_model.bin").write_bytes(b"not a pickle")  # must be ignored, never read
     (model_copy / "modeling_evil.py").write_text("raise SystemExit('executed')")
-    _edit_config(model_copy, auto_map={"AutoModelForCausalLM": "modeling_evil.Evil"})
+    edit_json(model_copy / "config.json", auto_map={"AutoModelForCausalLM": "modeling_evil.Evil"})
     assert Engine.load(model_copy).config.vocab_size == 512
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,8 @@ from ternpool.engine.native import (MARKER, WEIGHTS_FILE, convert, ensure_native
 from ternpool.engine.weights import LINEARS, load_weights
 from ternpool.kernels import unpack_ternary
 from ternpool.kernels.base3 import unpack_base3
+
+from helpers import same_stat_write
 
 pytestmark = pytest.mark.unit
 
@@ -150,14 +151,6 @@ def test_cache_converts_once_even_with_concurrent_loaders(model_factory, tmp_pat
     assert two != Path(dirs[0]) and native_info(two)["weights_format"] == "2bit"
 
 
-def _same_stat(path: Path, data: bytes) -> None:
-    """Replace a file's bytes keeping its size and mtime (what a name/size/mtime key cannot see)."""
-    st = path.stat()
-    assert len(data) == st.st_size
-    path.write_bytes(data)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 def test_cache_key_follows_the_weights_content(model_factory, tmp_path):
     import shutil
 
@@ -169,7 +162,7 @@ def test_cache_key_follows_the_weights_content(model_factory, tmp_path):
     mine = (src / "model.safetensors").read_bytes()
     other = (Path(model_factory("tiny-packed-auto", seed=1)) / "model.safetensors").read_bytes()
     assert len(mine) > 80_000 and mine[80_000:] != other[80_000:]
-    _same_stat(src / "model.safetensors", mine[:80_000] + other[80_000:])
+    same_stat_write(src / "model.safetensors", mine[:80_000] + other[80_000:])
     second = ensure_native(src, None, tmp_path / "cache")
     assert second != first
     assert (second / WEIGHTS_FILE).read_bytes() != (first / WEIGHTS_FILE).read_bytes()
@@ -182,7 +175,7 @@ def test_cache_key_follows_the_tokenizer_and_chat_template(model_factory, tmp_pa
     shutil.copytree(model_factory("tiny-packed-auto"), src)
     first = ensure_native(src, None, tmp_path / "cache")
     tok = src / "tokenizer.json"
-    _same_stat(tok, tok.read_bytes().replace(b'"<|begin_of_text|>"', b'"<|begin_of_texT|>"'))
+    same_stat_write(tok, tok.read_bytes().replace(b'"<|begin_of_text|>"', b'"<|begin_of_texT|>"'))
     second = ensure_native(src, None, tmp_path / "cache")
     assert second != first
     assert (second / "tokenizer.json").read_bytes() == tok.read_bytes()  # never the stale copy

@@ -17,31 +17,16 @@ import pytest
 
 from ternpool.engine import identity
 from ternpool.kernels.config import cache_root
-from ternpool.jobs import JobInputError, JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards, status
+from ternpool.jobs import JobInputError, Manifest, model_fingerprint, status
 from ternpool.jobs import storage
 from ternpool.jobs.progress import write_progress
 from ternpool.jobs.runlock import OutputBusyError, OutputLock
 
+from helpers import make_job, same_stat_write, snapshot
+
 pytestmark = pytest.mark.unit
 
 MODEL = {"files": {"config.json": "c", "model.safetensors": "w"}, "chat_template": None}
-
-
-def job(tmp_path, out=None, inputs=None, rows=10):
-    in_dir = tmp_path / "in"
-    in_dir.mkdir(exist_ok=True)
-    if not (in_dir / "a.parquet").exists():
-        pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(rows)]}), in_dir / "a.parquet")
-    spec = JobSpec(str(inputs or in_dir), str(out or tmp_path / "out"), "model", shard_rows=4)
-    source = open_inputs(spec.inputs)
-    return spec, source, plan_shards(source, spec.shard_rows)
-
-
-def snapshot(path: Path) -> dict | None:
-    """Names and bytes of everything under `path` (None when it does not exist)."""
-    if not path.exists():
-        return None
-    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
 
 
 # -- item 1: OUT is written only where ternpool owns it -----------------------------------------
@@ -58,7 +43,7 @@ def test_an_output_holding_what_ternpool_did_not_write_is_refused_untouched(tmp_
     out.mkdir()
     make(out)
     before = snapshot(out)
-    spec, inputs, plan = job(tmp_path)
+    spec, inputs, plan = make_job(tmp_path)
     with pytest.raises(JobInputError) as err:
         Manifest.open(spec.output, spec, inputs, plan, MODEL)
     assert named in str(err.value) and "empty or new --output directory" in str(err.value)
@@ -66,7 +51,7 @@ def test_an_output_holding_what_ternpool_did_not_write_is_refused_untouched(tmp_
 
 
 def test_part_files_outside_the_plan_are_refused_on_resume(tmp_path):
-    spec, inputs, plan = job(tmp_path)
+    spec, inputs, plan = make_job(tmp_path)
     Manifest.open(spec.output, spec, inputs, plan, MODEL)
     pq.write_table(pa.table({"x": [1]}), tmp_path / "out" / "part-00002.parquet")  # in the plan: ours
     Manifest.open(spec.output, spec, inputs, plan, MODEL)
@@ -78,7 +63,7 @@ def test_part_files_outside_the_plan_are_refused_on_resume(tmp_path):
 def test_an_empty_directory_and_ternpools_own_names_are_fine(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    spec, inputs, plan = job(tmp_path)
+    spec, inputs, plan = make_job(tmp_path)
     manifest = Manifest.open(spec.output, spec, inputs, plan, MODEL)
     for name in ("_progress.json", "_cancel", "_owner", "_lock", "_metrics.prom", "_manifest.json.tmp",
                  f".part-00001.parquet.tmp-{'ab' * 16}"):
@@ -87,25 +72,25 @@ def test_an_empty_directory_and_ternpools_own_names_are_fine(tmp_path):
 
 
 def test_output_inside_the_inputs_or_inputs_inside_the_output_is_refused(tmp_path):
-    spec, inputs, plan = job(tmp_path, out=tmp_path / "in" / "out")
+    spec, inputs, plan = make_job(tmp_path, out=tmp_path / "in" / "out")
     with pytest.raises(JobInputError, match="is inside the input location"):
         Manifest.for_job(spec.output, spec, inputs, plan, MODEL)
     os.symlink(tmp_path / "in", tmp_path / "link")  # the same place through a symlink
-    spec, inputs, plan = job(tmp_path, out=tmp_path / "link" / "out")
+    spec, inputs, plan = make_job(tmp_path, out=tmp_path / "link" / "out")
     with pytest.raises(JobInputError, match="is inside the input location"):
         Manifest.for_job(spec.output, spec, inputs, plan, MODEL)
     # an input file inside OUT (OUT is a parent of the input directory)
-    spec, inputs, plan = job(tmp_path, out=tmp_path)
+    spec, inputs, plan = make_job(tmp_path, out=tmp_path)
     with pytest.raises(JobInputError, match="a.parquet is inside output"):
         Manifest.for_job(spec.output, spec, inputs, plan, MODEL)
     assert not (tmp_path / "in" / "out").exists() and not (tmp_path / "_manifest.json").exists()
 
 
 def test_output_uri_inside_the_input_uri_is_refused(tmp_path):
-    spec, inputs, plan = job(tmp_path, inputs=f"file://{tmp_path}/in", out=f"file://{tmp_path}/in/out")
+    spec, inputs, plan = make_job(tmp_path, inputs=f"file://{tmp_path}/in", out=f"file://{tmp_path}/in/out")
     with pytest.raises(JobInputError, match="is inside the input location"):
         Manifest.for_job(spec.output, spec, inputs, plan, MODEL)
-    spec, inputs, plan = job(tmp_path, inputs=f"file://{tmp_path}/in", out=str(tmp_path / "in" / "o2"))
+    spec, inputs, plan = make_job(tmp_path, inputs=f"file://{tmp_path}/in", out=str(tmp_path / "in" / "o2"))
     with pytest.raises(JobInputError, match="is inside the input location"):
         Manifest.for_job(spec.output, spec, inputs, plan, MODEL)
 
@@ -122,7 +107,7 @@ def test_write_atomic_only_ever_replaces_ternpool_names(tmp_path):
 
 
 def test_planning_a_job_writes_nothing(tmp_path):
-    spec, inputs, plan = job(tmp_path)
+    spec, inputs, plan = make_job(tmp_path)
     manifest = Manifest.for_job(spec.output, spec, inputs, plan, MODEL)
     assert not (tmp_path / "out").exists() and not manifest.resumed
     manifest.create()
@@ -138,7 +123,7 @@ def test_planning_a_job_writes_nothing(tmp_path):
 def test_dry_run_writes_nothing(tmp_path, tiny_model, capsys):
     from ternpool.cluster.cli import main
 
-    spec, inputs, plan = job(tmp_path)
+    spec, inputs, plan = make_job(tmp_path)
     assert main(["submit", spec.inputs, "--model", tiny_model, "--output", spec.output, "--dry-run"]) == 0
     assert "shards:" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
@@ -152,7 +137,7 @@ def test_a_submit_refused_for_a_busy_port_or_a_foreign_file_leaves_out_as_it_was
 
     from ternpool.cluster.cli import main
 
-    spec, inputs, plan = job(tmp_path)
+    spec, inputs, plan = make_job(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -182,12 +167,6 @@ def make_model_dir(path: Path) -> Path:
     return path
 
 
-def same_stat_write(path: Path, data: bytes) -> None:
-    st = path.stat()
-    path.write_bytes(data)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 @pytest.mark.parametrize("change, message", [
     (lambda m: same_stat_write(m / "model.safetensors", b"V" * 1000), "model weights changed (model.safetensors)"),
     (lambda m: same_stat_write(m / "tokenizer.json", b'{"v": 2}'), "tokenizer changed (tokenizer.json)"),
@@ -197,7 +176,7 @@ def same_stat_write(path: Path, data: bytes) -> None:
 ])
 def test_resuming_with_another_model_of_the_same_shape_is_refused_naming_what_changed(tmp_path, change, message):
     model = make_model_dir(tmp_path / "model")
-    spec, inputs, plan = job(tmp_path)
+    spec, inputs, plan = make_job(tmp_path)
     Manifest.open(spec.output, spec, inputs, plan, model_fingerprint(str(model)))
     change(model)
     with pytest.raises(JobInputError) as err:
@@ -282,7 +261,7 @@ def test_a_refused_run_removes_the_lock_and_directories_it_made(tmp_path):
 
 
 def test_status_says_failed_with_the_error_and_gone_for_a_dead_driver(tmp_path):
-    spec, inputs, plan = job(tmp_path)
+    spec, inputs, plan = make_job(tmp_path)
     Manifest.open(spec.output, spec, inputs, plan, MODEL)
     write_progress(spec.output, {"state": "failed", "error": "21 worker losses: giving up"})
     st = status(spec.output)

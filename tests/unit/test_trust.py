@@ -8,7 +8,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -16,48 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from ternpool.engine import Engine, ModelConfig, ModelFormatError, Request, SamplingParams
-from ternpool.engine.safetensors_io import TensorSpec, index_model, read_header, write_safetensors
+from ternpool.engine.safetensors_io import index_model
 from ternpool.engine.validate import validate_model
 from ternpool.jobs import JobSpec, open_inputs
 from ternpool.jobs.rows import read_shard, to_requests
 
+from helpers import CLI, RAISING_TEMPLATE, edit_json, rewrite_safetensors
+
 pytestmark = pytest.mark.unit
-
-# the 2B4T template, plus the check real templates make: an unknown role raises
-RAISING_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-    "{% set content = message['role'] | capitalize + ': ' + message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
-)
-
-
-@pytest.fixture
-def model_copy(tiny_model, tmp_path):
-    dst = tmp_path / "model"
-    shutil.copytree(tiny_model, dst)
-    return dst
-
-
-def _json(path, **changes):
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
-
-
-def _rewrite(path, drop=(), replace=None):
-    """Rewrite model.safetensors without `drop`, with `replace` {name: (dtype, array)}."""
-    file = path / "model.safetensors"
-    arrays = {n: (i.dtype, np.array(i.load())) for n, i in read_header(file).items() if n not in drop}
-    arrays.update(replace or {})
-    specs = [TensorSpec(n, d, tuple(a.shape)) for n, (d, a) in arrays.items()]
-    write_safetensors(file.with_name("new.safetensors"), specs, lambda s: arrays[s.name][1])
-    file.with_name("new.safetensors").replace(file)
-
 
 def _edit_header(path, edit):
     """Change the JSON header of model.safetensors in place (data bytes kept)."""
@@ -79,15 +44,15 @@ def _hidden(path) -> int:
 # -- 2. a bad model fails prepare() before any worker (and before Ray) -------------------------------
 
 def _missing(p):
-    _rewrite(p, drop=["model.norm.weight"])
+    rewrite_safetensors(p, drop=["model.norm.weight"])
 
 
 def _wrong_shape(p):
-    _rewrite(p, replace={"model.norm.weight": ("F32", np.ones(_hidden(p) + 2, np.float32))})
+    rewrite_safetensors(p, replace={"model.norm.weight": ("F32", np.ones(_hidden(p) + 2, np.float32))})
 
 
 def _wrong_dtype(p):
-    _rewrite(p, replace={"model.layers.0.mlp.up_proj.weight_scale": ("I32", np.ones(1, np.int32))})
+    rewrite_safetensors(p, replace={"model.layers.0.mlp.up_proj.weight_scale": ("I32", np.ones(1, np.int32))})
 
 
 def _offset_past_end(p):
@@ -121,7 +86,7 @@ def _broken_tokenizer(p):
 
 
 def _template_does_not_render(p):
-    _json(p / "tokenizer_config.json", chat_template="{{ messages[0]['content'] | no_such_filter }}")
+    edit_json(p / "tokenizer_config.json", chat_template="{{ messages[0]['content'] | no_such_filter }}")
 
 
 @pytest.mark.parametrize("breakage, match", [
@@ -167,7 +132,7 @@ def test_validate_model_accepts_hf_and_native_directories(tiny_model, tmp_path):
 
 @pytest.fixture
 def raising_template_model(model_copy):
-    _json(model_copy / "tokenizer_config.json", chat_template=RAISING_TEMPLATE)
+    edit_json(model_copy / "tokenizer_config.json", chat_template=RAISING_TEMPLATE)
     return model_copy
 
 
@@ -268,7 +233,7 @@ def test_bad_config_values_name_the_field_and_range(tiny_model, change, match):
 def test_a_model_too_large_for_this_machine_is_refused_before_anything_is_mapped(model_copy, monkeypatch):
     from ternpool.engine import engine as engine_mod
 
-    _json(model_copy / "config.json", vocab_size=2_000_000_000)  # a 256 GB output head
+    edit_json(model_copy / "config.json", vocab_size=2_000_000_000)  # a 256 GB output head
     monkeypatch.setattr(engine_mod, "ensure_native", lambda *a, **k: pytest.fail("converted or mapped"))
     with pytest.raises(ModelFormatError, match=r"model: does not fit this machine's available memory: one worker "
                                                r"needs [\d.]+ GB"):
@@ -298,7 +263,7 @@ def test_the_cli_prints_one_line_for_a_bad_config(model_copy):
                          (json.dumps(dict(good, num_attention_heads=0)),
                           "config.json: num_attention_heads must be an integer >= 1, found 0")]:
         (model_copy / "config.json").write_text(text)
-        r = subprocess.run([sys.executable, "-m", "ternpool.cluster.cli", "generate", "--model", str(model_copy),
+        r = subprocess.run([*CLI, "generate", "--model", str(model_copy),
                             "--prompt", "hi"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         lines = r.stderr.strip().splitlines()
@@ -341,7 +306,7 @@ def test_symlinks_inside_the_model_directory_are_fine(model_copy):
 
 
 def test_a_tokenizer_config_pointing_at_a_file_by_path_is_refused(model_copy):
-    _json(model_copy / "tokenizer_config.json", tokenizer_file="/etc/passwd")
+    edit_json(model_copy / "tokenizer_config.json", tokenizer_file="/etc/passwd")
     with pytest.raises(ModelFormatError, match=r"tokenizer_config\.json: tokenizer_file = '/etc/passwd' points"):
         validate_model(model_copy)
 
