@@ -51,10 +51,11 @@ def call_intrinsic(builder, name: str, ret, args):
     return builder.call(fn, list(args))
 
 
-def loop(builder, name: str, start, stop, carried, body, step: int = 1):
+def loop(builder, name: str, start, stop, carried, body, step: int | None = 1):
     """Emit `for i in range(start, stop, step)` (i64, step > 0) with loop-carried values.
 
-    `body(i, values) -> new values` emits one trip; `carried` are the values on entry. Returns the
+    `body(i, values) -> new values` emits one trip; `carried` are the values on entry. With
+    step=None, `body(i, values) -> (next i, new values)` moves i itself (forward). Returns the
     values after the loop (the phis of its header, from which it exits); the builder is left in
     the block after the loop."""
     pre = builder.block
@@ -72,9 +73,13 @@ def loop(builder, name: str, start, stop, carried, body, step: int = 1):
     builder.cbranch(builder.icmp_signed("<", i, stop), trip, done)
 
     builder.position_at_end(trip)
-    new = body(i, list(phis))
+    if step is None:
+        following, new = body(i, list(phis))
+    else:
+        new = body(i, list(phis))
+        following = builder.add(i, i64(step))
     assert len(new) == len(phis), (len(new), len(phis))
-    i.add_incoming(builder.add(i, i64(step)), builder.block)
+    i.add_incoming(following, builder.block)
     for phi, v in zip(phis, new):
         phi.add_incoming(v, builder.block)
     builder.branch(head)
@@ -94,9 +99,9 @@ def chunked_sums(builder, name: str, isa, n, chunk: int, naccs: int, block):
         end = builder.add(start, i64(chunk))
         end = builder.select(builder.icmp_signed("<", end, n), end, n)
         pairs = loop(builder, f"{name}.blocks", start, end, [zero_pairs] * naccs, block)
-        return [builder.add(a, isa.widen(builder, p)) for a, p in zip(accs, pairs)]
+        return end, [builder.add(a, isa.widen(builder, p)) for a, p in zip(accs, pairs)]
 
-    return loop(builder, f"{name}.chunks", i64(0), n, [zero_acc] * naccs, one_chunk, step=chunk)
+    return loop(builder, f"{name}.chunks", i64(0), n, [zero_acc] * naccs, one_chunk, step=None)
 
 
 # --- Numba glue ---------------------------------------------------------------------------------
