@@ -34,16 +34,21 @@ def register(cls):
     return cls
 
 
-def host_isa(features=None) -> str:
-    """The highest-priority registered instruction set whose CPU features the host (or `features`,
-    a mapping of LLVM feature names to booleans) has."""
+def usable_isas(features=None) -> list[str]:
+    """The registered instruction sets whose CPU features the host (or `features`, a mapping of LLVM
+    feature names to booleans) has, best (highest priority) first."""
     if features is None:
         try:
             features = _llvm.get_host_cpu_features()
         except RuntimeError:  # pragma: no cover - unknown host: only ISAs that need no feature
             features = {}
     usable = [isa for isa in ISAS.values() if all(features.get(f) for f in isa.features)]
-    return max(usable, key=lambda isa: isa.priority).name
+    return [isa.name for isa in sorted(usable, key=lambda isa: -isa.priority)]
+
+
+def host_isa(features=None) -> str:
+    """The best registered instruction set the host (or `features`) has."""
+    return usable_isas(features)[0]
 
 
 class Isa:

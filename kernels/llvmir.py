@@ -3,7 +3,7 @@ x86 intrinsic calls, and the glue that turns an emitter into a Numba `@intrinsic
 
 Emitters (`simd.py`, `simd_base3.py`) are written against plain llvmlite values (byte pointers,
 i64 counts) and an instruction-set strategy (`isa.py`), so that the same emitter serves Numba
-(through `sums_intrinsic`) and a bare llvmlite module compiled for a named CPU (the assembly tests).
+(through `int32_sums`) and a bare llvmlite module compiled for a named CPU (the assembly tests).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import re
 import pytest
 from llvmlite import binding, ir
 
-from ternpool.kernels.isa import ISAS, host_isa
+from ternpool.kernels.isa import ISAS, host_isa, usable_isas
 from ternpool.kernels.llvmir import BYTE_PTR, I32, I64, i64
 from ternpool.kernels.simd import emit_dot4, emit_dot_s8
 from ternpool.kernels.simd_base3 import emit_dot_base3
@@ -75,3 +75,15 @@ def test_host_gets_the_best_strategy_it_has_the_features_for():
     assert host_isa({"avx2": True, "fma": True}) == "avx2"
     assert host_isa({"avx2": False, "sse2": True}) == "generic"
     assert host_isa({}) == "generic"
+    assert usable_isas({"avx2": True}) == ["avx2", "generic"]
+
+
+def test_unknown_isa_is_refused_naming_the_registered_ones():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TERNPOOL_ISA="sse9")
+    r = subprocess.run([sys.executable, "-c", "import ternpool.kernels.config"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "TERNPOOL_ISA must be one of" in r.stderr and "'avx2'" in r.stderr and "'sse9'" in r.stderr, r.stderr
