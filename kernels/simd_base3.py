@@ -73,10 +73,11 @@ def emit_dot_base3(builder, isa, packed, xs, nblocks, ndigits):
     with builder.if_then(builder.icmp_signed(">", ndigits, i64(0))):
         tw = builder.mul(nblocks, i64(BLOCK_BYTES))
         states = [isa.base3_start(builder, load32(builder, p, tw)) for p in packed]
-        widths = [len(s) for s in states]
+        widths = [len(st) for st in states]  # decode state values per packed row
+        nstate = sum(widths)
         zero_pairs = splat(isa.pair_type, 0)
 
-        def digit(k, values):
+        def digit(k, values):  # values: the decode states of all rows, then the accumulators
             off = builder.add(builder.mul(nblocks, i64(BLOCK)), builder.mul(k, i64(BLOCK_BYTES)))
             xvs = [load32(builder, xp, off) for xp in xs]
             new_states, new_accs, at = [], [], 0
@@ -84,13 +85,13 @@ def emit_dot_base3(builder, isa, packed, xs, nblocks, ndigits):
                 code, nxt = isa.base3_digit(builder, values[at:at + width], last=False)
                 at += width
                 new_states += nxt
-                new_accs += [builder.add(values[sum(widths) + i * nt + j],
-                                         isa.widen(builder, isa.madd(builder, zero_pairs, code, xv)))
-                             for j, xv in enumerate(xvs)]
+                for j, xv in enumerate(xvs):
+                    product = isa.widen(builder, isa.madd(builder, zero_pairs, code, xv))
+                    new_accs.append(builder.add(values[nstate + i * nt + j], product))
             return new_states + new_accs
 
-        tail_accs = loop(builder, "b3.tail", i64(0), ndigits, [v for s in states for v in s] + accs, digit)
-        tail_accs = tail_accs[sum(widths):]
+        flat_states = [v for st in states for v in st]
+        tail_accs = loop(builder, "b3.tail", i64(0), ndigits, flat_states + accs, digit)[nstate:]
         tail = builder.block
     phis = [builder.phi(a.type) for a in accs]
     for phi, a, ta in zip(phis, accs, tail_accs):
