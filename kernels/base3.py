@@ -19,8 +19,9 @@ streams every call, which the hardware prefetchers follow badly: ~25% slower on 
 for the same reason a batch-1 task holds _ROWS_PER_TASK_1 = 128 rows when the matrix has enough of
 them. The 2 or 3 rows left over go through `dot_base3_rows2` and then `dot_base3_1`.
 
-As in `ternary.py`, the kernel sums codes * q and subtracts the activation row sum, then
-dequantizes y = acc / div[t] * mul in that order (see `dequant_factors`).
+As in `ternary.py`, one kernel sums codes * q and ends in `epilogue.store`: the activation row
+sum subtracted, then int32 out as is, or float32 out dequantized y = acc / div[t] * mul in that
+order (see `dequant_factors`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from numba import prange
 
 from .config import NJIT, NJIT_PARALLEL, njit
+from .epilogue import store, unused_factors
 from .simd_base3 import (BLOCK, BLOCK_BYTES, DIGITS, dot_base3_1, dot_base3_2, dot_base3_4, dot_base3_8,
                          dot_base3_rows2, dot_base3_rows4)
 
@@ -139,7 +141,9 @@ def _group(T, t):  # pragma: no cover - compiled
 
 
 @njit(**NJIT_PARALLEL)
-def _base3_matmul_i32(packed, q, qsum, out):  # pragma: no cover - compiled
+def _base3_kernel(packed, q, qsum, div, mul, out):  # pragma: no cover - compiled
+    """out (T, n) from the code-weighted sums of packed (n, 32 nblk) with q (T, K), through `store`
+    (exact int32 or dequantized float32, by out's dtype)."""
     n = packed.shape[0]
     T, K = q.shape
     nb = K // BLOCK
@@ -155,58 +159,18 @@ def _base3_matmul_i32(packed, q, qsum, out):  # pragma: no cover - compiled
             rs = r0
             if nt == 1:  # one token: 4 packed rows per decode call (see _ROWS_PER_TASK_1), then 2, then 1
                 x = q[t]
-                h = (r1 - r0) // 4
-                for i in range(r0, r0 + h):
-                    a = dot_base3_rows4(packed[i], packed[i + h], packed[i + 2 * h], packed[i + 3 * h], x, nb, nd)
-                    for j in range(4):
-                        r = i + j * h
-                        out[t, r] = _sum1(a[j], packed[r], x, nb, nd, K, scalar) - qsum[t]
-                rs = r0 + 4 * h
-                if r1 - rs >= 2:
-                    a0, a1 = dot_base3_rows2(packed[rs], packed[rs + 1], x, nb, nd)
-                    out[t, rs] = _sum1(a0, packed[rs], x, nb, nd, K, scalar) - qsum[t]
-                    out[t, rs + 1] = _sum1(a1, packed[rs + 1], x, nb, nd, K, scalar) - qsum[t]
-                    rs += 2
-            for r in range(rs, r1):
-                p = packed[r]
-                a = _dots(p, q, t, nt, nb, nd)
-                for j in range(nt):
-                    acc = a[j]
-                    if scalar:
-                        acc = np.int32(acc + _tail(p, q[t + j], nb, nd, K))
-                    out[t + j, r] = acc - qsum[t + j]
-            t += nt
-
-
-@njit(**NJIT_PARALLEL)
-def _base3_linear_f32(packed, q, qsum, div, mul, out):  # pragma: no cover - compiled
-    n = packed.shape[0]
-    T, K = q.shape
-    nb = K // BLOCK
-    nd = (K - nb * BLOCK) // BLOCK_BYTES
-    scalar = K > nb * BLOCK + nd * BLOCK_BYTES
-    rpt = _ROWS_PER_TASK_1 if T == 1 and n >= 16 * _ROWS_PER_TASK_1 else _ROWS_PER_TASK
-    for task in prange((n + rpt - 1) // rpt):
-        r0 = task * rpt
-        r1 = min(n, r0 + rpt)
-        t = 0
-        while t < T:
-            nt = _group(T, t)
-            rs = r0
-            if nt == 1:
-                x = q[t]
                 s, d = qsum[t], div[t]
                 h = (r1 - r0) // 4
                 for i in range(r0, r0 + h):
                     a = dot_base3_rows4(packed[i], packed[i + h], packed[i + 2 * h], packed[i + 3 * h], x, nb, nd)
                     for j in range(4):
                         r = i + j * h
-                        out[t, r] = np.float32(_sum1(a[j], packed[r], x, nb, nd, K, scalar) - s) / d * mul
+                        store(out, t, r, _sum1(a[j], packed[r], x, nb, nd, K, scalar), s, d, mul)
                 rs = r0 + 4 * h
                 if r1 - rs >= 2:
                     a0, a1 = dot_base3_rows2(packed[rs], packed[rs + 1], x, nb, nd)
-                    out[t, rs] = np.float32(_sum1(a0, packed[rs], x, nb, nd, K, scalar) - s) / d * mul
-                    out[t, rs + 1] = np.float32(_sum1(a1, packed[rs + 1], x, nb, nd, K, scalar) - s) / d * mul
+                    store(out, t, rs, _sum1(a0, packed[rs], x, nb, nd, K, scalar), s, d, mul)
+                    store(out, t, rs + 1, _sum1(a1, packed[rs + 1], x, nb, nd, K, scalar), s, d, mul)
                     rs += 2
             for r in range(rs, r1):
                 p = packed[r]
@@ -215,7 +179,7 @@ def _base3_linear_f32(packed, q, qsum, div, mul, out):  # pragma: no cover - com
                     acc = a[j]
                     if scalar:
                         acc = np.int32(acc + _tail(p, q[t + j], nb, nd, K))
-                    out[t + j, r] = np.float32(acc - qsum[t + j]) / div[t + j] * mul
+                    store(out, t + j, r, acc, qsum[t + j], div[t + j], mul)
             t += nt
 
 
@@ -248,7 +212,7 @@ def base3_matmul(packed: np.ndarray, q: np.ndarray, qsum: np.ndarray | None = No
     """Exact int32 (T, out) = q @ unpack_base3(packed, K).T with the Numba kernel (K = q.shape[1])."""
     packed, q, qsum = _prepare(packed, q, qsum)
     out = np.empty((q.shape[0], packed.shape[0]), dtype=np.int32)
-    _base3_matmul_i32(packed, q, qsum, out)
+    _base3_kernel(packed, q, qsum, *unused_factors(q.shape[0]), out)
     return out
 
 
@@ -263,7 +227,7 @@ def base3_linear(packed, q, qsum, div, mul, out=None) -> np.ndarray:
         out = np.empty(shape, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous float32 {shape}, got {out.dtype} {out.shape}")
-    _base3_linear_f32(packed, q, qsum, div, np.float32(mul), out)
+    _base3_kernel(packed, q, qsum, div, np.float32(mul), out)
     return out
 
 

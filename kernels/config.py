@@ -23,6 +23,8 @@ from pathlib import Path
 import numba
 from llvmlite import binding as _llvm
 
+from .isa import ISAS, host_isa
+
 log = logging.getLogger(__name__)
 
 
@@ -50,20 +52,12 @@ def set_threads(n: int | None) -> int:
     return n
 
 
-def _host_isa() -> str:
-    try:
-        features = _llvm.get_host_cpu_features()
-    except RuntimeError:  # pragma: no cover - unknown host
-        return "generic"
-    return "avx2" if features.get("avx2") else "generic"
-
-
-# Instruction set of the SIMD kernels: "avx2" (vpmaddubsw/vpmaddwd) when the CPU has it, else
-# "generic" (plain LLVM vector code, any x86-64). TERNPOOL_ISA=generic forces the portable path;
-# the kernel cache is keyed by it (see kernel_cache_dir).
-ISA = os.environ.get("TERNPOOL_ISA") or _host_isa()
-if ISA not in ("avx2", "generic"):
-    raise ValueError(f"TERNPOOL_ISA must be 'avx2' or 'generic', got {ISA!r}")
+# Instruction set of the SIMD kernels, a name of `isa.ISAS`: the best one the CPU has ("avx2":
+# vpmaddubsw/vpmaddwd; "generic": plain LLVM vector code, any x86-64), or TERNPOOL_ISA (e.g. generic
+# forces the portable path). The kernel cache is keyed by it (see kernel_cache_dir).
+ISA = os.environ.get("TERNPOOL_ISA") or host_isa()
+if ISA not in ISAS:
+    raise ValueError(f"TERNPOOL_ISA must be one of {', '.join(map(repr, ISAS))}, got {ISA!r}")
 
 
 def cache_root() -> Path:
@@ -77,8 +71,8 @@ def kernel_cache_key() -> str:
     """Names the compiled code: ternpool version, ISA, host CPU, and a hash of every kernel source.
 
     Numba checks each cached function against its own source file only; a kernel also depends on
-    the intrinsics of another file (simd.py), on TERNPOOL_ISA and on the Numba version, so all of
-    those pick a separate folder and stale code is never loaded."""
+    the IR emitters and ISA strategies of other files (simd.py, isa.py, llvmir.py), on TERNPOOL_ISA
+    and on the Numba version, so all of those pick a separate folder and stale code is never loaded."""
     try:
         version = importlib.metadata.version("ternpool")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree: the source hash decides

@@ -13,17 +13,13 @@ cannot saturate its int16 pairs: 2 * 127 * 127 = 32258 < 32767.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import prange, types
-from numba.extending import intrinsic
+from numba import prange
 
 from .bf16 import bf16_to_f32
-from .config import ISA, NJIT, NJIT_PARALLEL, njit
-from .simd import BLOCK, emit_block_loop
+from .config import NJIT, NJIT_PARALLEL, njit
+from .simd import BLOCK, dot_s8_tile1, dot_s8_tile2
 
 _ROWS_PER_TASK = 8
-_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_V32I8 = ir.VectorType(_I8, 32)
 
 
 def quantize_head(embed_bf16: np.ndarray, rows_per_chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
@@ -46,42 +42,6 @@ def quantize_hidden(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     amax = np.maximum(np.abs(h).max(axis=1), np.float32(1e-12))
     s = (np.float32(127.0) / amax).astype(np.float32)
     return np.clip(np.round(h * s[:, None]), -127, 127).astype(np.int8), (np.float32(1.0) / s).astype(np.float32)
-
-
-def _s8_step(builder, a, b, acc):
-    if ISA == "avx2":
-        v16i16, v8i32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
-        mod = builder.module
-        psign = mod.declare_intrinsic("llvm.x86.avx2.psign.b", fnty=ir.FunctionType(_V32I8, [_V32I8, _V32I8]))
-        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16i16, [_V32I8, _V32I8]))
-        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8i32, [v16i16, v16i16]))
-        zero = ir.Constant(_V32I8, [0] * 32)
-        abs_a = builder.select(builder.icmp_signed("<", a, zero), builder.sub(zero, a), a)  # vpabsb, once per block
-        pairs = builder.call(maddubs, [abs_a, builder.call(psign, [b, a])])  # |a| * (sign(a) * b)
-        return builder.add(acc, builder.call(maddwd, [pairs, ir.Constant(v16i16, [1] * 16)]))
-    v32i16, v32i32 = ir.VectorType(_I16, 32), ir.VectorType(_I32, 32)
-    return builder.add(acc, builder.sext(builder.mul(builder.sext(a, v32i16), builder.sext(b, v32i16)), v32i32))
-
-
-def _s8_intrinsic(tokens: int):
-    @intrinsic
-    def tile(typingctx, a_row, b, t0, nblocks):
-        sig = types.UniTuple(types.int32, tokens)(a_row, b, t0, nblocks)
-
-        def codegen(context, builder, signature, args):
-            lanes = 8 if ISA == "avx2" else 32
-            sums = emit_block_loop(context, builder, signature, args, tokens, lanes, _s8_step)
-            return context.make_tuple(builder, signature.return_type, sums)
-
-        return sig, codegen
-
-    return tile
-
-
-# dot_s8_tile1/2(a_row, b, t0, nblocks): int32 sums of a_row[c] * b[t, c] for t = t0 (, t0 + 1) over
-# 32 * nblocks columns (int8, both in [-127, 127]); a row block is loaded once for both tokens.
-dot_s8_tile1 = _s8_intrinsic(1)
-dot_s8_tile2 = _s8_intrinsic(2)
 
 
 @njit(**NJIT)
@@ -108,7 +68,7 @@ def _head_i8(w, wscale, hq, hscale, out):  # pragma: no cover - compiled
         for v in range(v0, v1):
             if T % 2:
                 s1 = dot_s8_tile1(w[v], hq, T - 1, nb)
-                out[T - 1, v] = np.float32(s1[0] + _tail(w[v], hq, T - 1, nb * BLOCK)) * (wscale[v] * hscale[T - 1])
+                out[T - 1, v] = np.float32(s1 + _tail(w[v], hq, T - 1, nb * BLOCK)) * (wscale[v] * hscale[T - 1])
 
 
 def head_i8(w: np.ndarray, wscale: np.ndarray, h: np.ndarray) -> np.ndarray:

@@ -17,254 +17,87 @@ rows with one activation row: each 32-byte activation load serves every packed r
 independent decode chains of the rows interleave. The caller does the remaining (< 32) columns in
 scalar code.
 
-ISA "avx2" decodes on bytes, without the 16-bit multiply-high of the textbook decode: with
-x' = x ^ 0x80 (x - 128 as a signed byte), 3x' = 3x - 128 (mod 256), so the state stays in the
-signed domain under `x' <- x' + x' + x'` (two vpaddb; an empty inline asm keeps LLVM from folding
-the chain into x' * 9, * 27, * 81, which costs 3 to 5 instructions each on bytes), and the digit
-(3x) >> 8 = [x >= 86] + [x >= 171] = [x' > -43] + [x' > 42] is two vpcmpgtb (-1 when true)
-subtracted from zero: 39 vector instructions per 160 weights (43 with the folded chain).
-Codes (u8) times activations (s8) go through `vpmaddubsw` (pairs: |2 * 2 * -128| = 512); the
-pairs of all five digits are added in int16 lanes for CHUNK blocks (12 * 5 * 512 = 30720 < 32767)
-and only then widened into int32 lanes with one `vpmaddwd` against ones.
-ISA "generic" uses plain vector IR on 16-bit lanes (t = 3x; d = t >> 8; x = t & 255).
+The instruction set's strategy (`isa.py`) decodes the digits (`base3_start`, `base3_digit`) and
+multiplies codes (u8) by activations (s8) into short pairs (`madd`; on AVX2 `vpmaddubsw`:
+|2 * 2 * -128| = 512); the pairs of all five digits are added in int16 lanes for CHUNK blocks
+(12 * 5 * 512 = 30720 < 32767) and only then widened into int32 lanes (`widen`).
 """
 
 from __future__ import annotations
 
-from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
 from .config import ISA
+from .isa import ISAS
+from .llvmir import array_data, as_i64, chunked_sums, hsum, i64, int32_sums, load32, loop, splat
 
 BLOCK = 160  # columns per block
 BLOCK_BYTES = 32  # packed bytes per block
 DIGITS = 5
 CHUNK = 12  # blocks summed in int16 lanes before widening (see above)
-_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_V32I8 = ir.VectorType(_I8, 32)
-_V16I16 = ir.VectorType(_I16, 16)
-_V32I16 = ir.VectorType(_I16, 32)
 
 
-def _splat(ty: ir.VectorType, value: int) -> ir.Constant:
-    return ir.Constant(ty, [value] * ty.count)
-
-
-class _Avx2:
-    """Byte-domain decode (vpxor / vpcmpgtb / vpsubb / vpaddb), vpmaddubsw + vpmaddwd."""
-
-    acc_type = ir.VectorType(_I32, 8)
-    pair_type = _V16I16
-
-    @staticmethod
-    def init(builder, w):
-        return [builder.xor(w, _splat(_V32I8, 0x80))]
-
-    @staticmethod
-    def digit(builder, state, last):
-        (x,) = state
-        zero = _splat(_V32I8, 0)
-        ge86 = builder.sext(builder.icmp_signed(">", x, _splat(_V32I8, -43)), _V32I8)  # 0 or -1
-        ge171 = builder.sext(builder.icmp_signed(">", x, _splat(_V32I8, 42)), _V32I8)
-        code = builder.sub(builder.sub(zero, ge86), ge171)
-        if last:
-            return code, state
-        # x' + x' + x' behind an empty asm (no instruction): otherwise LLVM folds the chain into
-        # x' * 9, x' * 27, x' * 81, which AVX2 lacks for bytes and emulates with 3-5 instructions
-        x3 = builder.add(builder.add(x, x), x)
-        return code, [builder.asm(ir.FunctionType(_V32I8, [_V32I8]), "", "=x,0", [x3], side_effect=False)]
-
-    @staticmethod
-    def product(builder, code, xv):
-        mod = builder.module
-        maddubs = mod.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
-        return builder.call(maddubs, [code, xv])
-
-    @staticmethod
-    def widen(builder, pairs):
-        mod = builder.module
-        maddwd = mod.declare_intrinsic("llvm.x86.avx2.pmadd.wd",
-                                       fnty=ir.FunctionType(_Avx2.acc_type, [_V16I16, _V16I16]))
-        return builder.call(maddwd, [pairs, _splat(_V16I16, 1)])
-
-
-class _Generic:
-    """Plain vector IR on 16-bit lanes, for any LLVM target."""
-
-    acc_type = ir.VectorType(_I32, 32)
-    pair_type = _V32I16
-
-    @staticmethod
-    def init(builder, w):
-        return [builder.zext(w, _V32I16)]
-
-    @staticmethod
-    def digit(builder, state, last):
-        (x,) = state
-        t = builder.mul(x, _splat(_V32I16, 3))
-        code = builder.lshr(t, _splat(_V32I16, 8))  # 0, 1 or 2, kept in 16-bit lanes
-        if last:
-            return code, state
-        return code, [builder.and_(t, _splat(_V32I16, 255))]
-
-    @staticmethod
-    def product(builder, code, xv):
-        return builder.mul(code, builder.sext(xv, _V32I16))
-
-    @staticmethod
-    def widen(builder, pairs):
-        return builder.sext(pairs, _Generic.acc_type)
-
-
-def _load32(builder, base, off):
-    return builder.load(builder.bitcast(builder.gep(base, [off]), _V32I8.as_pointer()), align=1)
-
-
-def _block(isa, builder, ws, xps, x_off, acc16):
+def _block(isa, builder, ws, xps, x_off, pairs):
     """Decode the five digits of the 32 packed bytes of every row in `ws`, multiply digit k by the
     activation slice at x_off + 32k of every row in `xps` (each slice is loaded once and shared by
-    all packed rows) and add the products to the int16 pair accumulators acc16[i * len(xps) + j]."""
-    states = [isa.init(builder, w) for w in ws]
-    acc16 = list(acc16)
+    all packed rows) and add the products to the short accumulators pairs[i * len(xps) + j]."""
+    states = [isa.base3_start(builder, w) for w in ws]
+    pairs = list(pairs)
     nt = len(xps)
     for k in range(DIGITS):
-        off = builder.add(x_off, ir.Constant(_I64, BLOCK_BYTES * k)) if k else x_off
-        xvs = [_load32(builder, xp, off) for xp in xps]
+        off = builder.add(x_off, i64(BLOCK_BYTES * k)) if k else x_off
+        xvs = [load32(builder, xp, off) for xp in xps]
         for i in range(len(ws)):
-            code, states[i] = isa.digit(builder, states[i], last=(k == DIGITS - 1))
+            code, states[i] = isa.base3_digit(builder, states[i], last=(k == DIGITS - 1))
             for j, xv in enumerate(xvs):
-                acc16[i * nt + j] = builder.add(acc16[i * nt + j], isa.product(builder, code, xv))
-    return acc16
+                pairs[i * nt + j] = isa.madd(builder, pairs[i * nt + j], code, xv)
+    return pairs
 
 
-def _hsum(builder, acc):
-    total = builder.extract_element(acc, ir.Constant(_I32, 0))
-    for k in range(1, acc.type.count):
-        total = builder.add(total, builder.extract_element(acc, ir.Constant(_I32, k)))
-    return total
+def emit_dot_base3(builder, isa, packed, xs, nblocks, ndigits):
+    """The len(packed) * len(xs) int32 sums of the packed rows (byte pointers) with the activation
+    rows `xs` (byte pointers), in the order (row 0, x 0), (row 0, x 1), ..., (row 1, x 0), ...: over
+    `nblocks` whole blocks, then digits 0 .. ndigits - 1 (ndigits < 5) of block `nblocks` (i64)."""
+    nr, nt = len(packed), len(xs)
 
+    def block(idx, pairs):
+        ws = [load32(builder, p, builder.mul(idx, i64(BLOCK_BYTES))) for p in packed]
+        return _block(isa, builder, ws, xs, builder.mul(idx, i64(BLOCK)), pairs)
 
-def _as_i64(builder, v):
-    return builder.sext(v, _I64) if v.type.width < 64 else v
+    accs = chunked_sums(builder, "b3", isa, nblocks, CHUNK, nr * nt, block)
 
+    # block nblocks, digits 0 .. ndigits - 1: a runtime loop, one digit per trip; guarded, as a row
+    # whose length is a multiple of 160 has no bytes there
+    whole = builder.block
+    with builder.if_then(builder.icmp_signed(">", ndigits, i64(0))):
+        tw = builder.mul(nblocks, i64(BLOCK_BYTES))
+        states = [isa.base3_start(builder, load32(builder, p, tw)) for p in packed]
+        widths = [len(st) for st in states]  # decode state values per packed row
+        nstate = sum(widths)
+        zero_pairs = splat(isa.pair_type, 0)
 
-def _emit(context, builder, signature, args, nr, nt):
-    """IR for the nr * nt sums of packed rows args[:nr] with activation rows args[nr:nr + nt],
-    in the order (row 0, x 0), (row 0, x 1), ..., (row 1, x 0), ..."""
-    isa = _Avx2 if ISA == "avx2" else _Generic
-    acc_t = isa.acc_type
-    zero_acc = ir.Constant(acc_t, [0] * acc_t.count)
-    na = nr * nt
+        def digit(k, values):  # values: the decode states of all rows, then the accumulators
+            off = builder.add(builder.mul(nblocks, i64(BLOCK)), builder.mul(k, i64(BLOCK_BYTES)))
+            xvs = [load32(builder, xp, off) for xp in xs]
+            new_states, new_accs, at = [], [], 0
+            for i, width in enumerate(widths):
+                code, nxt = isa.base3_digit(builder, values[at:at + width], last=False)
+                at += width
+                new_states += nxt
+                for j, xv in enumerate(xvs):
+                    product = isa.widen(builder, isa.madd(builder, zero_pairs, code, xv))
+                    new_accs.append(builder.add(values[nstate + i * nt + j], product))
+            return new_states + new_accs
 
-    def data(i):
-        arr = context.make_array(signature.args[i])(context, builder, args[i])
-        return builder.bitcast(arr.data, _I8.as_pointer())
-
-    pps = [data(i) for i in range(nr)]
-    xps = [data(nr + j) for j in range(nt)]
-    nb = _as_i64(builder, args[nr + nt])
-    ndig = _as_i64(builder, args[nr + nt + 1])
-
-    # for each chunk of up to CHUNK whole blocks: int16 sums over the chunk, then widened to int32
-    pair_t = isa.pair_type
-    zero16 = ir.Constant(pair_t, [0] * pair_t.count)
-    pre = builder.block
-    outer = builder.append_basic_block("b3.chunks")
-    inner_pre = builder.append_basic_block("b3.chunk")
-    inner = builder.append_basic_block("b3.blocks")
-    body = builder.append_basic_block("b3.block")
-    inner_done = builder.append_basic_block("b3.chunk_done")
-    tail = builder.append_basic_block("b3.tail")
-    tpre = builder.append_basic_block("b3.tpre")
-    tloop = builder.append_basic_block("b3.tloop")
-    tbody = builder.append_basic_block("b3.tbody")
-    done = builder.append_basic_block("b3.done")
-    builder.branch(outer)
-
-    builder.position_at_end(outer)
-    ob = builder.phi(_I64)
-    accs = [builder.phi(acc_t) for _ in range(na)]
-    ob.add_incoming(ir.Constant(_I64, 0), pre)
-    for a in accs:
-        a.add_incoming(zero_acc, pre)
-    builder.cbranch(builder.icmp_signed("<", ob, nb), inner_pre, tail)
-
-    builder.position_at_end(inner_pre)
-    end = builder.add(ob, ir.Constant(_I64, CHUNK))
-    end = builder.select(builder.icmp_signed("<", end, nb), end, nb)
-    builder.branch(inner)
-
-    builder.position_at_end(inner)
-    idx = builder.phi(_I64)
-    acc16 = [builder.phi(pair_t) for _ in range(na)]
-    idx.add_incoming(ob, inner_pre)
-    for a in acc16:
-        a.add_incoming(zero16, inner_pre)
-    builder.cbranch(builder.icmp_signed("<", idx, end), body, inner_done)
-
-    builder.position_at_end(body)
-    woff = builder.mul(idx, ir.Constant(_I64, BLOCK_BYTES))
-    ws = [_load32(builder, pp, woff) for pp in pps]
-    new16 = _block(isa, builder, ws, xps, builder.mul(idx, ir.Constant(_I64, BLOCK)), acc16)
-    idx.add_incoming(builder.add(idx, ir.Constant(_I64, 1)), builder.block)
-    for a, v in zip(acc16, new16):
-        a.add_incoming(v, builder.block)
-    builder.branch(inner)
-
-    builder.position_at_end(inner_done)
-    for a, a16 in zip(accs, acc16):
-        a.add_incoming(builder.add(a, isa.widen(builder, a16)), inner_done)
-    ob.add_incoming(end, inner_done)
-    builder.branch(outer)
-
-    # block nb, digits 0..ndig-1 (ndig < 5): a runtime loop, one digit per trip
-    builder.position_at_end(tail)
-    builder.cbranch(builder.icmp_signed(">", ndig, ir.Constant(_I64, 0)), tpre, done)
-
-    builder.position_at_end(tpre)
-    tw = builder.mul(nb, ir.Constant(_I64, BLOCK_BYTES))
-    st0 = [isa.init(builder, _load32(builder, pp, tw)) for pp in pps]
-    builder.branch(tloop)
-
-    builder.position_at_end(tloop)
-    k = builder.phi(_I64)
-    st_phis = [[builder.phi(s.type) for s in st] for st in st0]
-    taccs = [builder.phi(acc_t) for _ in range(na)]
-    k.add_incoming(ir.Constant(_I64, 0), tpre)
-    for ps, st in zip(st_phis, st0):
-        for p, s in zip(ps, st):
-            p.add_incoming(s, tpre)
-    for p, a in zip(taccs, accs):
-        p.add_incoming(a, tpre)
-    builder.cbranch(builder.icmp_signed("<", k, ndig), tbody, done)
-
-    builder.position_at_end(tbody)
-    off = builder.add(builder.mul(nb, ir.Constant(_I64, BLOCK)), builder.mul(k, ir.Constant(_I64, BLOCK_BYTES)))
-    xvs = [_load32(builder, xp, off) for xp in xps]
-    tnew = []
-    nxts = []
-    for i in range(nr):
-        code, nxt = isa.digit(builder, st_phis[i], last=False)
-        nxts.append(nxt)
-        tnew += [builder.add(taccs[i * nt + j], isa.widen(builder, isa.product(builder, code, xv)))
-                 for j, xv in enumerate(xvs)]
-    k.add_incoming(builder.add(k, ir.Constant(_I64, 1)), builder.block)
-    for ps, nxt in zip(st_phis, nxts):
-        for p, s in zip(ps, nxt):
-            p.add_incoming(s, builder.block)
-    for p, v in zip(taccs, tnew):
-        p.add_incoming(v, builder.block)
-    builder.branch(tloop)
-
-    builder.position_at_end(done)
-    phis = []
-    for a, ta in zip(accs, taccs):
-        phi = builder.phi(acc_t)
-        phi.add_incoming(a, tail)
-        phi.add_incoming(ta, tloop)
-        phis.append(phi)
-    return [_hsum(builder, phi) for phi in phis]
+        flat_states = [v for st in states for v in st]
+        tail_accs = loop(builder, "b3.tail", i64(0), ndigits, flat_states + accs, digit)[nstate:]
+        tail = builder.block
+    phis = [builder.phi(a.type) for a in accs]
+    for phi, a, ta in zip(phis, accs, tail_accs):
+        phi.add_incoming(a, whole)
+        phi.add_incoming(ta, tail)
+    return [hsum(builder, phi) for phi in phis]
 
 
 def _row_ok(t, dtype) -> bool:
@@ -276,15 +109,14 @@ def _typed(nt, packed_rows, x_rows, nblocks, ndigits):
             and isinstance(nblocks, types.Integer) and isinstance(ndigits, types.Integer)):
         return None
     nr = len(packed_rows)
-    n = nr * nt
-    ret = types.int32 if n == 1 else types.UniTuple(types.int32, n)
-    sig = ret(*packed_rows, *x_rows, nblocks, ndigits)
+    argtypes = (*packed_rows, *x_rows, nblocks, ndigits)
 
-    def codegen(context, builder, signature, args):
-        sums = _emit(context, builder, signature, args, nr, nt)
-        return sums[0] if n == 1 else context.make_tuple(builder, signature.return_type, sums)
+    def sums(context, builder, signature, args):
+        rows = [array_data(context, builder, signature.args[i], args[i]) for i in range(nr + nt)]
+        nb, nd = (as_i64(builder, v) for v in args[nr + nt:])
+        return emit_dot_base3(builder, ISAS[ISA], rows[:nr], rows[nr:], nb, nd)
 
-    return sig, codegen
+    return int32_sums(argtypes, nr * nt, sums)
 
 
 @intrinsic

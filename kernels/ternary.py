@@ -8,7 +8,8 @@ One packed row therefore feeds four output rows.
 
 The kernel multiplies codes (0, 1, 2) by int8 activations and subtracts the
 activation row sum (sum((w + 1) * x) - sum(x) = sum(w * x)), as bitnet.cpp's
-I2_S does, then dequantizes: y = acc / div[t] * mul, in that order. With
+I2_S does; one kernel ends in `epilogue.store`, which writes that int32 sum, or dequantizes it
+(float32 out): y = acc / div[t] * mul, in that order. With
 div = activation scale s and mul = weight_scale this is transformers'
 AutoBitLinear; with div = s * weight_scale and mul = 1 it is, bit for bit,
 transformers' BitLinear (`acc / (s * weight_scale)`).
@@ -20,6 +21,7 @@ import numpy as np
 from numba import prange
 
 from .config import NJIT, NJIT_PARALLEL, njit
+from .epilogue import store, unused_factors
 from .simd import BLOCK, dot4_tile1, dot4_tile2
 
 _M3 = np.int32(3)
@@ -91,47 +93,28 @@ def _sums2(packed, r, q, t):  # pragma: no cover - compiled
 
 
 @njit(**NJIT)
-def _put_i32(out, t, r, a0, a1, a2, a3, s):  # pragma: no cover - compiled
+def _put4(out, t, r, a0, a1, a2, a3, s, d, mul):  # pragma: no cover - compiled
+    """Store the four sums of packed row r (output rows r, R + r, 2R + r, 3R + r) of token t."""
     R = out.shape[1] // 4
-    out[t, r] = a0 - s
-    out[t, R + r] = a1 - s
-    out[t, 2 * R + r] = a2 - s
-    out[t, 3 * R + r] = a3 - s
-
-
-@njit(**NJIT)
-def _put_f32(out, t, r, a0, a1, a2, a3, s, d, mul):  # pragma: no cover - compiled
-    R = out.shape[1] // 4
-    out[t, r] = np.float32(a0 - s) / d * mul
-    out[t, R + r] = np.float32(a1 - s) / d * mul
-    out[t, 2 * R + r] = np.float32(a2 - s) / d * mul
-    out[t, 3 * R + r] = np.float32(a3 - s) / d * mul
+    store(out, t, r, a0, s, d, mul)
+    store(out, t, R + r, a1, s, d, mul)
+    store(out, t, 2 * R + r, a2, s, d, mul)
+    store(out, t, 3 * R + r, a3, s, d, mul)
 
 
 @njit(**NJIT_PARALLEL)
-def _ternary_matmul_i32(packed, q, qsum, out):  # pragma: no cover - compiled
+def _ternary_kernel(packed, q, qsum, div, mul, out):  # pragma: no cover - compiled
+    """out (T, 4R) from the code-weighted sums of packed (R, K) with q (T, K), through `store`
+    (exact int32 or dequantized float32, by out's dtype)."""
     T = q.shape[0]
     for r in prange(packed.shape[0]):
         for t in range(0, T - 1, 2):
             s = _sums2(packed, r, q, t)
-            _put_i32(out, t, r, s[0], s[1], s[2], s[3], qsum[t])
-            _put_i32(out, t + 1, r, s[4], s[5], s[6], s[7], qsum[t + 1])
+            _put4(out, t, r, s[0], s[1], s[2], s[3], qsum[t], div[t], mul)
+            _put4(out, t + 1, r, s[4], s[5], s[6], s[7], qsum[t + 1], div[t + 1], mul)
         if T % 2:
             s1 = _sums1(packed, r, q, T - 1)
-            _put_i32(out, T - 1, r, s1[0], s1[1], s1[2], s1[3], qsum[T - 1])
-
-
-@njit(**NJIT_PARALLEL)
-def _ternary_linear_f32(packed, q, qsum, div, mul, out):  # pragma: no cover - compiled
-    T = q.shape[0]
-    for r in prange(packed.shape[0]):
-        for t in range(0, T - 1, 2):
-            s = _sums2(packed, r, q, t)
-            _put_f32(out, t, r, s[0], s[1], s[2], s[3], qsum[t], div[t], mul)
-            _put_f32(out, t + 1, r, s[4], s[5], s[6], s[7], qsum[t + 1], div[t + 1], mul)
-        if T % 2:
-            s1 = _sums1(packed, r, q, T - 1)
-            _put_f32(out, T - 1, r, s1[0], s1[1], s1[2], s1[3], qsum[T - 1], div[T - 1], mul)
+            _put4(out, T - 1, r, s1[0], s1[1], s1[2], s1[3], qsum[T - 1], div[T - 1], mul)
 
 
 def _check(packed: np.ndarray, q: np.ndarray) -> None:
@@ -148,7 +131,7 @@ def ternary_matmul(packed: np.ndarray, q: np.ndarray, qsum: np.ndarray | None = 
     if qsum is None:
         qsum = q.astype(np.int32).sum(axis=1).astype(np.int32)
     out = np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.int32)
-    _ternary_matmul_i32(packed, q, qsum, out)
+    _ternary_kernel(packed, q, qsum, *unused_factors(q.shape[0]), out)
     return out
 
 
@@ -170,7 +153,7 @@ def ternary_linear(packed, q, qsum, div, mul, out=None) -> np.ndarray:
     _check(packed, q)
     if out is None:
         out = np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.float32)
-    _ternary_linear_f32(packed, q, qsum, np.asarray(div, np.float32), np.float32(mul), out)
+    _ternary_kernel(packed, q, qsum, np.asarray(div, np.float32), np.float32(mul), out)
     return out
 
 

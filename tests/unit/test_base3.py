@@ -18,6 +18,8 @@ from ternpool.kernels import (
     unpack_base3,
 )
 from ternpool.kernels.base3 import decode_base3, encode_base3, packed_cols
+from ternpool.kernels import config
+from ternpool.kernels.isa import usable_isas
 
 from helpers import assert_same_with_any_thread_count, readonly
 
@@ -252,11 +254,13 @@ def test_results_do_not_depend_on_thread_count():
     assert_same_with_any_thread_count(base3_matmul, packed, q)
 
 
-_PORTABLE_CHECK = """
+_OTHER_ISA_CHECK = """
+import os
+
 import numpy as np
 from ternpool.kernels import config
 from ternpool.kernels.base3 import base3_linear, base3_linear_ref, base3_matmul, base3_matmul_ref, pack_base3
-assert config.ISA == "generic", config.ISA
+assert config.ISA == os.environ["TERNPOOL_ISA"], config.ISA
 rng = np.random.default_rng(3)
 for rows, cols, tokens in [(1, 1, 1), (3, 31, 2), (5, 161, 3), (7, 333, 8), (33, 2560, 5), (4, 6912, 1),
                            (2, 160, 1), (3, 493, 1), (19, 493, 1), (35, 8192, 1), (6, 45568, 1), (17, 45555, 1),
@@ -268,16 +272,18 @@ for rows, cols, tokens in [(1, 1, 1), (3, 31, 2), (5, 161, 3), (7, 333, 8), (33,
     qsum = q.astype(np.int32).sum(1)
     div = rng.uniform(0.5, 2, tokens).astype(np.float32)
     assert np.array_equal(base3_linear(packed, q, qsum, div, 0.25), base3_linear_ref(packed, q, div, 0.25))
-print("generic ok")
+print("exact with", config.ISA)
 """
 
 
-def test_portable_isa_is_exact_too(tmp_path):
-    """The path for CPUs without AVX2 (forced with TERNPOOL_ISA=generic, in its own Numba cache)."""
+@pytest.mark.parametrize("isa", [name for name in usable_isas() if name != config.ISA])
+def test_other_usable_isas_are_exact_too(isa, tmp_path):
+    """Every instruction set this CPU can run besides the one tested above in-process (the portable
+    path for CPUs without AVX2, at least), forced with TERNPOOL_ISA in its own Numba cache."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, TERNPOOL_ISA="generic", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
-    r = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True)
-    assert r.returncode == 0 and "generic ok" in r.stdout, r.stdout + r.stderr
+    env = dict(os.environ, TERNPOOL_ISA=isa, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    r = subprocess.run([sys.executable, "-c", _OTHER_ISA_CHECK], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and f"exact with {isa}" in r.stdout, r.stdout + r.stderr

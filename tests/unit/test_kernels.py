@@ -23,6 +23,8 @@ from ternpool.kernels import (
     ternary_matmul_ref,
     unpack_ternary,
 )
+from ternpool.kernels import config
+from ternpool.kernels.isa import usable_isas
 
 from helpers import assert_same_with_any_thread_count, readonly
 
@@ -173,10 +175,12 @@ def test_attention_matches_reference(heads, kv_heads, dim):
         attention(q, kc, vc, slots, np.full(6, 40), 1.0)
 
 
-_PORTABLE_CHECK = """
+_OTHER_ISA_CHECK = """
+import os
+
 import numpy as np
 from ternpool.kernels import config, pack_ternary, ternary_matmul, ternary_matmul_ref
-assert config.ISA == "generic", config.ISA
+assert config.ISA == os.environ["TERNPOOL_ISA"], config.ISA
 rng = np.random.default_rng(3)
 for rows, cols, tokens in [(4, 1, 1), (12, 33, 3), (516, 129, 5), (64, 2560, 2)]:
     packed = pack_ternary(rng.integers(-1, 2, size=(rows, cols)))
@@ -187,22 +191,27 @@ w = rng.integers(-127, 128, size=(70, 97)).astype(np.int8)
 ws = rng.uniform(0.5, 2, 70).astype(np.float32)
 h = rng.standard_normal((3, 97)).astype(np.float32)
 assert np.array_equal(head_i8(w, ws, h), head_i8_ref(w, ws, h))
-print("generic ok")
+print("exact with", config.ISA)
 """
 
 
-def test_portable_isa_is_exact_too(tmp_path):
-    """The path for CPUs without AVX2 (forced with TERNPOOL_ISA=generic, in its own Numba cache)."""
+@pytest.mark.parametrize("isa", [name for name in usable_isas() if name != config.ISA])
+def test_other_usable_isas_are_exact_too(isa, tmp_path):
+    """Every instruction set this CPU can run besides the one tested above in-process (the portable
+    path for CPUs without AVX2, at least), forced with TERNPOOL_ISA in its own Numba cache."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, TERNPOOL_ISA="generic", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
-    r = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True)
-    assert r.returncode == 0 and "generic ok" in r.stdout, r.stdout + r.stderr
+    env = dict(os.environ, TERNPOOL_ISA=isa, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    r = subprocess.run([sys.executable, "-c", _OTHER_ISA_CHECK], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and f"exact with {isa}" in r.stdout, r.stdout + r.stderr
 
 
 def test_host_isa_is_detected():
-    from ternpool.kernels import config
+    import os
 
-    assert config.ISA in ("avx2", "generic")
+    from ternpool.kernels.isa import ISAS, host_isa
+
+    assert config.ISA in ISAS
+    assert config.ISA == (os.environ.get("TERNPOOL_ISA") or host_isa())

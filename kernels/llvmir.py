@@ -1,0 +1,133 @@
+"""The LLVM IR toolkit of the SIMD kernels: types, loads, loops with carried values, horizontal sums,
+x86 intrinsic calls, and the glue that turns an emitter into a Numba `@intrinsic`.
+
+Emitters (`simd.py`, `simd_base3.py`) are written against plain llvmlite values (byte pointers,
+i64 counts) and an instruction-set strategy (`isa.py`), so that the same emitter serves Numba
+(through `int32_sums`) and a bare llvmlite module compiled for a named CPU (the assembly tests).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+V32I8 = ir.VectorType(I8, 32)  # one 32-byte load
+V16I16 = ir.VectorType(I16, 16)
+V32I16 = ir.VectorType(I16, 32)
+BYTE_PTR = I8.as_pointer()
+
+
+def splat(ty: ir.VectorType, value: int) -> ir.Constant:
+    """The vector constant with every lane `value`."""
+    return ir.Constant(ty, [value] * ty.count)
+
+
+def i64(value: int) -> ir.Constant:
+    return ir.Constant(I64, value)
+
+
+def as_i64(builder, v):
+    """A narrower integer sign-extended to i64 (Numba passes intp or smaller ints)."""
+    return builder.sext(v, I64) if v.type.width < 64 else v
+
+
+def load32(builder, base, off):
+    """The 32 bytes at base + off (an i8 pointer and an i64 byte offset), unaligned."""
+    return builder.load(builder.bitcast(builder.gep(base, [off]), V32I8.as_pointer()), align=1)
+
+
+def hsum(builder, vec):
+    """The sum of a vector's lanes (a scalar of its element type)."""
+    total = builder.extract_element(vec, ir.Constant(I32, 0))
+    for k in range(1, vec.type.count):
+        total = builder.add(total, builder.extract_element(vec, ir.Constant(I32, k)))
+    return total
+
+
+def call_intrinsic(builder, name: str, ret, args):
+    """Declare the LLVM intrinsic `name` (e.g. llvm.x86.avx2.pmadd.ub.sw) in the module and call it."""
+    fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(ret, [a.type for a in args]))
+    return builder.call(fn, list(args))
+
+
+def loop(builder, name: str, start, stop, carried, body, step: int | None = 1):
+    """Emit `for i in range(start, stop, step)` (i64, step > 0) with loop-carried values.
+
+    `body(i, values) -> new values` emits one trip; `carried` are the values on entry. With
+    step=None, `body(i, values) -> (next i, new values)` moves i itself (forward). Returns the
+    values after the loop (the phis of its header, from which it exits); the builder is left in
+    the block after the loop."""
+    pre = builder.block
+    head = builder.append_basic_block(f"{name}.loop")
+    trip = builder.append_basic_block(f"{name}.body")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.branch(head)
+
+    builder.position_at_end(head)
+    i = builder.phi(I64)
+    phis = [builder.phi(v.type) for v in carried]
+    i.add_incoming(start, pre)
+    for phi, v in zip(phis, carried):
+        phi.add_incoming(v, pre)
+    builder.cbranch(builder.icmp_signed("<", i, stop), trip, done)
+
+    builder.position_at_end(trip)
+    if step is None:
+        following, new = body(i, list(phis))
+    else:
+        new = body(i, list(phis))
+        following = builder.add(i, i64(step))
+    assert len(new) == len(phis), (len(new), len(phis))
+    i.add_incoming(following, builder.block)
+    for phi, v in zip(phis, new):
+        phi.add_incoming(v, builder.block)
+    builder.branch(head)
+
+    builder.position_at_end(done)
+    return phis
+
+
+def chunked_sums(builder, name: str, isa, n, chunk: int, naccs: int, block):
+    """`naccs` int32 accumulators (isa.acc_type) over blocks 0 .. n - 1, in chunks of `chunk` blocks:
+    within a chunk `block(idx, pairs) -> pairs` adds one block into short accumulators
+    (isa.pair_type, from zero), which are widened into the int32 ones at the end of the chunk.
+    `chunk` must keep the short sums from overflowing (the caller's bound)."""
+    zero_acc, zero_pairs = splat(isa.acc_type, 0), splat(isa.pair_type, 0)
+
+    def one_chunk(start, accs):
+        end = builder.add(start, i64(chunk))
+        end = builder.select(builder.icmp_signed("<", end, n), end, n)
+        pairs = loop(builder, f"{name}.blocks", start, end, [zero_pairs] * naccs, block)
+        return end, [builder.add(a, isa.widen(builder, p)) for a, p in zip(accs, pairs)]
+
+    return loop(builder, f"{name}.chunks", i64(0), n, [zero_acc] * naccs, one_chunk, step=None)
+
+
+# --- Numba glue ---------------------------------------------------------------------------------
+
+def array_data(context, builder, arrty, arr):
+    """The data pointer of a Numba array argument, as an i8 pointer."""
+    return builder.bitcast(context.make_array(arrty)(context, builder, arr).data, BYTE_PTR)
+
+
+def matrix_rows(context, builder, arrty, arr, t0, count: int):
+    """i8 pointers to rows t0, t0 + 1, ..., t0 + count - 1 of a Numba 2-D array argument."""
+    a = context.make_array(arrty)(context, builder, arr)
+    base = builder.bitcast(a.data, BYTE_PTR)
+    stride = builder.extract_value(a.strides, 0)
+    t0 = as_i64(builder, t0)
+    return [builder.gep(base, [builder.mul(builder.add(t0, i64(j)), stride)]) for j in range(count)]
+
+
+def int32_sums(argtypes, n: int, emit):
+    """(signature, codegen) for a Numba `@intrinsic` over `argtypes` whose
+    `emit(context, builder, signature, args)` returns n int32 values: the intrinsic returns an int32
+    when n == 1, else a UniTuple of n int32."""
+    ret = types.int32 if n == 1 else types.UniTuple(types.int32, n)
+
+    def codegen(context, builder, signature, args):
+        sums = emit(context, builder, signature, args)
+        return sums[0] if n == 1 else context.make_tuple(builder, signature.return_type, sums)
+
+    return ret(*argtypes), codegen

@@ -1,0 +1,89 @@
+"""Every registered instruction-set strategy, compiled for a named CPU: the emitters of the SIMD
+kernels go into a bare llvmlite module, through LLVM's -O3 pipeline, and the assembly must hold the
+instructions the strategy exists for, whatever CPU runs the tests.
+
+Adding an instruction set adds one row to ASM_EXPECTATIONS (a CPU that has it, the instructions it
+must produce, and those it must not)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from llvmlite import binding, ir
+
+from ternpool.kernels.isa import ISAS, host_isa, usable_isas
+from ternpool.kernels.llvmir import BYTE_PTR, I32, I64, i64
+from ternpool.kernels.simd import emit_dot4, emit_dot_s8
+from ternpool.kernels.simd_base3 import emit_dot_base3
+
+pytestmark = pytest.mark.unit
+
+# (isa, cpu, instructions that must appear, instructions that must not)
+ASM_EXPECTATIONS = [
+    ("avx2", "haswell", {"vpmaddubsw", "vpmaddwd", "vpsignb", "vpcmpgtb"}, set()),
+    ("avx2", "znver3", {"vpmaddubsw", "vpmaddwd", "vpsignb", "vpcmpgtb"}, set()),
+    ("generic", "x86-64", {"pmullw"}, {"vpmaddubsw", "pmaddubsw", "vpsignb"}),
+]
+
+
+def _kernel(module, name, nptr, emit):
+    """void name(i8* ptrs[nptr]..., i64 n, i64 m, i32* out): out[k] = k-th sum of emit(builder, ptrs, n, m)."""
+    fnty = ir.FunctionType(ir.VoidType(), [BYTE_PTR] * nptr + [I64, I64, I32.as_pointer()])
+    fn = ir.Function(module, fnty, name)
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    *ptrs, n, m, out = fn.args
+    for k, s in enumerate(emit(builder, ptrs, n, m)):
+        builder.store(s, builder.gep(out, [i64(k)]))
+    builder.ret_void()
+
+
+def _assembly(isa, cpu: str) -> str:
+    module = ir.Module(name=f"ternpool_{isa.name}")
+    module.triple = "x86_64-unknown-linux-gnu"
+    _kernel(module, "dot4_tile2", 3, lambda b, p, n, m: emit_dot4(b, isa, p[0], p[1:], n))
+    _kernel(module, "dot_s8_tile2", 3, lambda b, p, n, m: emit_dot_s8(b, isa, p[0], p[1:], n))
+    _kernel(module, "dot_base3_4", 5, lambda b, p, n, m: emit_dot_base3(b, isa, p[:1], p[1:], n, m))
+    _kernel(module, "dot_base3_rows4", 5, lambda b, p, n, m: emit_dot_base3(b, isa, p[:4], p[4:], n, m))
+    binding.initialize_native_target()
+    binding.initialize_native_asmprinter()
+    target = binding.Target.from_triple(module.triple)
+    machine = target.create_target_machine(cpu=cpu, opt=3)
+    llmod = binding.parse_assembly(str(module))
+    llmod.verify()
+    builder = binding.create_pass_builder(machine, binding.create_pipeline_tuning_options(speed_level=3))
+    builder.getModulePassManager().run(llmod, builder)
+    return machine.emit_assembly(llmod)
+
+
+def _mnemonics(asm: str) -> set[str]:
+    return {m.group(1) for m in re.finditer(r"^\s+([a-z][a-z0-9]*)\s", asm, re.MULTILINE)}
+
+
+@pytest.mark.parametrize("name,cpu,present,absent", ASM_EXPECTATIONS)
+def test_strategy_compiles_to_its_instructions(name, cpu, present, absent):
+    found = _mnemonics(_assembly(ISAS[name], cpu))
+    assert present <= found, f"{name} on {cpu}: missing {sorted(present - found)}"
+    assert not absent & found, f"{name} on {cpu}: unexpected {sorted(absent & found)}"
+
+
+def test_every_registered_strategy_has_an_assembly_check():
+    assert set(ISAS) == {row[0] for row in ASM_EXPECTATIONS}
+
+
+def test_host_gets_the_best_strategy_it_has_the_features_for():
+    assert host_isa({"avx2": True, "fma": True}) == "avx2"
+    assert host_isa({"avx2": False, "sse2": True}) == "generic"
+    assert host_isa({}) == "generic"
+    assert usable_isas({"avx2": True}) == ["avx2", "generic"]
+
+
+def test_unknown_isa_is_refused_naming_the_registered_ones():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TERNPOOL_ISA="sse9")
+    r = subprocess.run([sys.executable, "-c", "import ternpool.kernels.config"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "TERNPOOL_ISA must be one of" in r.stderr and "'avx2'" in r.stderr and "'sse9'" in r.stderr, r.stderr
