@@ -47,7 +47,7 @@ class PoolConfig:
     address: str | None = None  # None: embedded local cluster (or the one this process already joined)
     workers: int | None = None  # None: one per node
     threads_per_worker: int | None = None  # None: all CPUs of the node
-    slots: int | None = None  # None: 8, fewer if the KV cache would not fit the node's memory
+    slots: int | None = None  # None: DEFAULT_SLOTS (32), fewer if the KV cache would not fit the node's memory
     max_context: int | None = None
     head: str = "bf16"  # output head: "bf16" (exact) or "int8" (half the bytes per token)
     weights_format: str | None = None  # "2bit" / "1.6bit"; None: 2bit, or a converted model's own

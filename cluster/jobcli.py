@@ -24,8 +24,8 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    "only, the model is mapped from disk); a cluster joined with --address keeps its own")
     p.add_argument("--workers", type=int, help="number of worker actors (default: one per node)")
     p.add_argument("--threads-per-worker", type=int, help="Numba threads (CPUs) per worker (default: all of the node's)")
-    p.add_argument("--slots", type=int, help="sequences each worker decodes at once (default: 8, fewer when "
-                   "their KV cache would take more than half of a node's free memory)")
+    p.add_argument("--slots", type=int, help="sequences each worker decodes at once (default: 32, where aggregate decode "
+                   "stops growing; fewer when their KV cache would take more than half of a node's free memory)")
     p.add_argument("--max-context", type=int, help="context length per slot (default: 2048 or the model's)")
     add_model_options(p)
     p.add_argument("--max-tokens", type=int, default=128, help="default tokens to generate per row (default: 128)")

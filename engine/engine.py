@@ -34,7 +34,7 @@ from .validate import load_tokenizer
 log = logging.getLogger(__name__)
 _END = object()
 
-DEFAULT_SLOTS = 8
+DEFAULT_SLOTS = 32  # where aggregate decode flattens on 2b4t (README, "Slots per worker"); fewer if memory is short
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_STEP_TOKENS = 512
 TRUNCATE_MODES = ("error", "left")
