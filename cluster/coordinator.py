@@ -11,7 +11,10 @@ Recovery: a piece whose worker is lost goes back to the queue. The first
 loss is retried as is; after that a piece with several rows is split in
 halves, so a row that keeps killing its worker ends up alone and, after
 `max_retries` more losses, is written with an error while the rest of its
-shard succeeds.
+shard succeeds. A piece that has been lost once is held alone (its worker
+gets no other piece until it is done, and it goes only to an idle worker),
+so a loss is charged to the rows that may have caused it, never to an
+innocent piece that happened to share the worker.
 
 Write failures: a part file or manifest write that raises OSError (disk full, I/O error, permission)
 keeps the shard's results in memory and is retried up to `WRITE_ATTEMPTS` times, `WRITE_BACKOFF_S`
@@ -159,9 +162,9 @@ class Coordinator:
             w.last_seen = time.monotonic()
             if self.cancelled or self.error is not None or not self.remaining:
                 return DONE
-            if not self.queue:
+            piece = self._next_piece(w)
+            if piece is None:
                 return WAIT
-            piece = self.queue.popleft()
             if self.first_lease is None:
                 self.first_lease = time.time()
             self.shard_started.setdefault(piece.shard.shard_id, time.monotonic())
@@ -171,6 +174,21 @@ class Coordinator:
         rows = read_shard(self.inputs, piece.shard, self.row_groups)
         self._busy("lease_s", time.perf_counter() - t0)
         return piece.key, rows
+
+    def _next_piece(self, w: _WorkerState) -> _Piece | None:
+        """Take the next piece this worker may hold, or None. A piece whose worker was lost before is
+        held alone: it goes only to a worker holding nothing, and that worker gets nothing more until
+        it is done. So a poison or hanging row charges its loss to its own piece only, never to an
+        innocent row that shared its worker."""
+        if not self.queue or any(p.losses for p in w.leased.values()):
+            return None
+        if not w.leased:
+            return self.queue.popleft()
+        for i, piece in enumerate(self.queue):
+            if not piece.losses:
+                del self.queue[i]
+                return piece
+        return None
 
     def _busy(self, what: str, seconds: float) -> None:
         with self.lock:

@@ -327,3 +327,29 @@ def test_eta_is_remaining_rows_over_the_recent_row_rate(tmp_path, monkeypatch, c
         lock.release()
     line = capsys.readouterr().out.strip().splitlines()[0]
     assert "running; " in line and line.endswith(", ETA 40 s"), line
+
+
+def _rows(lease) -> list[int]:
+    return lease[1].column("row_index").to_pylist()
+
+
+def test_a_piece_lost_before_is_held_alone_so_only_its_own_rows_pay(tmp_path):
+    coord = _coordinator(tmp_path, rows=16, shard_rows=4)  # shards 0..3 of 4 rows
+    for w in ("a", "b", "c"):
+        coord.register(w, "node")
+    first, second = coord.lease("a"), coord.lease("a")  # "a" holds shards 0 and 1 at once
+    assert (_rows(first), _rows(second)) == ([0, 1, 2, 3], [4, 5, 6, 7])
+    coord.worker_lost("a", "killed")  # both pieces lost once: now suspects, at the front of the queue
+    held = coord.lease("b")
+    assert _rows(held) in ([0, 1, 2, 3], [4, 5, 6, 7])
+    assert coord.lease("b") == coordinator_mod.WAIT  # "b" holds a suspect: nothing more for it
+    other = coord.lease("c")  # an idle worker takes the other suspect
+    assert sorted(_rows(held) + _rows(other)) == list(range(8))
+    coord.register("d", "node")
+    normal = coord.lease("d")
+    assert _rows(normal) == [8, 9, 10, 11]  # an ordinary piece
+    coord.worker_lost("c", "killed")  # the other suspect again: split in halves, still suspects
+    assert _rows(coord.lease("d")) == [12, 13, 14, 15]  # a busy worker skips suspects for ordinary work
+    assert coord.lease("d") == coordinator_mod.WAIT  # only suspects are left: they wait for an idle worker
+    coord.worker_lost("b", "killed")  # the lost pieces never charged each other: each lost alone
+    assert coord.retries == 4
