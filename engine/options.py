@@ -14,7 +14,7 @@ HEADS = ("bf16", "int8")  # output head: the exact bf16 embedding, or its per-ro
 WEIGHTS_FORMATS = ("2bit", "1.6bit")  # ternary weights in memory: Hugging Face packing, or base 3
 DEFAULT_WEIGHTS_FORMAT = "2bit"
 TRUNCATE_MODES = ("error", "left")  # a prompt longer than the context: an error, or keep its end
-DEFAULT_SLOTS = 8
+DEFAULT_SLOTS = 32  # where aggregate decode flattens on 2b4t (README, "Slots per worker"); fewer if memory is short
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_STEP_TOKENS = 512
 

@@ -29,8 +29,9 @@ def add_engine_options(p: argparse.ArgumentParser, *, pool: bool) -> None:
     if pool:
         p.add_argument("--threads-per-worker", dest="threads", type=int,
                        help="Numba threads (CPUs) per worker (default: all of the node's)")
-        p.add_argument("--slots", type=int, help=f"sequences each worker decodes at once (default: {DEFAULT_SLOTS}, "
-                       "fewer when their KV cache would take more than half of a node's free memory)")
+        p.add_argument("--slots", type=int, help=f"sequences each worker decodes at once (default: {DEFAULT_SLOTS}, where "
+                       "aggregate decode stops growing; fewer when their KV cache would take more than half of a "
+                       "node's free memory)")
         p.add_argument("--max-context", type=int,
                        help=f"context length per slot (default: {DEFAULT_MAX_CONTEXT} or the model's)")
     else:
