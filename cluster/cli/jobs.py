@@ -24,7 +24,6 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    help="object store of the embedded cluster, MB (default: 512; it carries prompts and results "
                    "only, the model is mapped from disk); a cluster joined with --address keeps its own")
     p.add_argument("--workers", type=int, help="number of worker actors (default: one per node)")
-cluster/cli/jobs.py
     add_engine_options(p, pool=True)
     add_sampling_options(p, job=True)
     p.add_argument("--shard-rows", type=int, default=64, help="rows per shard at most (default: 64)")
