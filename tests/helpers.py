@@ -89,6 +89,14 @@ def assert_same_with_any_thread_count(kernel: Callable, *args) -> None:
 
 # -- jobs -------------------------------------------------------------------------------------------
 
+def assert_exact_under_isa(isa: str, script: str, tmp_path: Path) -> None:
+    """Run `script` (exact kernel checks that print "exact with <ISA>") in a new process with the
+    instruction set forced by TERNPOOL_ISA and its own Numba cache, and assert it passed."""
+    env = dict(os.environ, TERNPOOL_ISA=isa, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and f"exact with {isa}" in r.stdout, r.stdout + r.stderr
+
+
 def write_prompts(path: Path, prompts: int | list, *, row_group_size: int | None = None, **columns) -> Path:
     """A Parquet file of a `prompt` column (the list given, or "story 0", "story 1", ... when a count)
     followed by `columns`; returns its path."""

@@ -239,10 +239,11 @@ def add_commands(sub) -> None:
         "status", help="progress of a running or finished job (reads OUT)",
         description="Print the state of the job writing OUT, read from OUT/_manifest.json (the shards and rows "
         "completed) and OUT/_progress.json (kept current by the submitting process: tokens/s, ETA). Works from "
-        "any shell that can read OUT, with no Ray address and without loading the model. States: running (the "
-        "submitting process updated the progress recently), finished (every shard is written), cancelled "
-        "(stopped by Ctrl-C or `ternpool cancel`), incomplete (stopped otherwise, e.g. its process was killed). "
-        "Rerun the same submit command to resume a cancelled or incomplete job.")
+        "any shell that can read OUT, with no Ray address and without loading the model. States: running (a live "
+        "submitting process holds OUT; for a URI output, it updated the progress in the last minute), finished "
+        "(every shard is written), cancelled (stopped by Ctrl-C or `ternpool cancel`), failed (stopped by an "
+        "error, shown with it, e.g. a disk that stayed full), incomplete (its process is gone, e.g. killed). "
+        "Rerun the same submit command to resume a cancelled, failed or incomplete job.")
     st.add_argument("output", help="the job's output directory")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)

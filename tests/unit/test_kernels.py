@@ -26,7 +26,7 @@ from ternpool.kernels import (
 from ternpool.kernels import config
 from ternpool.kernels.isa import usable_isas
 
-from helpers import assert_same_with_any_thread_count, readonly
+from helpers import assert_exact_under_isa, assert_same_with_any_thread_count, readonly
 
 
 pytestmark = pytest.mark.unit
@@ -198,14 +198,8 @@ print("exact with", config.ISA)
 @pytest.mark.parametrize("isa", [name for name in usable_isas() if name != config.ISA])
 def test_other_usable_isas_are_exact_too(isa, tmp_path):
     """Every instruction set this CPU can run besides the one tested above in-process (the portable
-    path for CPUs without AVX2, at least), forced with TERNPOOL_ISA in its own Numba cache."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TERNPOOL_ISA=isa, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
-    r = subprocess.run([sys.executable, "-c", _OTHER_ISA_CHECK], env=env, capture_output=True, text=True)
-    assert r.returncode == 0 and f"exact with {isa}" in r.stdout, r.stdout + r.stderr
+    path for CPUs without AVX2, at least)."""
+    assert_exact_under_isa(isa, _OTHER_ISA_CHECK, tmp_path)
 
 
 def test_host_isa_is_detected():
