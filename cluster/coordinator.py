@@ -7,14 +7,9 @@ every row of a shard has a result, the coordinator writes its part file
 (temporary name, then rename) and records it in the manifest: a shard is
 written exactly once, whatever was lost on the way.
 
-Recovery: a piece whose worker is lost goes back to the queue. The first
-loss is retried as is; after that a piece with several rows is split in
-halves, so a row that keeps killing its worker ends up alone and, after
-`max_retries` more losses, is written with an error while the rest of its
-shard succeeds. A piece that has been lost once is held alone (its worker
-gets no other piece until it is done, and it goes only to an idle worker),
-so a loss is charged to the rows that may have caused it, never to an
-innocent piece that happened to share the worker.
+Recovery: a piece whose worker is lost goes back to the queue, split until
+a row that keeps killing its worker is alone and then written with an error
+while the rest of its shard succeeds (`cluster/pieces.py`).
 
 Write failures: a part file or manifest write that raises OSError (disk full, I/O error, permission)
 keeps the shard's results in memory and is retried up to `WRITE_ATTEMPTS` times, `WRITE_BACKOFF_S`
@@ -28,7 +23,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import ray
@@ -36,12 +30,13 @@ import ray
 from ternpool.engine.requests import Result
 from ternpool.jobs.manifest import Manifest
 from ternpool.jobs.output import error_results, result_table, write_part
-from ternpool.jobs.plan import Shard, split_shard
+from ternpool.jobs.plan import Shard
 from ternpool.jobs import storage
 from ternpool.jobs.progress import PROGRESS_FILE, owns_output, write_progress
 from ternpool.jobs.rows import ChunkCache, read_shard
 
 from .metrics import JobMetrics
+from .pieces import Piece, PieceQueue
 from .stats import JobStats, SchedulingStats, WorkerStats, processed_tokens
 
 log = logging.getLogger(__name__)
@@ -56,19 +51,9 @@ _MANIFEST = "manifest"  # key of the manifest save in Coordinator._retry
 
 
 @dataclass
-class _Piece:
-    shard: Shard  # a contiguous range of one planned shard (same shard_id)
-    losses: int = 0  # times a worker holding it was lost
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.shard.shard_id, self.shard.row_start)
-
-
-@dataclass
 class _WorkerState:
     node: str
-    leased: dict = field(default_factory=dict)  # piece key -> _Piece
+    leased: dict = field(default_factory=dict)  # piece key -> Piece
     last_seen: float = field(default_factory=time.monotonic)
     rows: int = 0
     prompt_tokens: int = 0
@@ -92,9 +77,8 @@ class Coordinator:
         self.pushgateway = pushgateway
         self.shard_started: dict[int, float] = {}
         self.shard_tokens: dict[int, dict] = {}  # shard_id -> (worker, node) -> [prompt, generated]
-        self.max_retries = max_retries
         self.lock = threading.RLock()
-        self.queue: deque[_Piece] = deque(_Piece(s) for s in shards if not manifest.is_done(s.shard_id))
+        self.queue = PieceQueue((s for s in shards if not manifest.is_done(s.shard_id)), max_retries)
         self.shards = {s.shard_id: s for s in shards}
         self.chunks = ChunkCache()  # leasing and writing a shard both read its input rows
         self.partial: dict[int, dict[int, Result]] = {}  # shard_id -> row_index -> result
@@ -145,7 +129,7 @@ class Coordinator:
             w.last_seen = time.monotonic()
             if self.cancelled or self.error is not None or not self.remaining:
                 return DONE
-            piece = self._next_piece(w)
+            piece = self.queue.take(w.leased.values())
             if piece is None:
                 return WAIT
             if self.first_lease is None:
@@ -157,21 +141,6 @@ class Coordinator:
         rows = read_shard(self.inputs, piece.shard, self.chunks)
         self._busy("lease_s", time.perf_counter() - t0)
         return piece.key, rows
-
-    def _next_piece(self, w: _WorkerState) -> _Piece | None:
-        """Take the next piece this worker may hold, or None. A piece whose worker was lost before is
-        held alone: it goes only to a worker holding nothing, and that worker gets nothing more until
-        it is done. So a poison or hanging row charges its loss to its own piece only, never to an
-        innocent row that shared its worker."""
-        if not self.queue or any(p.losses for p in w.leased.values()):
-            return None
-        if not w.leased:
-            return self.queue.popleft()
-        for i, piece in enumerate(self.queue):
-            if not piece.losses:
-                del self.queue[i]
-                return piece
-        return None
 
     def _busy(self, what: str, seconds: float) -> None:
         with self.lock:
@@ -254,23 +223,12 @@ class Coordinator:
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
-    def _requeue(self, piece: _Piece, reason: str) -> None:
+    def _requeue(self, piece: Piece, reason: str) -> None:
         self.retries += 1
-        piece.losses += 1
-        rows = piece.shard.num_rows
-        if piece.losses > 1 and rows > 1:
-            for half in split_shard(piece.shard, 2):
-                self.queue.appendleft(_Piece(half, losses=1))
-            log.warning("shard %d rows %d..%d lost %d times (%s): split to isolate the failing row",
-                        piece.shard.shard_id, piece.shard.first_row_index,
-                        piece.shard.first_row_index + rows - 1, piece.losses, reason)
-        elif rows == 1 and piece.losses > self.max_retries + 1:
-            row = piece.shard.first_row_index
-            log.error("row %d lost its worker %d times: written with an error", row, piece.losses)
+        row = self.queue.lost(piece, reason)
+        if row is not None:
             self._add_results(piece.shard.shard_id, error_results(
                 [row], f"row {row}: its worker was lost {piece.losses} times ({reason}); giving up"))
-        else:
-            self.queue.appendleft(piece)
 
     def _add_results(self, shard_id: int, results: dict[int, Result]) -> None:
         got = self.partial.setdefault(shard_id, {})

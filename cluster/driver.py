@@ -1,5 +1,6 @@
 """Submitting a batch job: validate, plan, start the coordinator and one worker per node, supervise.
 
+The plan (`cluster/plan.py`) and the sizing against every node (`cluster/sizing.py`) come first.
 Everything that can be checked is checked before any compute: the input
 schema, the model, and (when OUT already has a manifest) that the job is the
 same one, so that rerunning the same command resumes it. Supervision runs
@@ -14,181 +15,28 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ternpool.engine import ModelConfig
-from ternpool.engine.engine import auto_slots, context_length
-from ternpool.engine.footprint import Footprint, fit_problem, footprint
-from ternpool.engine.hub import resolve_model_dir
-from ternpool.engine.native import resolved_weights_format
-from ternpool.engine.options import EngineConfig
-from ternpool.engine.shapes import kv_bytes_per_slot
-from ternpool.engine.validate import validate_model
-from ternpool.jobs import JobSpec, Manifest, model_fingerprint, open_inputs, plan_shards
-from ternpool.jobs.errors import JobInputError
+from ternpool.jobs import JobSpec, Manifest
 from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel, read_progress, request_cancel,
                                     write_progress)
 from ternpool.jobs.runlock import OutputLock
 
 from .coordinator import CoordinatorActor
 from .metrics import ports_to_try
+from .plan import Plan, PoolConfig, prepare, worker_engine  # noqa: F401 (prepare: the driver's API too)
 from .ray_env import alive_nodes, connect, loss_reason
+from .sizing import check_memory
 from .stats import JobStats, JobSummary, summarize
 from .worker import Worker, WorkerConfig, worker_actor
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.5
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """The worker pool of a job: where, how many workers, and the engine each one runs.
-    `engine.threads` None: all CPUs of the node; `engine.slots` None: DEFAULT_SLOTS, fewer if the KV cache
-    would not fit the node's memory; `engine.truncate` is the job's (`JobSpec.truncate`)."""
-
-    address: str | None = None  # None: embedded local cluster (or the one this process already joined)
-    workers: int | None = None  # None: one per node
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    hang_timeout: float = 300.0  # seconds without progress before a worker is declared hung
-    max_worker_restarts: int = 20
-    object_store_memory: int | None = None
-    metrics_host: str = "127.0.0.1"  # where the coordinator serves Prometheus metrics
-    metrics_port: int | None = None  # None: 9469, or a free port when that is taken; 0: a free port; -1: none
-    pushgateway: str | None = None  # push the final metrics there
-
-
-@dataclass(frozen=True)
-class Plan:
-    spec: JobSpec
-    inputs: object
-    shards: list
-    manifest: Manifest
-    model_dir: str
-    config: ModelConfig
-
-    @property
-    def todo(self) -> list:
-        return [s for s in self.shards if not self.manifest.is_done(s.shard_id)]
-
-
-def prepare(spec: JobSpec) -> Plan:
-    """All checks before compute that need no cluster: inputs, model, that ternpool may write OUT
-    and, when OUT holds a manifest, that it is this job (then the plan resumes it). Writes nothing:
-    `JobHandle` creates or claims OUT once every check has passed."""
-    inputs = open_inputs(spec.inputs)
-    model_dir = str(resolve_model_dir(spec.model))
-    cfg = validate_model(model_dir)  # config, tensor headers, tokenizer and chat template: before any worker
-    shards = plan_shards(inputs, spec.shard_rows)
-    manifest = Manifest.for_job(spec.output, spec, inputs, shards, model_fingerprint(model_dir))
-    return Plan(spec, inputs, shards, manifest, model_dir, cfg)
-
-
-@dataclass(frozen=True)
-class NodeFit:
-    """Whether one worker of a job fits one node, in the memory Ray gives that node's workers."""
-
-    node_id: str
-    address: str
-    memory: int  # bytes for workers (Ray's `memory` resource: the object store is already taken out)
-    object_store: int
-    slots: int  # the configured slots, or what automatic slots would pick with this memory
-    footprint: Footprint  # one worker with `slots` slots
-    problem: str | None  # None when it fits; else what it needs and what would fit
-
-    @property
-    def fits(self) -> bool:
-        return self.problem is None
-
-    def verdict(self) -> str:
-        if self.fits:
-            return f"fits: {self.footprint.total / 1e9:.2f} GB of {self.memory / 1e9:.1f} GB"
-        return f"does not fit: {self.problem}"
-
-
-@dataclass(frozen=True)
-class JobSizing:
-    """What one worker of a job holds, and the verdict for every node (`size_job`)."""
-
-    model_dir: str
-    max_context: int
-    weights_format: str
-    head: str
-    slots: int | None  # as configured; None: automatic (per node, see NodeFit.slots)
-    nodes: tuple[NodeFit, ...]
-
-    @property
-    def fits(self) -> bool:
-        return all(n.fits for n in self.nodes)
-
-    def check(self) -> None:
-        """JobInputError naming every node that one worker does not fit, and what would fit."""
-        unfit = [n for n in self.nodes if not n.fits]
-        if unfit:
-            raise JobInputError("; ".join(f"model {self.model_dir} does not fit node {n.node_id[:12]} ({n.address}): "
-                                          f"{n.problem}" for n in unfit))
-
-
-def size_job(plan: Plan, pool: PoolConfig, nodes: list[dict] | None = None) -> JobSizing:
-    """Size one worker of the job (context, slots, weights format, footprint) and judge it against every
-    alive node with a CPU (`nodes`: `ray.nodes()` entries; default: this Ray cluster's): weights, the KV
-    cache of the configured slots (automatic slots: as many as the engine would pick, fewer when only
-    fewer fit, at least one) and the runtime, against what Ray gives the node for workers. `submit`
-    refuses the job unless every node fits (`JobSizing.check`); `--dry-run` prints the verdicts.
-    JobInputError when --max-context exceeds the model's limit."""
-    cfg, engine = plan.config, pool.engine
-    fmt = resolved_weights_format(plan.model_dir, engine.weights_format)
-    try:
-        ctx = context_length(cfg, engine.max_context)
-    except ValueError as e:
-        raise JobInputError(f"model {plan.model_dir}: {e}") from None
-    fits = []
-    for node in ray.nodes() if nodes is None else nodes:
-        res = node.get("Resources", {})
-        if not node.get("Alive") or res.get("CPU", 0) < 1 or "memory" not in res:
-            continue
-        memory, store = int(res["memory"]), int(res.get("object_store_memory", 0))
-        slots = engine.slots
-        if slots is None:
-            fixed = footprint(cfg, fmt, engine.head, 0, ctx)
-            room = (memory - fixed.total) // kv_bytes_per_slot(cfg, ctx)
-            slots = max(1, min(auto_slots(cfg, ctx, memory), room))
-        fits.append(NodeFit(node["NodeID"], node.get("NodeManagerAddress", "?"), memory, store, slots,
-                            footprint(cfg, fmt, engine.head, slots, ctx),
-                            fit_problem(cfg, fmt, engine.head, slots, ctx, memory, store)))
-    return JobSizing(plan.model_dir, ctx, fmt, engine.head, engine.slots, tuple(fits))
-
-
-def worker_engine(spec: JobSpec, engine: EngineConfig) -> EngineConfig:
-    """The engine options of a job's workers: the pool's, with the job's truncate (it decides rows'
-    results, so it is part of the job's identity: `JobSpec.truncate`). ValueError when the pool
-    asks for another truncate than the job's default."""
-    if engine.truncate not in (spec.truncate, EngineConfig.truncate):
-        raise ValueError(f"PoolConfig.engine.truncate is {engine.truncate!r} but the job's is {spec.truncate!r}: "
-                         f"truncate is a job option (submit(..., truncate={engine.truncate!r}))")
-    return replace(engine, truncate=spec.truncate)
-
-
-def size_on_cluster(plan: Plan, pool: PoolConfig) -> JobSizing:
-    """`size_job` against the nodes of the cluster `submit` would use (what `--dry-run` prints): joins
-    or starts it as `submit` does, and stops a cluster it started."""
-    owns_ray = connect(pool.address, pool.object_store_memory)
-    try:
-        return size_job(plan, pool)
-    finally:
-        if owns_ray:
-            ray.shutdown()
-
-
-def check_memory(plan: Plan, pool: PoolConfig) -> JobSizing:
-    """Refuse, before any compute, a job one worker of which does not fit some node (see `size_job`)."""
-    sizing = size_job(plan, pool)
-    sizing.check()
-    return sizing
 
 
 class ProgressUnavailable(RuntimeError):

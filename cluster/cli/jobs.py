@@ -60,7 +60,7 @@ def _pool(args):
 
 def _print_plan(plan, pool, sizing) -> None:
     """The dry run's report: inputs, shards, model, and for every node whether one worker fits it
-    (`sizing` from `driver.size_job`, the check `submit` refuses a job with; nothing is computed here)."""
+    (`sizing` from `sizing.size_job`, the check `submit` refuses a job with; nothing is computed here)."""
     cfg = plan.config
     todo = plan.todo
     print(f"input:   {plan.inputs.uri}: {len(plan.inputs.files)} file(s), {plan.inputs.num_rows} rows, "
@@ -141,7 +141,8 @@ def print_summary(summary) -> None:
 
 
 def cmd_submit(args) -> int:
-    from ternpool.cluster.driver import JobHandle, prepare, size_on_cluster
+    from ternpool.cluster.driver import JobHandle, prepare
+    from ternpool.cluster.sizing import size_on_cluster
     from ternpool.jobs import JobSpec
 
     spec = JobSpec(inputs=args.input, output=args.output, model=args.model, **_job_kwargs(args))

@@ -1,4 +1,4 @@
-"""Sizing a job against every node (`driver.size_job`): the check submit refuses a job with and the
+"""Sizing a job against every node (`cluster/sizing.py`, `size_job`): the check submit refuses a job with and the
 verdicts `--dry-run` prints; a --max-context beyond the model's limit is an error, not a silent cap."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ternpool.cluster.driver import PoolConfig, prepare, size_job
+from ternpool.cluster.driver import PoolConfig, prepare
+from ternpool.cluster.sizing import size_job
 from ternpool.cluster.cli.jobs import _print_plan
 from ternpool.engine import Engine
 from ternpool.engine.footprint import footprint
