@@ -48,6 +48,7 @@ class JobSizing:
     max_context: int
     weights_format: str
     head: str
+    kv_cache: str
     slots: int | None  # as configured; None: automatic (per node, see NodeFit.slots)
     nodes: tuple[NodeFit, ...]
 
@@ -85,12 +86,12 @@ def size_job(plan: Plan, pool: PoolConfig, nodes: list[dict] | None = None) -> J
         slots = engine.slots
         if slots is None:
             fixed = footprint(cfg, fmt, engine.head, 0, ctx)
-            room = (memory - fixed.total) // kv_bytes_per_slot(cfg, ctx)
-            slots = max(1, min(auto_slots(cfg, ctx, memory), room))
+            room = (memory - fixed.total) // kv_bytes_per_slot(cfg, ctx, engine.kv_cache)
+            slots = max(1, min(auto_slots(cfg, ctx, memory, engine.kv_cache), room))
         fits.append(NodeFit(node["NodeID"], node.get("NodeManagerAddress", "?"), memory, store, slots,
-                            footprint(cfg, fmt, engine.head, slots, ctx),
-                            fit_problem(cfg, fmt, engine.head, slots, ctx, memory, store)))
-    return JobSizing(plan.model_dir, ctx, fmt, engine.head, engine.slots, tuple(fits))
+                            footprint(cfg, fmt, engine.head, slots, ctx, engine.kv_cache),
+                            fit_problem(cfg, fmt, engine.head, slots, ctx, memory, store, engine.kv_cache)))
+    return JobSizing(plan.model_dir, ctx, fmt, engine.head, engine.kv_cache, engine.slots, tuple(fits))
 
 
 def size_on_cluster(plan: Plan, pool: PoolConfig) -> JobSizing:

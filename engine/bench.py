@@ -46,13 +46,14 @@ def _run(engine: Engine, prompts: list[list[int]], gen: int) -> dict:
 
 def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, gen: int = 128,
                 concurrency=(1, 8, 32, 64), head: str = "bf16", weights_format: str | None = None,
-                seed: int = 0) -> dict:
+                seed: int = 0, kv_cache: str = "f32") -> dict:
     from ternpool.kernels.config import ISA
 
     Engine.load(model, threads=threads, slots=1, max_context=8, weights_format=weights_format)  # convert once
     t0 = time.perf_counter()
     engine = Engine.load(model, threads=threads, slots=max(concurrency), max_context=prompt_len + gen + 1,
-                         step_tokens=max(512, prompt_len), head=head, weights_format=weights_format)
+                         step_tokens=max(512, prompt_len), head=head, weights_format=weights_format,
+                         kv_cache=kv_cache)
     load_s = time.perf_counter() - t0
     w = engine.model.weights
     head_bytes = w.head_q.nbytes + w.head_scale.nbytes if head == "int8" else w.embed.nbytes
@@ -61,7 +62,7 @@ def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, g
     _run(engine, _prompts(engine, 1, 8, seed), 2)  # warm up
     single = _run(engine, _prompts(engine, 1, prompt_len, seed + 1), gen)
     out = {"model": str(model), "threads": engine.threads, "head": head, "weights_format": w.weights_format,
-           "isa": ISA, "bytes_per_token": per_token, "slots": engine.model.slots,
+           "isa": ISA, "bytes_per_token": per_token, "slots": engine.model.slots, "kv_cache": kv_cache,
            "kv_bytes_per_slot": engine.model.kv_bytes_per_slot, "prompt_len": prompt_len, "gen": gen, "load_s": load_s,
            "load_weights_s": engine.load_seconds["weights"], "load_tokenizer_s": engine.load_seconds["tokenizer"], "prefill_tokens_per_s": prompt_len / single["ttft_s"], "ttft_s": single["ttft_s"],
            "decode_tokens_per_s": single["decode_tokens_per_s"], "concurrency": {}}

@@ -72,21 +72,23 @@ def available_memory() -> int:
 
 
 def check_fits(model_dir, cfg: ModelConfig, weights_format: str, head: str, slots: int, max_context: int,
-               memory: int | None = None) -> None:
+               memory: int | None = None, kv_cache: str = "f32") -> None:
     """Refuse, before anything is mapped or allocated, a model whose weights and KV cache (`slots` of
     them, `max_context` tokens each) cannot fit this machine's available memory (unknown: no check)."""
     memory = available_memory() if memory is None else memory
-    problem = fit_problem(cfg, weights_format, head, slots, max_context, memory) if memory > 0 else None
+    problem = (fit_problem(cfg, weights_format, head, slots, max_context, memory, kv_cache=kv_cache)
+               if memory > 0 else None)
     if problem:
         raise ModelFormatError(f"{model_dir}: does not fit this machine's available memory: {problem}")
 
 
-def auto_slots(cfg: ModelConfig, max_context: int, memory: int | None = None) -> int:
-    """DEFAULT_SLOTS, or fewer so that full KV caches fit in half of the available memory."""
+def auto_slots(cfg: ModelConfig, max_context: int, memory: int | None = None, kv_cache: str = "f32") -> int:
+    """DEFAULT_SLOTS, or fewer so that full KV caches (of dtype `kv_cache`) fit in half of the available
+    memory."""
     memory = available_memory() if memory is None else memory
     if memory <= 0:
         return DEFAULT_SLOTS
-    return max(1, min(DEFAULT_SLOTS, int(0.5 * memory // kv_bytes_per_slot(cfg, max_context))))
+    return max(1, min(DEFAULT_SLOTS, int(0.5 * memory // kv_bytes_per_slot(cfg, max_context, kv_cache))))
 
 
 def context_length(cfg: ModelConfig, max_context: int | None) -> int:
@@ -134,7 +136,8 @@ class Engine:
         cfg = ModelConfig.from_dir(model_dir)
         ctx = context_length(cfg, config.max_context)
         slots = config.slots
-        check_fits(model_dir, cfg, resolved_weights_format(model_dir, weights_format), head, slots or 1, ctx)
+        check_fits(model_dir, cfg, resolved_weights_format(model_dir, weights_format), head, slots or 1, ctx,
+                   kv_cache=config.kv_cache)
         native_dir = ensure_native(model_dir, weights_format, config.cache_dir)  # checks the source's tensor headers
         t1 = time.perf_counter()
         weights = load_native(native_dir, cfg)  # checks the native file's tensor headers
@@ -142,14 +145,14 @@ class Engine:
         tokenizer = load_tokenizer(native_dir, cfg)  # checks its files, its ids against vocab_size, the template
         t3 = time.perf_counter()
         if slots is None:
-            slots = auto_slots(cfg, ctx)
-        engine = cls(BitNetModel(weights, slots, ctx, head=head), tokenizer, threads, config.step_tokens,
+            slots = auto_slots(cfg, ctx, kv_cache=config.kv_cache)
+        engine = cls(BitNetModel(weights, slots, ctx, head=head, kv_cache=config.kv_cache), tokenizer, threads, config.step_tokens,
                      config.truncate)
         engine.load_seconds = {"convert_or_find": t1 - t0, "weights": t2 - t1, "tokenizer": t3 - t2,
                                "total": time.perf_counter() - t0}
-        log.info("engine ready in %.2f s: %s (%s weights, %s head), %d slots x %d tokens (KV cache up to %.1f MB "
+        log.info("engine ready in %.2f s: %s (%s weights, %s head), %d slots x %d tokens (%s KV cache up to %.1f MB "
                  "a slot), %d threads", time.perf_counter() - t0, model_dir, weights.weights_format, head, slots, ctx,
-                 engine.model.kv_bytes_per_slot / 1e6, threads)
+                 config.kv_cache, engine.model.kv_bytes_per_slot / 1e6, threads)
         return engine
 
     # -- requests ------------------------------------------------------------------------------

@@ -28,13 +28,16 @@ class Footprint:
         return self.weights + self.kv_cache + self.runtime
 
 
-def footprint(cfg: ModelConfig, weights_format: str, head: str, slots: int, max_context: int) -> Footprint:
+def footprint(cfg: ModelConfig, weights_format: str, head: str, slots: int, max_context: int,
+              kv_cache: str = "f32") -> Footprint:
     """Resident memory of one worker: the linears, the output head (bf16 embedding or int8 copy plus
-    row scales), the KV cache of every slot filled to `max_context`, and the runtime."""
+    row scales), the KV cache (`kv_cache`: "f32" or "bf16") of every slot filled to `max_context`, and
+    the runtime."""
     head_bytes = cfg.vocab_size * cfg.hidden_size * (2 if head == "bf16" else 1)
     if head == "int8":
         head_bytes += 4 * cfg.vocab_size
-    return Footprint(linear_bytes(cfg, weights_format) + head_bytes, slots * kv_bytes_per_slot(cfg, max_context))
+    return Footprint(linear_bytes(cfg, weights_format) + head_bytes,
+                     slots * kv_bytes_per_slot(cfg, max_context, kv_cache))
 
 
 def _gb(n: float) -> str:
@@ -42,24 +45,27 @@ def _gb(n: float) -> str:
 
 
 def fit_problem(cfg: ModelConfig, weights_format: str, head: str, slots: int, max_context: int,
-                node_memory: int, object_store: int = 0) -> str | None:
+                node_memory: int, object_store: int = 0, kv_cache: str = "f32") -> str | None:
     """None when one worker fits `node_memory` bytes (what the node has for workers, Ray's object
     store already taken out); else a message saying what would fit."""
-    fp = footprint(cfg, weights_format, head, slots, max_context)
+    fp = footprint(cfg, weights_format, head, slots, max_context, kv_cache)
     if fp.total <= node_memory:
         return None
     msg = (f"one worker needs {_gb(fp.total)}: weights {_gb(fp.weights)} ({weights_format}, {head} head), "
-           f"KV cache {_gb(fp.kv_cache)} ({slots} slots x {max_context} tokens), runtime {_gb(fp.runtime)}; "
+           f"KV cache {_gb(fp.kv_cache)} ({slots} slots x {max_context} tokens, {kv_cache}), "
+           f"runtime {_gb(fp.runtime)}; "
            f"the node has {_gb(node_memory)} for workers" + (f" (Ray's object store takes {_gb(object_store)})"
                                                               if object_store else ""))
     room = node_memory - fp.weights - fp.runtime
-    per_slot = kv_bytes_per_slot(cfg, max_context)
+    per_slot, per_token = kv_bytes_per_slot(cfg, max_context, kv_cache), kv_bytes_per_slot(cfg, 1, kv_cache)
     hints = []
     if room >= per_slot:
         hints.append(f"--slots {room // per_slot} at this context")
-    if room >= kv_bytes_per_slot(cfg, 1) * slots:
-        hints.append(f"--max-context {min(max_context, room // (slots * kv_bytes_per_slot(cfg, 1)))} with {slots} slots")
-    small = footprint(cfg, "1.6bit", "int8", 1, min(max_context, 512))
+    if room >= per_token * slots:
+        hints.append(f"--max-context {min(max_context, room // (slots * per_token))} with {slots} slots")
+    if kv_cache == "f32" and room >= fp.kv_cache // 2:
+        hints.append("--kv-cache bf16 (half the KV cache)")
+    small = footprint(cfg, "1.6bit", "int8", 1, min(max_context, 512), kv_cache)
     if (weights_format, head) != ("1.6bit", "int8"):
         hints.append(f"--weights-format 1.6bit --head int8 (weights {_gb(small.weights)})")
     if not hints or small.total > node_memory:

@@ -19,27 +19,33 @@ import mmap
 
 import numpy as np
 
-from ternpool.kernels import attention, bf16_matmul, bf16_to_f32, dequant_factors, quantize_rows, ternary_linear
+from ternpool.kernels import (attention, bf16_matmul, bf16_to_f32, dequant_factors, f32_to_bf16, quantize_rows,
+                              ternary_linear)
 from ternpool.kernels.base3 import base3_linear
 from ternpool.kernels.head8 import head_i8, quantize_head
 
 from .config import ModelConfig
-from .options import HEADS
+from .options import HEADS, KV_CACHES
 from .shapes import kv_bytes_per_slot
 from .weights import ModelWeights, TernaryLinear
 
 
-def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros whose memory is committed page by page as it is written.
+# the KV cache's storage: float32, or bf16 as its uint16 bits (half the bytes; kernels/bf16.py)
+KV_CACHE_DTYPES = {"f32": np.dtype(np.float32), "bf16": np.dtype(np.uint16)}
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """Zeros whose memory is committed page by page as it is written.
 
     np.zeros is lazy too, but with transparent huge pages one written
     position commits 2 MB; the cache would then cost its full size at once.
     """
-    size = int(np.prod(shape)) * 4
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
     buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buf.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buf, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+    return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -78,13 +84,18 @@ class Quantized:
 
 
 class BitNetModel:
-    """Weights plus a KV cache of `slots` sequences x `max_context` positions."""
+    """Weights plus a KV cache of `slots` sequences x `max_context` positions, float32 or bf16
+    (`kv_cache`: "bf16" halves its bytes and the attention's reads; K and V are rounded to bf16
+    as they are written, and attention computes in float32)."""
 
-    def __init__(self, weights: ModelWeights, slots: int, max_context: int, head: str = "bf16"):
+    def __init__(self, weights: ModelWeights, slots: int, max_context: int, head: str = "bf16",
+                 kv_cache: str = "f32"):
         cfg = weights.config
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        self.head = head
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+        self.head, self.kv_cache = head, kv_cache
         # int8 head: the tied embedding quantized per row (half the bytes read per token); mapped from
         # a native file, or quantized here once
         self.head_i8 = None
@@ -98,15 +109,15 @@ class BitNetModel:
         self.weights, self.config = weights, cfg
         self.slots, self.max_context = slots, max_context
         shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_context, cfg.head_dim)
-        self.k_cache = lazy_zeros(shape)  # (L, S, KVH, C, D)
-        self.v_cache = lazy_zeros(shape)
+        self.k_cache = lazy_zeros(shape, KV_CACHE_DTYPES[kv_cache])  # (L, S, KVH, C, D)
+        self.v_cache = lazy_zeros(shape, KV_CACHE_DTYPES[kv_cache])
         self.cos, self.sin = rope_tables(cfg, max_context)
         self.scale = np.float32(cfg.head_dim ** -0.5)
 
     @property
     def kv_bytes_per_slot(self) -> int:
         """Bytes of one slot's K and V caches when full."""
-        return kv_bytes_per_slot(self.config, self.max_context)
+        return kv_bytes_per_slot(self.config, self.max_context, self.kv_cache)
 
     def forward(self, tokens: np.ndarray, pos: np.ndarray, slots: np.ndarray,
                 logit_rows: np.ndarray | None = None) -> np.ndarray:
@@ -129,8 +140,8 @@ class BitNetModel:
             k = apply_rope(a(layer.k_proj).reshape(N, -1, D), cos, sin)  # (N, KVH, D)
             v = a(layer.v_proj).reshape(N, -1, D)  # (N, KVH, D)
             kc, vc = self.k_cache[li], self.v_cache[li]  # (S, KVH, C, D)
-            kc[slots, :, pos, :] = k
-            vc[slots, :, pos, :] = v
+            kc[slots, :, pos, :] = self._to_cache(k)
+            vc[slots, :, pos, :] = self._to_cache(v)
             att = attention(q, kc, vc, slots, pos, self.scale).reshape(N, -1)  # (N, H*D)
             att = rms_norm(att, layer.attn_sub_norm, cfg.rms_norm_eps)
             x = x + Quantized(att)(layer.o_proj)  # (N, hidden)
@@ -141,6 +152,10 @@ class BitNetModel:
         if logit_rows is not None:
             x = x[np.asarray(logit_rows, dtype=np.int64)]
         return rms_norm(x, w.norm, cfg.rms_norm_eps)  # (M, hidden)
+
+    def _to_cache(self, x: np.ndarray) -> np.ndarray:
+        """K or V (N, KVH, D) float32 in the cache's dtype (bf16: rounded to nearest even)."""
+        return f32_to_bf16(x) if self.kv_cache == "bf16" else x
 
     def logits(self, h: np.ndarray, head: str | None = None) -> np.ndarray:
         """Output head on final-normed hidden states h (M, hidden): this model's head, or `head`."""

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 HEADS = ("bf16", "int8")  # output head: the exact bf16 embedding, or its per-row int8 copy
+KV_CACHES = ("f32", "bf16")  # the K and V caches: float32 (exact), or bf16 (half the bytes: twice the slots)
 WEIGHTS_FORMATS = ("2bit", "1.6bit")  # ternary weights in memory: Hugging Face packing, or base 3
 DEFAULT_WEIGHTS_FORMAT = "2bit"
 TRUNCATE_MODES = ("error", "left")  # a prompt longer than the context: an error, or keep its end
@@ -33,6 +34,8 @@ class EngineConfig:
     head: "bf16" (exact) or "int8" (the embedding quantized per row: half the bytes per decode
         step, logits within ~1% of the logit spread).
     weights_format: "2bit" or "1.6bit"; None: 2bit, or a converted model's own.
+    kv_cache: "f32" (exact: what transformers computes) or "bf16" (K and V rounded to bf16 as they
+        are stored: half the KV bytes per slot and per attention read; greedy tokens mostly the same).
     cache_dir: where a Hugging Face model is converted once into ternpool's native file
         (default: TERNPOOL_CACHE_DIR, else ~/.cache/ternpool).
     """
@@ -44,6 +47,7 @@ class EngineConfig:
     truncate: str = "error"
     head: str = "bf16"
     weights_format: str | None = None
+    kv_cache: str = "f32"
     cache_dir: str | None = None
 
     def __post_init__(self):
@@ -56,6 +60,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1{' or None' if optional else ''}, "
                                  f"got {value!r}")
         for name, allowed, optional in (("truncate", TRUNCATE_MODES, False), ("head", HEADS, False),
+                                        ("kv_cache", KV_CACHES, False),
                                         ("weights_format", WEIGHTS_FORMATS, True)):
             value = getattr(self, name)
             if value not in allowed and not (optional and value is None):

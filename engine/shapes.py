@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .options import WEIGHTS_FORMATS
+from .options import KV_CACHES, WEIGHTS_FORMATS
 
 # the seven ternary linears of a layer, in checkpoint order, and the module that holds each
 LINEAR_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                   "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 LINEARS = tuple(LINEAR_MODULES)
-KV_CACHE_ITEM_BYTES = 4  # the K and V caches are float32 (see `model.lazy_zeros`)
+KV_CACHE_ITEM_BYTES = {"f32": 4, "bf16": 2}  # bytes of one K or V value, by EngineConfig.kv_cache
 
 
 class ModelShape(Protocol):
@@ -56,6 +56,10 @@ def packed_shape(weights_format: str, out: int, fan_in: int) -> tuple[int, int]:
     raise ValueError(f"weights format must be one of {WEIGHTS_FORMATS}, got {weights_format!r}")
 
 
-def kv_bytes_per_slot(shape: ModelShape, max_context: int) -> int:
-    """Bytes of one slot's K and V caches holding `max_context` tokens in every layer."""
-    return 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * KV_CACHE_ITEM_BYTES * max_context
+def kv_bytes_per_slot(shape: ModelShape, max_context: int, kv_cache: str = "f32") -> int:
+    """Bytes of one slot's K and V caches holding `max_context` tokens in every layer, in the cache
+    dtype `kv_cache` ("f32" or "bf16")."""
+    if kv_cache not in KV_CACHE_ITEM_BYTES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    return (2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim
+            * KV_CACHE_ITEM_BYTES[kv_cache] * max_context)

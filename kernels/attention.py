@@ -2,72 +2,137 @@
 
 Each token n belongs to cache slot `slots[n]` at position `pos[n]` and
 attends to positions 0..pos[n] of its slot (its own K/V already written).
-Query head h reads KV head h // (H // KVH).
+Query head h reads KV head h // (H // KVH). One task computes several query
+heads of one KV head together (the whole GQA group, 4 heads on 2b4t), so
+each K and V row is read once for all of them, not once per head.
+
+The cache is float32, or bfloat16 kept as its uint16 bits (half the bytes;
+kernels/bf16.py): each bf16 row is widened to float32 as it is read, so the
+arithmetic is the same float32 either way.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from numba import prange
+import math
 
+import numba
+import numpy as np
+from numba import prange, types
+from numba.extending import overload
+
+from .bf16 import bf16_to_f32
 from .config import NJIT_PARALLEL_FAST, njit
+
+CACHE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16))  # float32, or bf16 bits
+
+
+def _row(cache, s, kvh, j, bits, row):  # pragma: no cover - replaced in compiled code by the overload below
+    raise NotImplementedError
+
+
+@overload(_row)
+def _row_impl(cache, s, kvh, j, bits, row):
+    """cache[s, kvh, j] (D,) as float32: the row itself, or a bf16 row widened into `row` (a float32 view of
+    the uint32 `bits`)."""
+    if cache.dtype == types.uint16:
+        def widen(cache, s, kvh, j, bits, row):
+            for d in range(bits.shape[0]):
+                bits[d] = np.uint32(cache[s, kvh, j, d]) << np.uint32(16)
+            return row
+        return widen
+    return lambda cache, s, kvh, j, bits, row: cache[s, kvh, j]
 
 
 @njit(**NJIT_PARALLEL_FAST)
-def _attention(q, k_cache, v_cache, slots, pos, scale, out):  # pragma: no cover - compiled
+def _attention(q, k_cache, v_cache, slots, pos, scale, per_task, out):  # pragma: no cover - compiled
     N, H, D = q.shape
     group = H // k_cache.shape[1]
-    for task in prange(N * H):
-        n = task // H
-        h = task - n * H
-        kvh = h // group
+    tasks_per_token = H // per_task
+    T = N * tasks_per_token
+    for i in prange(T):
+        # pair cheap and costly tasks (a prefill chunk's positions grow along it), so that each
+        # thread's contiguous share of the range gets as much work: i -> 0, T-1, 1, T-2, ...
+        task = i // 2 if i % 2 == 0 else T - 1 - i // 2
+        n = task // tasks_per_token
+        h0 = (task - n * tasks_per_token) * per_task  # first of this task's query heads
+        kvh = h0 // group
         s = slots[n]
         length = pos[n] + 1
-        scores = np.empty(length, dtype=np.float32)
-        best = -np.inf
+        bits = np.empty(D, dtype=np.uint32)
+        row = bits.view(np.float32)
+        scores = np.empty((per_task, length), dtype=np.float32)  # (G, L)
         for j in range(length):
-            acc = np.float32(0.0)
+            k = _row(k_cache, s, kvh, j, bits, row)  # (D,): read once for the G heads
+            for g in range(per_task):
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[n, h0 + g, d] * k[d]
+                acc *= scale
+                scores[g, j] = acc
+        totals = np.empty(per_task, dtype=np.float64)
+        for g in range(per_task):  # softmax of each head's row: exp and its sum in float64
+            best = -np.inf
+            for j in range(length):
+                if scores[g, j] > best:
+                    best = scores[g, j]
+            total = 0.0
+            for j in range(length):
+                e = np.exp(scores[g, j] - best)
+                scores[g, j] = e
+                total += e
+            totals[g] = total
+        acc_out = np.zeros((per_task, D), dtype=np.float32)  # (G, D)
+        for j in range(length):
+            v = _row(v_cache, s, kvh, j, bits, row)  # (D,): read once for the G heads
+            for g in range(per_task):
+                p = scores[g, j] / totals[g]  # float64
+                for d in range(D):
+                    acc_out[g, d] += p * v[d]
+        for g in range(per_task):
             for d in range(D):
-                acc += q[n, h, d] * k_cache[s, kvh, j, d]
-            acc *= scale
-            scores[j] = acc
-            if acc > best:
-                best = acc
-        total = np.float32(0.0)
-        for j in range(length):
-            e = np.exp(scores[j] - best)
-            scores[j] = e
-            total += e
-        for d in range(D):
-            out[n, h, d] = 0.0
-        for j in range(length):
-            p = scores[j] / total
-            for d in range(D):
-                out[n, h, d] += p * v_cache[s, kvh, j, d]
+                out[n, h0 + g, d] = acc_out[g, d]
+
+
+def heads_per_task(tokens: int, kv_heads: int, group: int, threads: int) -> int:
+    """Query heads one task computes: the whole group (each K/V row read once for all of them) unless
+    that leaves too few tasks to share evenly among the threads (one decoding sequence: 5 tasks on 2
+    threads); then the group is split into the fewest parts that leave at most 1/8 of the thread time
+    idle (all heads apart at worst)."""
+    for parts in (p for p in range(1, group + 1) if group % p == 0):
+        tasks = tokens * kv_heads * parts
+        if math.ceil(tasks / threads) * threads * 8 <= tasks * 9:
+            return group // parts
+    return 1
 
 
 def attention(q, k_cache, v_cache, slots, pos, scale: float) -> np.ndarray:
-    """q (N, H, D); k/v_cache (S, KVH, C, D) float32; slots, pos (N,) int64 -> (N, H, D)."""
+    """q (N, H, D) float32; k/v_cache (S, KVH, C, D), both float32 or both bf16 bits (uint16); slots, pos (N,)
+    int64 -> (N, H, D) float32."""
     N, H, D = q.shape
-    if H % k_cache.shape[1] or k_cache.shape[3] != D:
-        raise ValueError(f"query shape {q.shape} does not fit cache shape {k_cache.shape}")
+    KVH = k_cache.shape[1]
+    if H % KVH or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"query shape {q.shape} does not fit cache shapes {k_cache.shape}, {v_cache.shape}")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"K and V caches must both be float32 or both uint16 (bf16 bits), got {k_cache.dtype} "
+                         f"and {v_cache.dtype}")
     if N and int(np.max(pos)) >= k_cache.shape[2]:
         raise ValueError(f"position {int(np.max(pos))} is past the cache length {k_cache.shape[2]}")
     out = np.empty((N, H, D), dtype=np.float32)
-    _attention(np.ascontiguousarray(q, np.float32), k_cache, v_cache,
-               np.asarray(slots, np.int64), np.asarray(pos, np.int64), np.float32(scale), out)
+    per_task = heads_per_task(N, KVH, H // KVH, numba.get_num_threads())
+    _attention(np.ascontiguousarray(q, np.float32), k_cache, v_cache, np.asarray(slots, np.int64),
+               np.asarray(pos, np.int64), np.float32(scale), per_task, out)
     return out
 
 
 def attention_ref(q, k_cache, v_cache, slots, pos, scale: float) -> np.ndarray:
-    """NumPy reference (float64)."""
+    """NumPy reference (float64; a bf16 cache is widened exactly first)."""
     N, H, D = q.shape
     group = H // k_cache.shape[1]
     out = np.empty((N, H, D), dtype=np.float32)
     for n in range(N):
         for h in range(H):
-            k = k_cache[slots[n], h // group, : pos[n] + 1].astype(np.float64)  # (L, D)
-            v = v_cache[slots[n], h // group, : pos[n] + 1].astype(np.float64)
+            k, v = (c[slots[n], h // group, : pos[n] + 1] for c in (k_cache, v_cache))  # (L, D)
+            k, v = ((bf16_to_f32(c) if c.dtype == np.uint16 else c).astype(np.float64) for c in (k, v))
             s = k @ q[n, h].astype(np.float64) * scale
             p = np.exp(s - s.max())
             out[n, h] = (p / p.sum()) @ v

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from .options import add_model_options
+from .options import add_kv_cache_option, add_model_options
 
 log = logging.getLogger("ternpool")
 
@@ -55,14 +55,15 @@ def cmd_bench_model(args) -> int:
     set_threads(args.threads)  # the bandwidth is measured with the threads the model runs with
     bw = read_bandwidth()
     r = bench_model(model, threads=args.threads, prompt_len=args.prompt_len, gen=args.gen,
-                    concurrency=concurrency, head=args.head, weights_format=args.weights_format)
+                    concurrency=concurrency, head=args.head, weights_format=args.weights_format,
+                    kv_cache=args.kv_cache)
     per_token = r["bytes_per_token"]
     r.update(read_bandwidth=bw, ceiling_tokens_per_s=bw / per_token)
     print(f"{model}: {r['threads']} threads, {r['weights_format']} weights, head {args.head}, ISA {r['isa']}, "
           f"load {r['load_s']:.2f} s (weights mapped in {r['load_weights_s']:.3f} s, tokenizer "
           f"{r['load_tokenizer_s']:.2f} s), "
           f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, of which at most "
-          f"{r['kv_bytes_per_slot'] * r['slots'] / 1e9:.2f} GB KV cache ({r['slots']} slots x "
+          f"{r['kv_bytes_per_slot'] * r['slots'] / 1e9:.2f} GB {r['kv_cache']} KV cache ({r['slots']} slots x "
           f"{r['kv_bytes_per_slot'] / 1e6:.1f} MB)")
     print(f"prefill {args.prompt_len} tokens: {r['prefill_tokens_per_s']:.1f} tokens/s (time to first token "
           f"{r['ttft_s']:.3f} s)")
@@ -195,6 +196,7 @@ def add_commands(sub) -> None:
     m.add_argument("--gen", type=int, default=128, help="generated tokens per sequence (default: 128)")
     m.add_argument("--concurrency", default="1,8,32,64", help="concurrent sequences (default: 1,8,32,64)")
     add_model_options(m)
+    add_kv_cache_option(m)
     m.add_argument("--json", help="also write the numbers to this JSON file")
     m.set_defaults(func=cmd_bench_model)
 

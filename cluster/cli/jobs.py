@@ -69,7 +69,7 @@ def _print_plan(plan, pool, sizing) -> None:
           f"({sum(s.num_rows for s in todo)} rows), {len(plan.shards) - len(todo)} already done")
     print(f"model:   {plan.model_dir} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.quantization_mode}); {sizing.weights_format} weights, {sizing.head} head, "
-          f"context {sizing.max_context} tokens")
+          f"{sizing.kv_cache} KV cache, context {sizing.max_context} tokens")
     print(f"workers: {pool.workers or 'one per node'}, "
           + (f"{sizing.slots} slots each" if sizing.slots else "slots chosen per node"))
     if not sizing.nodes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ternpool.engine.options import DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, HEADS, WEIGHTS_FORMATS, EngineConfig
+from ternpool.engine.options import DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, HEADS, KV_CACHES, WEIGHTS_FORMATS, EngineConfig
 from ternpool.engine.requests import SamplingParams
 
 _SAMPLING = SamplingParams()  # the defaults
@@ -23,9 +23,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    "format (default: 2bit)")
 
 
+def add_kv_cache_option(p: argparse.ArgumentParser) -> None:
+    """--kv-cache: the dtype of the K and V caches."""
+    p.add_argument("--kv-cache", choices=KV_CACHES, default=EngineConfig.kv_cache,
+                   help="K and V cache: f32 (exact, default) or bf16 (half the memory per slot and half the "
+                   "attention's reads; K and V rounded to bf16, so greedy tokens may differ after a while)")
+
+
 def add_engine_options(p: argparse.ArgumentParser, *, pool: bool) -> None:
     """The engine's options: threads (per worker in a pool), slots (a pool's only: one prompt needs
-    one), context, head and weights format."""
+    one), context, KV cache, head and weights format."""
     if pool:
         p.add_argument("--threads-per-worker", dest="threads", type=int,
                        help="Numba threads (CPUs) per worker (default: all of the node's)")
@@ -37,6 +44,7 @@ def add_engine_options(p: argparse.ArgumentParser, *, pool: bool) -> None:
     else:
         p.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
         p.add_argument("--max-context", type=int, help=f"context length to allocate (default: {DEFAULT_MAX_CONTEXT})")
+    add_kv_cache_option(p)
     add_model_options(p)
 
 

@@ -24,10 +24,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--head", default="int8")
     p.add_argument("--weights-format", default=None)
+    p.add_argument("--kv-cache", default="f32")
     args = p.parse_args()
     n = args.sequences
     e = Engine.load(args.model, threads=args.threads, slots=max(n, 1), max_context=max(256, (args.prefill or 0) + 1),
-                    head=args.head, weights_format=args.weights_format)
+                    head=args.head, weights_format=args.weights_format, kv_cache=args.kv_cache)
     m, rng = e.model, np.random.default_rng(0)
     top = min(1000, e.config.vocab_size)
     if args.prefill:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from ternpool.cluster.cli import build_parser
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.unit
 
 @pytest.mark.parametrize("option, value", [("threads", 0), ("slots", -1), ("max_context", 1.5), ("step_tokens", None),
                                            ("slots", True), ("truncate", "middle"), ("head", "fp8"),
-                                           ("weights_format", "3bit"), ("cache_dir", "")])
+                                           ("weights_format", "3bit"), ("cache_dir", ""),
+                                           ("kv_cache", "fp8"), ("kv_cache", None)])
 def test_a_bad_engine_option_is_named(option, value):
     with pytest.raises(ValueError, match=rf"^EngineConfig\.{option} must be .*, got {value!r}$"):
         EngineConfig(**{option: value})
@@ -28,8 +30,8 @@ def test_a_bad_engine_option_is_named(option, value):
 def test_engine_config_defaults_and_paths():
     c = EngineConfig(cache_dir=Path("some") / "cache")
     assert c.cache_dir == str(Path("some") / "cache")
-    assert (c.threads, c.slots, c.max_context, c.step_tokens, c.truncate, c.head, c.weights_format) == \
-        (None, None, None, 512, "error", "bf16", None)
+    assert (c.threads, c.slots, c.max_context, c.step_tokens, c.truncate, c.head, c.weights_format, c.kv_cache) == \
+        (None, None, None, 512, "error", "bf16", None, "f32")
 
 
 def test_the_cli_builds_one_engine_config_for_a_pool_and_for_generate():
@@ -37,12 +39,16 @@ def test_the_cli_builds_one_engine_config_for_a_pool_and_for_generate():
 
     args = build_parser().parse_args(["submit", "in.parquet", "--model", "m", "--output", "o", "--threads-per-worker",
                                       "2", "--slots", "3", "--max-context", "64", "--head", "int8",
-                                      "--weights-format", "1.6bit", "--truncate", "left"])
+                                      "--weights-format", "1.6bit", "--truncate", "left", "--kv-cache", "bf16"])
     assert _pool(args).engine == EngineConfig(threads=2, slots=3, max_context=64, truncate="left", head="int8",
-                                              weights_format="1.6bit")
+                                              weights_format="1.6bit", kv_cache="bf16")
     args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--threads", "1",
                                       "--max-context", "32"])
     assert engine_config(args, slots=1) == EngineConfig(threads=1, slots=1, max_context=32)
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--kv-cache", "bf16"])
+    assert engine_config(args, slots=1) == EngineConfig(slots=1, kv_cache="bf16")
+    args = build_parser().parse_args(["bench", "model", "--model", "m", "--kv-cache", "bf16"])
+    assert args.kv_cache == "bf16"
     bad = build_parser().parse_args(["submit", "in.parquet", "--model", "m", "--output", "o", "--slots", "0"])
     with pytest.raises(ValueError, match="EngineConfig.slots must be an integer >= 1"):
         _pool(bad)
@@ -74,12 +80,14 @@ def test_the_workers_engine_takes_the_jobs_truncate():
 
 
 def test_engine_load_reads_the_config_and_keywords_replace_its_fields(tiny_model):
-    config = EngineConfig(threads=1, slots=2, max_context=64, step_tokens=16, truncate="left", head="int8")
+    config = EngineConfig(threads=1, slots=2, max_context=64, step_tokens=16, truncate="left", head="int8",
+                          kv_cache="bf16")
     e = Engine.load(tiny_model, config)
-    assert (e.threads, e.model.slots, e.model.max_context, e.step_tokens, e.truncate, e.model.head) == \
-        (1, 2, 64, 16, "left", "int8")
-    e = Engine.load(tiny_model, config, slots=1, head="bf16")
-    assert (e.model.slots, e.model.max_context, e.model.head) == (1, 64, "bf16")
+    assert (e.threads, e.model.slots, e.model.max_context, e.step_tokens, e.truncate, e.model.head,
+            e.model.kv_cache, e.model.k_cache.dtype) == (1, 2, 64, 16, "left", "int8", "bf16", np.uint16)
+    e = Engine.load(tiny_model, config, slots=1, head="bf16", kv_cache="f32")
+    assert (e.model.slots, e.model.max_context, e.model.head, e.model.kv_cache, e.model.k_cache.dtype) == \
+        (1, 64, "bf16", "f32", np.float32)
     with pytest.raises(ValueError, match="EngineConfig.slots"):
         Engine.load(tiny_model, config, slots=0)
 
@@ -96,6 +104,8 @@ def test_sizes_are_the_same_for_a_config_and_a_modelgen_shape():
     assert linear_shapes(cfg)["down_proj"] == (2560, 6912)
     assert packed_shape("2bit", 2560, 6912) == (640, 6912)
     assert packed_shape("1.6bit", 2560, 6912) == (2560, 32 * 44)  # 6912 columns: 44 blocks of 160
-    assert kv_bytes_per_slot(cfg, 4096) == 2 * 30 * 5 * 128 * 4 * 4096
+    assert kv_bytes_per_slot(cfg, 4096) == 2 * 30 * 5 * 128 * 4 * 4096 == 2 * kv_bytes_per_slot(cfg, 4096, "bf16")
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        kv_bytes_per_slot(cfg, 4096, "int4")
     with pytest.raises(ValueError, match="weights format must be one of"):
         packed_shape("3bit", 4, 4)

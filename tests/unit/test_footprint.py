@@ -50,3 +50,15 @@ def test_message_says_what_would_fit(model_factory):
     room = node - fp.weights - fp.runtime  # what the KV cache may use
     assert "object store takes 1.00 GB" in msg
     assert f"--max-context {room // (11 * kv_bytes_per_slot(cfg, 1))} with 11 slots" in msg
+    assert "(11 slots x 2048 tokens, f32)" in msg and "--kv-cache bf16 (half the KV cache)" in msg
+
+
+def test_a_bf16_kv_cache_takes_half_the_bytes(model_factory):
+    cfg = ModelConfig.from_dir(model_factory("tiny-packed-auto"))
+    f32, bf16 = footprint(cfg, "2bit", "bf16", 10, 2048), footprint(cfg, "2bit", "bf16", 10, 2048, "bf16")
+    assert bf16.weights == f32.weights and bf16.kv_cache * 2 == f32.kv_cache == 10 * kv_bytes_per_slot(cfg, 2048)
+    node = bf16.total  # 10 bf16 slots fit exactly, 10 f32 slots do not
+    assert fit_problem(cfg, "2bit", "bf16", 10, 2048, node, kv_cache="bf16") is None
+    assert "--kv-cache bf16" in fit_problem(cfg, "2bit", "bf16", 10, 2048, node)
+    msg = fit_problem(cfg, "2bit", "bf16", 11, 2048, node, kv_cache="bf16")
+    assert "(11 slots x 2048 tokens, bf16)" in msg and "--slots 10 at this context" in msg and "--kv-cache" not in msg

@@ -162,17 +162,63 @@ def test_bf16_head_is_batch_invariant():
         assert np.array_equal(bf16_matmul(w, h[t:t + 1])[0], full[t])
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (5, 1, 12), (6, 3, 10)])
-def test_attention_matches_reference(heads, kv_heads, dim):
-    rng = np.random.default_rng(heads)
-    kc = rng.standard_normal((3, kv_heads, 40, dim)).astype(np.float32)
-    vc = rng.standard_normal((3, kv_heads, 40, dim)).astype(np.float32)
-    q = rng.standard_normal((6, heads, dim)).astype(np.float32)
-    slots, pos = np.array([0, 2, 2, 1, 0, 1]), np.array([0, 39, 3, 5, 9, 1])
+ATTENTION_TOL = dict(rtol=1e-5, atol=1e-5)  # float32 kernel (float64 softmax) against the float64 reference
+
+
+def _attention_inputs(heads, kv_heads, dim, cache, seed=0):
+    rng = np.random.default_rng(seed + heads * 100 + dim)
+    kc, vc = (rng.standard_normal((3, kv_heads, 41, dim)).astype(np.float32) for _ in range(2))
+    if cache == "bf16":
+        kc, vc = f32_to_bf16(kc), f32_to_bf16(vc)
+    q = rng.standard_normal((7, heads, dim)).astype(np.float32)
+    slots, pos = np.array([0, 2, 2, 1, 0, 1, 2]), np.array([0, 40, 3, 5, 9, 1, 26])
+    return q, kc, vc, slots, pos
+
+
+@pytest.mark.parametrize("cache", ["f32", "bf16"])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (5, 1, 12), (6, 3, 10), (3, 3, 7), (20, 5, 128)])
+def test_attention_matches_reference(heads, kv_heads, dim, cache):
+    q, kc, vc, slots, pos = _attention_inputs(heads, kv_heads, dim, cache)
     np.testing.assert_allclose(attention(q, readonly(kc), readonly(vc), slots, pos, dim ** -0.5),
-                               attention_ref(q, kc, vc, slots, pos, dim ** -0.5), rtol=1e-5, atol=1e-5)
+                               attention_ref(q, kc, vc, slots, pos, dim ** -0.5), **ATTENTION_TOL)
     with pytest.raises(ValueError, match="past the cache length"):
-        attention(q, kc, vc, slots, np.full(6, 40), 1.0)
+        attention(q, kc, vc, slots, np.full(7, 41), 1.0)
+
+
+def test_attention_bf16_cache_is_its_widened_float32_cache():
+    """A bf16 cache computes exactly what the float32 cache of the same (widened) values does."""
+    q, kc, vc, slots, pos = _attention_inputs(20, 5, 128, "bf16")
+    assert np.array_equal(attention(q, kc, vc, slots, pos, 0.1),
+                          attention(q, bf16_to_f32(kc), bf16_to_f32(vc), slots, pos, 0.1))
+    with pytest.raises(ValueError, match="both float32 or both uint16"):
+        attention(q, kc, bf16_to_f32(vc), slots, pos, 0.1)
+
+
+def test_attention_heads_per_task_does_not_change_a_bit():
+    """However many query heads of a group one task takes (the whole group, reading each K/V row once
+    for all of them, or fewer when there are too few tasks for the threads), every head's arithmetic is
+    the same: the result is bit for bit the same, and each token's does not depend on the batch."""
+    from ternpool.kernels.attention import _attention
+
+    q, kc, vc, slots, pos = _attention_inputs(20, 5, 128, "f32")
+    outs = []
+    for per_task in (1, 2, 4):
+        out = np.empty_like(q)
+        _attention(q, kc, vc, slots, pos, np.float32(0.1), per_task, out)
+        outs.append(out)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    for n in range(len(q)):  # one token alone (a split group on 2 threads) as in the batch
+        assert np.array_equal(attention(q[n:n + 1], kc, vc, slots[n:n + 1], pos[n:n + 1], 0.1)[0], outs[0][n])
+
+
+@pytest.mark.parametrize("tokens, kv_heads, group, threads, expected", [
+    (32, 5, 4, 2, 4), (128, 5, 4, 2, 4),  # batched decode, prefill: whole groups
+    (1, 5, 4, 2, 2),  # one sequence on 2 threads: 5 tasks would leave one thread idle 1/6 of the time
+    (1, 5, 4, 16, 1), (1, 1, 5, 2, 1), (3, 2, 3, 2, 3)])
+def test_heads_per_task(tokens, kv_heads, group, threads, expected):
+    from ternpool.kernels.attention import heads_per_task
+
+    assert heads_per_task(tokens, kv_heads, group, threads) == expected
 
 
 _OTHER_ISA_CHECK = """

@@ -55,6 +55,14 @@ def test_every_node_gets_a_verdict(plan, capsys):
     # automatic slots shrink to what fits the node, so the same small node fits
     auto = size_job(plan, PoolConfig(), nodes[:2])
     assert auto.fits and [n.slots for n in auto.nodes] == [DEFAULT_SLOTS, 1]
+    # a bf16 KV cache: half the bytes a slot, so the small node (room for 1.5 f32 slots) holds 3 (and 2 fixed
+    # slots fit it)
+    half = size_job(plan, PoolConfig(engine=EngineConfig(kv_cache="bf16")), nodes[:2])
+    assert half.kv_cache == "bf16" and [n.slots for n in half.nodes] == [DEFAULT_SLOTS, 3]
+    assert half.nodes[1].footprint == footprint(cfg, "2bit", "bf16", 3, 2048, "bf16")
+    assert size_job(plan, PoolConfig(engine=EngineConfig(slots=2, kv_cache="bf16")), nodes[:2]).fits
+    _print_plan(plan, PoolConfig(engine=EngineConfig(kv_cache="bf16")), half)
+    assert "2bit weights, bf16 head, bf16 KV cache, context 2048 tokens" in capsys.readouterr().out
 
 
 def test_max_context_above_the_model_limit_is_an_error(plan, tiny_model):
