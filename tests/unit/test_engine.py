@@ -214,18 +214,26 @@ def test_a_bf16_kv_cache_batches_exactly_too(tiny_model):
     assert _greedy(engine, 24) == [engine.generate([r])[0].token_ids for r in _reqs()]
 
 
-# Greedy tokens of a bf16 KV cache against the float32 one, 8 prompts x 32 tokens on each tiny test
-# model: the share of tokens generated before the first difference (measured: see the README).
-BF16_KV_MIN_SAME_PREFIX = 0.0
+# A bf16 KV cache against the float32 one, teacher-forced on each prompt's float32 greedy continuation
+# (32 tokens): the share of positions whose top-1 token is the same. Measured on the three models below:
+# 0.962, 0.941, 0.979 (about the int8 head's 0.961 against the bf16 head), every miss a near tie (float32
+# top-2 margin 0.011..0.223 at a logit std of ~4). Greedy generation diverges at the first such tie and
+# then goes its own way: 210/256, 79/169 and 199/256 tokens came before the first difference.
+BF16_KV_MIN_TOP1 = 0.9
+BF16_KV_MAX_MISS_MARGIN = 0.5
 
 
 @pytest.mark.parametrize("variant", ["tiny-packed-auto", "odd-packed-bitlinear", "gqa2-bf16-auto"])
 def test_a_bf16_kv_cache_keeps_most_greedy_tokens(model_factory, variant):
-    f32 = _greedy(Engine.load(model_factory(variant), slots=8, max_context=256))
-    bf16 = _greedy(Engine.load(model_factory(variant), slots=8, max_context=256, kv_cache="bf16"))
-    prefix = total = 0
-    for a, b in zip(f32, bf16):
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        prefix, total = prefix + same, total + min(len(a), len(b))
-    print(f"{variant}: bf16 KV cache, greedy tokens before the first difference: {prefix}/{total}")
-    assert prefix >= BF16_KV_MIN_SAME_PREFIX * total
+    engines = {kv: Engine.load(model_factory(variant), slots=1, max_context=256, kv_cache=kv) for kv in ("f32", "bf16")}
+    same = total = 0
+    for req in _reqs(SamplingParams(max_tokens=32)):
+        (res,) = engines["f32"].generate([req])
+        ids = np.array(list(res.prompt_token_ids) + list(res.token_ids))
+        n = len(ids)
+        f32, bf16 = (engines[kv].model.forward(ids, np.arange(n), np.zeros(n, np.int64)) for kv in ("f32", "bf16"))
+        top, srt = f32.argmax(axis=1), np.sort(f32, axis=1)
+        miss = top != bf16.argmax(axis=1)
+        assert np.all((srt[:, -1] - srt[:, -2])[miss] < BF16_KV_MAX_MISS_MARGIN)  # only near ties flip
+        same, total = same + int(n - miss.sum()), total + n
+    assert same >= BF16_KV_MIN_TOP1 * total, (same, total)

@@ -190,7 +190,7 @@ def test_attention_bf16_cache_is_its_widened_float32_cache():
     q, kc, vc, slots, pos = _attention_inputs(20, 5, 128, "bf16")
     assert np.array_equal(attention(q, kc, vc, slots, pos, 0.1),
                           attention(q, bf16_to_f32(kc), bf16_to_f32(vc), slots, pos, 0.1))
-    with pytest.raises(ValueError, match="both float32 or both uint16"):
+    with pytest.raises(ValueError, match="must both be float32 or both uint16"):
         attention(q, kc, bf16_to_f32(vc), slots, pos, 0.1)
 
 
