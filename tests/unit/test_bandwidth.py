@@ -4,14 +4,19 @@ a fraction of the ceiling above 1."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+from llvmlite import ir
 
 from ternpool.cluster.cli.bench import decode_line
 from ternpool.engine.bench import decode_ceiling
-from ternpool.kernels.bandwidth import BLOCK, PART, byte_sum, byte_sum_ref, read_bandwidth
+from ternpool.kernels.bandwidth import BLOCK, PART, byte_sum, byte_sum_ref, emit_byte_sum, read_bandwidth
+from ternpool.kernels.isa import ISAS
+from ternpool.kernels.llvmir import BYTE_PTR, I32, I64
 
-from helpers import assert_same_with_any_thread_count, readonly
+from helpers import assembly, assert_same_with_any_thread_count, readonly
 
 pytestmark = pytest.mark.unit
 
@@ -78,3 +83,18 @@ def test_decode_ceiling_refuses_nonsense():
         decode_ceiling(1.0, 0, 1e9)
     with pytest.raises(ValueError, match="positive"):
         decode_ceiling(1.0, 100, 0.0)
+
+
+@pytest.mark.parametrize("cpu,width", [("haswell", "ymm"), ("znver4", "zmm"), ("sapphirerapids", "zmm")])
+def test_byte_sum_loop_widens_whole_vectors_on_named_cpus(cpu, width):
+    """The hot loop, compiled for a named CPU whatever runs the tests: bytes widened straight from
+    memory to 16-bit lanes (`vpmovzxbw`) and added (`vpaddw`) in full vector registers, no scalar
+    loads."""
+    module = ir.Module(name="bandwidth")
+    fn = ir.Function(module, ir.FunctionType(I32, [BYTE_PTR, I64]), "byte_sum")
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    builder.ret(emit_byte_sum(builder, ISAS["generic"], *fn.args))
+    asm = assembly(module, cpu)
+    assert re.search(rf"vpmovzxbw\s+-?\d*\(%\w+(,%\w+)?\), %{width}", asm), asm
+    assert re.search(rf"vpaddw\s+%{width}", asm), asm
+    assert not re.search(r"movzbl|movzbw", asm), asm
