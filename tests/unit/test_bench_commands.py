@@ -51,4 +51,6 @@ def test_bench_model_reports_prefill_decode_and_concurrency(tiny_model, tmp_path
     assert data["read_bandwidth"] == data["bandwidth"]["bytes_per_s"] > 0 and data["bandwidth"]["threads"] == 1
     assert data["ceiling_tokens_per_s"] == pytest.approx(data["read_bandwidth"] / data["bytes_per_token"])
     assert (data["fraction_of_ceiling"] is None) != (data["bandwidth_low_by"] is None)
+    # the bandwidth buffer (>= 1 GiB, freed before the model loads) is not the tiny model's peak RSS
+    assert not data["peak_rss_includes_bandwidth_buffer"] and data["peak_rss_bytes"] < data["bandwidth"]["buffer_bytes"]
     assert set(data["concurrency"]) == {"1", "3"} and data["bytes_per_token"] > 0
