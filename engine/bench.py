@@ -3,6 +3,7 @@ aggregate decode under continuous batching at several concurrencies, and peak me
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 
@@ -10,6 +11,8 @@ import numpy as np
 
 from .engine import Engine
 from .requests import Request, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def _prompts(engine: Engine, n: int, length: int, seed: int) -> list[list[int]]:
@@ -44,11 +47,50 @@ def _run(engine: Engine, prompts: list[list[int]], gen: int) -> dict:
             "tokens_per_s": sum(r.completion_tokens for r in results) / wall, "steps": len(decode)}
 
 
+def decode_ceiling(decode_tokens_per_s: float, bytes_per_token: int, read_bandwidth: float) -> dict:
+    """Single-stream decode against the bandwidth ceiling: every weight byte is read once per token,
+    so a decode of d tokens/s read at least d * bytes_per_token bytes/s, and bytes_per_token /
+    read_bandwidth is the most it can do. A decode above that ceiling is impossible, so the bandwidth
+    measurement was too low: then `fraction_of_ceiling` is None and `bandwidth_low_by` says by how much
+    (decode's own bytes/s over the measured ones), never a fraction above 1.
+
+    Returns {ceiling_tokens_per_s, decode_read_bytes_per_s, fraction_of_ceiling, bandwidth_low_by}."""
+    if bytes_per_token <= 0 or read_bandwidth <= 0:
+        raise ValueError(f"bytes per token and read bandwidth must be positive, got {bytes_per_token} and "
+                         f"{read_bandwidth}")
+    ceiling = read_bandwidth / bytes_per_token
+    read = decode_tokens_per_s * bytes_per_token
+    over = read > read_bandwidth
+    return {"ceiling_tokens_per_s": ceiling, "decode_read_bytes_per_s": read,
+            "fraction_of_ceiling": None if over else decode_tokens_per_s / ceiling,
+            "bandwidth_low_by": read / read_bandwidth if over else None}
+
+
+def _reset_peak_rss() -> bool:
+    """Start this process's peak RSS (VmHWM, ru_maxrss) afresh (Linux: "5" into /proc/self/clear_refs),
+    so that the peak `bench model` reports is the model's, not the bandwidth buffer's freed before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        log.warning("cannot reset the peak RSS (%s): the peak printed includes the bandwidth buffer", e)
+        return False
+    return True
+
+
 def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, gen: int = 128,
                 concurrency=(1, 8, 32, 64), head: str = "bf16", weights_format: str | None = None,
                 seed: int = 0, kv_cache: str = "f32") -> dict:
-    from ternpool.kernels.config import ISA
+    """`ternpool bench model`: the read bandwidth with the model's threads (measured first, before the
+    model takes memory), load, prefill, single-stream decode against its ceiling (`decode_ceiling`),
+    aggregate decode at each concurrency, peak RSS, and the kernel path that ran (`kernel_path`)."""
+    from ternpool.kernels import set_threads
+    from ternpool.kernels.bandwidth import read_bandwidth
+    from ternpool.kernels.bench import kernel_path
 
+    set_threads(threads)  # the bandwidth is read with the threads the model runs with
+    bandwidth = read_bandwidth()
+    rss_reset = _reset_peak_rss()  # the buffer is freed: the peak RSS below is the model's
     Engine.load(model, threads=threads, slots=1, max_context=8, weights_format=weights_format)  # convert once
     t0 = time.perf_counter()
     engine = Engine.load(model, threads=threads, slots=max(concurrency), max_context=prompt_len + gen + 1,
@@ -61,16 +103,21 @@ def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, g
     engine.stop_ids = frozenset()  # random models may sample an end token: always generate `gen` tokens
     _run(engine, _prompts(engine, 1, 8, seed), 2)  # warm up
     single = _run(engine, _prompts(engine, 1, prompt_len, seed + 1), gen)
+    path = kernel_path()
     out = {"model": str(model), "threads": engine.threads, "head": head, "weights_format": w.weights_format,
-           "isa": ISA, "bytes_per_token": per_token, "slots": engine.model.slots, "kv_cache": kv_cache,
+           "isa": path["isa"], "kernel_path": path, "bytes_per_token": per_token, "slots": engine.model.slots,
+           "kv_cache": kv_cache,
            "kv_bytes_per_slot": engine.model.kv_bytes_per_slot, "prompt_len": prompt_len, "gen": gen, "load_s": load_s,
            "load_weights_s": engine.load_seconds["weights"], "load_tokenizer_s": engine.load_seconds["tokenizer"], "prefill_tokens_per_s": prompt_len / single["ttft_s"], "ttft_s": single["ttft_s"],
-           "decode_tokens_per_s": single["decode_tokens_per_s"], "concurrency": {}}
+           "decode_tokens_per_s": single["decode_tokens_per_s"], "read_bandwidth": bandwidth["bytes_per_s"],
+           "bandwidth": bandwidth, **decode_ceiling(single["decode_tokens_per_s"], per_token, bandwidth["bytes_per_s"]),
+           "concurrency": {}}
     for c in concurrency:
         r = _run(engine, _prompts(engine, c, prompt_len, seed + 10 + c), gen)
         out["concurrency"][c] = {"aggregate_decode_tokens_per_s": r["decode_tokens_per_s"],
                                  "tokens_per_s_incl_prefill": r["tokens_per_s"], "wall_s": r["wall_s"]}
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss_includes_bandwidth_buffer"] = not rss_reset
     return out
 
 
@@ -159,11 +206,12 @@ def memory_sharing(model: str, workers: int = 2, head: str = "bf16", weights_for
 def bench_kernels(shape: str, threads: int | None = None, batches=(1, 8, 32, 64), head: bool = True) -> dict:
     """`ternpool bench kernels`: every linear shape of a model shape (v_proj is k_proj's shape, left
     out) in both weight formats and, with `head`, the output head, timed at each batch size with this
-    machine's read bandwidth measured in the same run. Returns {shape, threads, isa, read_bandwidth,
-    read_bandwidth_numpy_one_thread, rows} (rows: `kernels.bench.bench_linears`)."""
+    machine's read bandwidth measured in the same run (all threads, and one). Returns {shape, threads,
+    isa, kernel_path, read_bandwidth, read_bandwidth_one_thread, bandwidth, bandwidth_one_thread, rows}
+    (rows: `kernels.bench.bench_linears`; bandwidth: `kernels.bandwidth.read_bandwidth`)."""
     from ternpool.kernels import set_threads
-    from ternpool.kernels.bench import bench_linears, read_bandwidth
-    from ternpool.kernels.config import ISA
+    from ternpool.kernels.bandwidth import read_bandwidth
+    from ternpool.kernels.bench import bench_linears, kernel_path
 
     from .modelgen import SHAPES
     from .shapes import linear_shapes
@@ -172,7 +220,9 @@ def bench_kernels(shape: str, threads: int | None = None, batches=(1, 8, 32, 64)
     dims = SHAPES[shape]
     shapes = linear_shapes(dims)
     shapes.pop("v_proj", None)  # same shape as k_proj
-    bw, bw1 = read_bandwidth(), read_bandwidth(parallel=False)
+    bw, bw1 = read_bandwidth(), read_bandwidth(threads=1)
     rows = bench_linears(shapes, batches=tuple(batches), vocab=dims.vocab_size if head else None)
-    return {"shape": shape, "threads": threads, "isa": ISA, "read_bandwidth": bw,
-            "read_bandwidth_numpy_one_thread": bw1, "rows": rows}
+    path = kernel_path()
+    return {"shape": shape, "threads": threads, "isa": path["isa"], "kernel_path": path,
+            "read_bandwidth": bw["bytes_per_s"], "read_bandwidth_one_thread": bw1["bytes_per_s"],
+            "bandwidth": bw, "bandwidth_one_thread": bw1, "rows": rows}

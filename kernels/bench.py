@@ -1,21 +1,25 @@
 """Kernel timings for `ternpool bench kernels`, with this machine's own yardsticks measured in the
-same run: memory read bandwidth (a sum over 1 GiB, all threads and NumPy's one) and NumPy float32
-matmul on the same shapes."""
+same run (memory read bandwidth, `bandwidth.py`, and NumPy float32 matmul on the same shapes), and
+which kernel path ran on which CPU features."""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 
-import numba
 import numpy as np
-from numba import prange
+from llvmlite import binding as _llvm
 
 from .bf16 import bf16_matmul, f32_to_bf16
-from .config import NJIT_PARALLEL_FAST, njit
+from .config import ISA
 from .head8 import head_i8, quantize_head
+from .isa import ISAS, usable_isas
 from .quantize import quantize_rows
 from .base3 import base3_linear, pack_base3
 from .ternary import dequant_factors, pack_ternary, ternary_linear
+
+log = logging.getLogger(__name__)
 
 
 def _best(fn, repeat: int, min_time: float = 0.2) -> float:
@@ -33,27 +37,39 @@ def _best(fn, repeat: int, min_time: float = 0.2) -> float:
     return best
 
 
-@njit(**NJIT_PARALLEL_FAST)
-def _parallel_sum(a, chunks):  # pragma: no cover - compiled
-    n = a.shape[0]
-    step = (n + chunks - 1) // chunks
-    part = np.zeros(chunks)
-    for c in prange(chunks):
-        s = 0.0
-        for i in range(c * step, min(n, (c + 1) * step)):
-            s += a[i]
-        part[c] = s
-    return part.sum()
+# CPU features (LLVM's names) that decide which kernel path can run, printed by the benches; the
+# features of every registered instruction set are added to these.
+FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "avxvnniint8", "amx-tile", "amx-int8")
 
 
-def read_bandwidth(gib: float = 1.0, repeat: int = 3, parallel: bool = True) -> float:
-    """Bytes/s read summing a float64 array of `gib` GiB: with every Numba thread (the ceiling the
-    kernels share), or with NumPy's one-thread sum (parallel=False)."""
-    a = np.ones(int(gib * 2 ** 30 // 8), dtype=np.float64)
-    if parallel:
-        chunks = 64 * numba.get_num_threads()
-        return a.nbytes / _best(lambda: _parallel_sum(a, chunks), repeat, min_time=0.0)
-    return a.nbytes / _best(lambda: a.sum(), repeat, min_time=0.0)
+def kernel_path() -> dict:
+    """Which instruction-set strategy the kernels of this process run (`config.ISA`), whether
+    TERNPOOL_ISA forced it, the registered ones this CPU can run (best first), the CPU's name and which
+    of the features that matter it has: {isa, forced, usable, registered, cpu, features} (features:
+    name -> bool, or None when LLVM cannot read this CPU's)."""
+    try:
+        host = _llvm.get_host_cpu_features()
+    except RuntimeError as e:  # pragma: no cover - a host LLVM does not know
+        log.warning("LLVM cannot read this CPU's features (%s): only the portable kernels can run", e)
+        host = None
+    names = list(FEATURES) + sorted({f for isa in ISAS.values() for f in isa.features} - set(FEATURES))
+    return {"isa": ISA, "forced": bool(os.environ.get("TERNPOOL_ISA")), "usable": usable_isas(host or {}),
+            "registered": list(ISAS), "cpu": _llvm.get_host_cpu_name(),
+            "features": None if host is None else {name: bool(host.get(name)) for name in names}}
+
+
+def describe_kernel_path(path: dict) -> str:
+    """One line for a person: `kernel_path()` as the benches print it."""
+    usable = ", ".join(path["usable"])
+    how = f"forced by TERNPOOL_ISA; this CPU can run {usable}" if path["forced"] else f"the best of {usable} here"
+    features = path["features"]
+    if features is None:
+        cpu = "features unknown"
+    else:
+        has = " ".join(f for f, on in features.items() if on) or "none"
+        lacks = " ".join(f for f, on in features.items() if not on) or "none"
+        cpu = f"has {has}; lacks {lacks}"
+    return f"kernel path {path['isa']} ({how}); CPU {path['cpu']} {cpu}"
 
 
 def bench_linears(shapes: dict[str, tuple[int, int]], batches=(1, 8, 32, 64), repeat: int = 3,

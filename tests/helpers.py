@@ -1,5 +1,5 @@
 """Helpers that several test modules share, written once: the command line, waiting for a state,
-snapshots of a directory, read-only arrays and thread counts for kernels, prompt files and the job
+snapshots of a directory, read-only arrays, thread counts and assembly for kernels, prompt files and the job
 planned on them, and edits of a model directory.
 
 Imported as `helpers` (pytest puts tests/ on sys.path for tests/conftest.py). Fixtures live in
@@ -85,6 +85,22 @@ def assert_same_with_any_thread_count(kernel: Callable, *args) -> None:
         assert np.array_equal(one, kernel(*args))
     finally:
         numba.set_num_threads(before)
+
+
+def assembly(module, cpu: str) -> str:
+    """The x86-64 assembly of a bare llvmlite `ir.Module` compiled for the named CPU through LLVM's
+    -O3 pipeline (what the asm tests read, whatever CPU runs them)."""
+    from llvmlite import binding
+
+    module.triple = "x86_64-unknown-linux-gnu"
+    binding.initialize_native_target()
+    binding.initialize_native_asmprinter()
+    machine = binding.Target.from_triple(module.triple).create_target_machine(cpu=cpu, opt=3)
+    llmod = binding.parse_assembly(str(module))
+    llmod.verify()
+    passes = binding.create_pass_builder(machine, binding.create_pipeline_tuning_options(speed_level=3))
+    passes.getModulePassManager().run(llmod, passes)
+    return machine.emit_assembly(llmod)
 
 
 # -- jobs -------------------------------------------------------------------------------------------

@@ -25,15 +25,21 @@ def _shape_model(shape: str) -> str:
     return str(out)
 
 
+def _bandwidth_text(bw: dict) -> str:
+    return (f"{bw['bytes_per_s'] / 1e9:.1f} GB/s with {bw['threads']} thread{'s' if bw['threads'] > 1 else ''} "
+            f"(best of {bw['passes']} passes over {bw['buffer_bytes'] / 2 ** 30:.2f} GiB; median "
+            f"{bw['median_bytes_per_s'] / 1e9:.1f})")
+
+
 def cmd_bench_kernels(args) -> int:
     from ternpool.engine.bench import bench_kernels
+    from ternpool.kernels.bench import describe_kernel_path
 
     r = bench_kernels(args.shape, threads=args.threads, batches=tuple(int(b) for b in args.batches.split(",")),
                       head=args.head)
-    threads, bw = r["threads"], r["read_bandwidth"]
-    print(f"shape {args.shape}, {threads} threads, ISA {r['isa']}; memory read bandwidth (sum of 1 GiB): "
-          f"{bw / 1e9:.1f} GB/s with {threads} threads, {r['read_bandwidth_numpy_one_thread'] / 1e9:.1f} GB/s with "
-          "NumPy's one")
+    bw = r["read_bandwidth"]
+    print(f"shape {args.shape}, {r['threads']} threads; {describe_kernel_path(r['kernel_path'])}")
+    print(f"memory read bandwidth: {_bandwidth_text(r['bandwidth'])}, {_bandwidth_text(r['bandwidth_one_thread'])}")
     print(f"{'kernel':<10}{'format':>7}{'out x in':>14}{'batch':>6}{'ms':>9}{'GMAC/s':>8}{'weight GB/s':>12}"
           f"{'of read bw':>11}{'numpy f32 ms':>13}{'vs numpy':>9}")
     for row in r["rows"]:
@@ -45,31 +51,40 @@ def cmd_bench_kernels(args) -> int:
     return 0
 
 
+def decode_line(r: dict) -> str:
+    """The single-stream decode against its bandwidth ceiling, as `bench model` prints it: a decode
+    faster than the ceiling is reported as a bandwidth measurement too low, never as a fraction > 1."""
+    per_token, bw = r["bytes_per_token"], r["read_bandwidth"]
+    head = (f"single-stream decode: {r['decode_tokens_per_s']:.2f} tokens/s reading {per_token / 1e6:.0f} MB per "
+            f"token ({r['decode_read_bytes_per_s'] / 1e9:.1f} GB/s); read bandwidth {bw / 1e9:.1f} GB/s -> ceiling "
+            f"{r['ceiling_tokens_per_s']:.2f} tokens/s")
+    if r["fraction_of_ceiling"] is not None:
+        return f"{head} ({r['fraction_of_ceiling']:.2f} of it)"
+    return (f"{head}: the decode beat that ceiling, which is impossible: the bandwidth measurement was too low, "
+            f"by at least {r['bandwidth_low_by']:.2f}x (the decode itself read "
+            f"{r['decode_read_bytes_per_s'] / 1e9:.1f} GB/s)")
+
+
 def cmd_bench_model(args) -> int:
     from ternpool.engine.bench import bench_model
-    from ternpool.kernels import set_threads
-    from ternpool.kernels.bench import read_bandwidth
+    from ternpool.kernels.bench import describe_kernel_path
 
     model = resolve_model(args)
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
-    set_threads(args.threads)  # the bandwidth is measured with the threads the model runs with
-    bw = read_bandwidth()
     r = bench_model(model, threads=args.threads, prompt_len=args.prompt_len, gen=args.gen,
                     concurrency=concurrency, head=args.head, weights_format=args.weights_format,
                     kv_cache=args.kv_cache)
-    per_token = r["bytes_per_token"]
-    r.update(read_bandwidth=bw, ceiling_tokens_per_s=bw / per_token)
-    print(f"{model}: {r['threads']} threads, {r['weights_format']} weights, head {args.head}, ISA {r['isa']}, "
+    print(f"{model}: {r['threads']} threads, {r['weights_format']} weights, head {args.head}, "
           f"load {r['load_s']:.2f} s (weights mapped in {r['load_weights_s']:.3f} s, tokenizer "
           f"{r['load_tokenizer_s']:.2f} s), "
           f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, of which at most "
           f"{r['kv_bytes_per_slot'] * r['slots'] / 1e9:.2f} GB {r['kv_cache']} KV cache ({r['slots']} slots x "
           f"{r['kv_bytes_per_slot'] / 1e6:.1f} MB)")
+    print(describe_kernel_path(r["kernel_path"]))
+    print(f"memory read bandwidth: {_bandwidth_text(r['bandwidth'])}")
     print(f"prefill {args.prompt_len} tokens: {r['prefill_tokens_per_s']:.1f} tokens/s (time to first token "
           f"{r['ttft_s']:.3f} s)")
-    print(f"single-stream decode: {r['decode_tokens_per_s']:.2f} tokens/s; bytes read per token "
-          f"{per_token / 1e6:.0f} MB, read bandwidth {bw / 1e9:.1f} GB/s -> ceiling {bw / per_token:.2f} tokens/s "
-          f"({r['decode_tokens_per_s'] * per_token / bw:.2f} of it)")
+    print(decode_line(r))
     for c, v in r["concurrency"].items():
         print(f"concurrency {c:>3}: aggregate decode {v['aggregate_decode_tokens_per_s']:8.1f} tokens/s, "
               f"{v['tokens_per_s_incl_prefill']:8.1f} tokens/s including prefill")
@@ -178,7 +193,9 @@ def add_commands(sub) -> None:
     k = bsub.add_parser("kernels", help="time every linear shape and the output head at several batch sizes",
                         description="Per linear shape of the model and the output head, at each batch size: time "
                         "per call, G multiply-adds/s, effective weight GB/s, and NumPy float32 matmul on the same "
-                        "shape, with this machine's read bandwidth measured in the same run.")
+                        "shape, with this machine's read bandwidth measured in the same run (every thread streaming "
+                        "a buffer of 8x the last-level cache, at least 1 GiB, as decode reads its weights; and one "
+                        "thread), the kernel path that ran and the CPU features that choose it.")
     k.add_argument("--shape", default="2b4t", choices=list(SHAPES), help="model shape (default: 2b4t)")
     k.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
     k.add_argument("--batches", default="1,8,32,64", help="batch sizes (default: 1,8,32,64)")
@@ -188,8 +205,10 @@ def add_commands(sub) -> None:
 
     m = bsub.add_parser("model", help="prefill, time to first token, decode and batched decode of a model",
                         description="Prefill tokens/s, time to first token, single-stream decode tokens/s (with "
-                        "the bandwidth ceiling measured in the same run) and aggregate decode at each concurrency "
-                        "under continuous batching, as the worker pool runs it; peak RSS.")
+                        "the bandwidth ceiling measured in the same run: bytes read per token / read bandwidth; a "
+                        "decode above it is reported as a bandwidth measurement too low) and aggregate decode at "
+                        "each concurrency under continuous batching, as the worker pool runs it; peak RSS; the "
+                        "kernel path that ran and the CPU features that choose it.")
     add_model_source(m)
     m.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
     m.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")

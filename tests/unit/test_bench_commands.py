@@ -7,8 +7,19 @@ import json
 import pytest
 
 from ternpool.cluster.cli import main
+from ternpool.kernels import config
 
 pytestmark = pytest.mark.unit
+
+
+def _assert_kernel_path(text: str, data: dict) -> None:
+    """Both benches print and write which instruction set ran and the CPU features that decide it."""
+    path = data["kernel_path"]
+    assert path["isa"] == data["isa"] == config.ISA and path["isa"] in path["usable"]
+    assert {"avx2", "avx512vnni", "avxvnni", "amx-int8"} <= set(path["features"])
+    assert f"kernel path {config.ISA} (" in text and f"CPU {path['cpu']} has " in text
+    for name, on in path["features"].items():
+        assert (name in text.split("; lacks ")[0].split(" has ")[-1].split()) == on, (name, text)
 
 
 def test_bench_kernels_prints_every_shape_and_writes_json(tmp_path, capsys):
@@ -18,6 +29,9 @@ def test_bench_kernels_prints_every_shape_and_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "memory read bandwidth" in text and "vs numpy" in text
     data = json.loads(out.read_text())
+    _assert_kernel_path(text, data)
+    assert data["bandwidth"]["threads"] == 1 and data["bandwidth_one_thread"]["threads"] == 1
+    assert data["bandwidth"]["buffer_bytes"] >= 2 ** 30 and data["read_bandwidth_one_thread"] > 0
     names = {(r["name"], r["format"]) for r in data["rows"]}
     linears = {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert names == {(n, f) for n in linears for f in ("2bit", "1.6bit")} | {("head", "bf16"), ("head", "int8")}
@@ -32,5 +46,11 @@ def test_bench_model_reports_prefill_decode_and_concurrency(tiny_model, tmp_path
     text = capsys.readouterr().out
     assert "single-stream decode" in text and "ceiling" in text and "concurrency   3" in text
     data = json.loads(out.read_text())
+    _assert_kernel_path(text, data)
     assert data["prefill_tokens_per_s"] > 0 and data["decode_tokens_per_s"] > 0
+    assert data["read_bandwidth"] == data["bandwidth"]["bytes_per_s"] > 0 and data["bandwidth"]["threads"] == 1
+    assert data["ceiling_tokens_per_s"] == pytest.approx(data["read_bandwidth"] / data["bytes_per_token"])
+    assert (data["fraction_of_ceiling"] is None) != (data["bandwidth_low_by"] is None)
+    # the bandwidth buffer (>= 1 GiB, freed before the model loads) is not the tiny model's peak RSS
+    assert not data["peak_rss_includes_bandwidth_buffer"] and data["peak_rss_bytes"] < data["bandwidth"]["buffer_bytes"]
     assert set(data["concurrency"]) == {"1", "3"} and data["bytes_per_token"] > 0
