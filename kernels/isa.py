@@ -174,15 +174,20 @@ class Avx2(Isa):
 
     def base3_digit(self, builder, state, last):
         (x,) = state
-        zero = splat(x.type, 0)
-        ge86 = builder.sext(builder.icmp_signed(">", x, splat(x.type, -43)), x.type)  # 0 or -1
-        ge171 = builder.sext(builder.icmp_signed(">", x, splat(x.type, 42)), x.type)
-        code = builder.sub(builder.sub(zero, ge86), ge171)
+        code = self.base3_code(builder, x)
         if last:
             return code, state
         x3 = builder.add(builder.add(x, x), x)  # behind an empty asm (no instruction), see above
         reg = "x" if x.type.count <= 32 else "v"  # "v": any zmm register
         return code, [builder.asm(ir.FunctionType(x.type, [x.type]), "", f"={reg},0", [x3], side_effect=False)]
+
+    def base3_code(self, builder, x):
+        """The digit [x' > -43] + [x' > 42] of the state x': two vpcmpgtb (-1 when true) subtracted
+        from zero."""
+        zero = splat(x.type, 0)
+        ge86 = builder.sext(builder.icmp_signed(">", x, splat(x.type, -43)), x.type)  # 0 or -1
+        ge171 = builder.sext(builder.icmp_signed(">", x, splat(x.type, 42)), x.type)
+        return builder.sub(builder.sub(zero, ge86), ge171)
 
 
 @register
@@ -222,3 +227,10 @@ class Avx512Vnni(AvxVnni):
     priority = 30
     width = 64
     pair_type = acc_type = ir.VectorType(I32, 16)
+
+    def base3_code(self, builder, x):
+        """The digit with mask registers: vpcmpgtb into a mask, 1 under it (zeroing the rest), then 2
+        under the mask of x' > 42 (4 instructions, against 5 with vpmovm2b)."""
+        ge86 = builder.icmp_signed(">", x, splat(x.type, -43))
+        ge171 = builder.icmp_signed(">", x, splat(x.type, 42))
+        return builder.select(ge171, splat(x.type, 2), builder.select(ge86, splat(x.type, 1), splat(x.type, 0)))
