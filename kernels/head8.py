@@ -7,7 +7,9 @@ absmax int8 hidden states), so it is an option, not the default.
 
 Both operands are clamped to [-127, 127] so that the AVX2 path
 (`vpsignb` + `vpmaddubsw`: |w| as unsigned times sign(w) * x as signed)
-cannot saturate its int16 pairs: 2 * 127 * 127 = 32258 < 32767.
+cannot saturate its int16 pairs: 2 * 127 * 127 = 32258 < 32767. VNNI paths
+multiply w + 128 as an unsigned byte and subtract 128 times the hidden row's
+sum (`hsum`, over the columns of whole SIMD blocks), computed once per call.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _tail(a, b, t, c0):  # pragma: no cover - compiled
 
 
 @njit(**NJIT_PARALLEL)
-def _head_i8(w, wscale, hq, hscale, out):  # pragma: no cover - compiled
+def _head_i8(w, wscale, hq, hsum, hscale, out):  # pragma: no cover - compiled
     V, K = w.shape
     T = hq.shape[0]
     nb = K // BLOCK
@@ -62,20 +64,21 @@ def _head_i8(w, wscale, hq, hscale, out):  # pragma: no cover - compiled
         v0, v1 = task * _ROWS_PER_TASK, min(V, (task + 1) * _ROWS_PER_TASK)
         for t in range(0, T - 1, 2):  # token pairs outside: the task's rows stay in L1 for all of them
             for v in range(v0, v1):
-                s = dot_s8_tile2(w[v], hq, t, nb)
+                s = dot_s8_tile2(w[v], hq, hsum, t, nb)
                 out[t, v] = np.float32(s[0] + _tail(w[v], hq, t, nb * BLOCK)) * (wscale[v] * hscale[t])
                 out[t + 1, v] = np.float32(s[1] + _tail(w[v], hq, t + 1, nb * BLOCK)) * (wscale[v] * hscale[t + 1])
         for v in range(v0, v1):
             if T % 2:
-                s1 = dot_s8_tile1(w[v], hq, T - 1, nb)
+                s1 = dot_s8_tile1(w[v], hq, hsum, T - 1, nb)
                 out[T - 1, v] = np.float32(s1 + _tail(w[v], hq, T - 1, nb * BLOCK)) * (wscale[v] * hscale[T - 1])
 
 
 def head_i8(w: np.ndarray, wscale: np.ndarray, h: np.ndarray) -> np.ndarray:
     """float32 logits (T, V) from int8 head w (V, K) with row scales and float32 hidden h (T, K)."""
     hq, hscale = quantize_hidden(h)
+    hsum = hq[:, :hq.shape[1] // BLOCK * BLOCK].sum(axis=1, dtype=np.int32)  # (T,) over whole blocks
     out = np.empty((hq.shape[0], w.shape[0]), dtype=np.float32)
-    _head_i8(w, wscale, hq, hscale, out)
+    _head_i8(w, wscale, hq, hsum, hscale, out)
     return out
 
 

@@ -6,11 +6,15 @@ strategy; `config.ISA` picks one (TERNPOOL_ISA, else `host_isa()`), and the kern
 that name. Adding an instruction set is one more `@register`ed subclass of `Isa` here (it may inherit
 from one that shares most of its operations) and one parameter of tests/unit/test_isa_asm.py.
 
-The operations, on 32-byte blocks (`V32I8`):
+The operations, on vectors of `width` bytes (`byte_type`; 32, or 64 on zmm):
 - `madd(acc, codes, x)`: acc + codes * x with codes unsigned (0..3) and x signed int8, adjacent
   products summed into the lanes of `pair_type` (int16 pairs on AVX2; the caller bounds the count of
-  blocks added before `widen` so that they cannot overflow);
-- `madd_signed(acc, a, b)`: the same with both operands signed int8 in [-127, 127];
+  blocks added before `widen` so that they cannot overflow). Without `short_pairs` (VNNI: `vpdpbusd`
+  sums four products straight into an int32 lane) pair_type is acc_type, `widen` does nothing and
+  nothing can overflow: the emitters then add every block straight into the int32 accumulators;
+- `madd_signed(acc, a, b)`: the same for a * b with both operands signed int8 in [-127, 127], but
+  multiplying a + `signed_offset` (0: the plain product; 128: a is read as the unsigned byte
+  a ^ 0x80, and the emitter subtracts 128 * sum(b) at the end);
 - `widen(pairs)`: `pair_type` lanes into the int32 lanes of `acc_type`, the total kept;
 - `base3_start(w)` / `base3_digit(state, last) -> (codes, state)`: the digit decode of the 1.6-bit
   layout (see `base3.py`), digit k of each byte of w per call.
@@ -21,7 +25,7 @@ from __future__ import annotations
 from llvmlite import binding as _llvm
 from llvmlite import ir
 
-from .llvmir import I32, V16I16, V32I8, V32I16, call_intrinsic, splat
+from .llvmir import I8, I32, V16I16, V32I8, V32I16, call_intrinsic, splat
 
 ISAS: dict[str, Isa] = {}
 
@@ -34,15 +38,27 @@ def register(cls):
     return cls
 
 
-def usable_isas(features=None) -> list[str]:
-    """The registered instruction sets whose CPU features the host (or `features`, a mapping of LLVM
-    feature names to booleans) has, best (highest priority) first."""
+def _host_features() -> dict:
+    try:
+        return dict(_llvm.get_host_cpu_features())
+    except RuntimeError:  # pragma: no cover - unknown host: only ISAs that need no feature
+        return {}
+
+
+def missing_features(name: str, features=None) -> list[str]:
+    """The CPU features the instruction set `name` needs that the host (or `features`, a mapping of
+    LLVM feature names to booleans) lacks."""
     if features is None:
-        try:
-            features = _llvm.get_host_cpu_features()
-        except RuntimeError:  # pragma: no cover - unknown host: only ISAs that need no feature
-            features = {}
-    usable = [isa for isa in ISAS.values() if all(features.get(f) for f in isa.features)]
+        features = _host_features()
+    return [f for f in ISAS[name].features if not features.get(f)]
+
+
+def usable_isas(features=None) -> list[str]:
+    """The registered instruction sets whose CPU features the host (or `features`) has, best
+    (highest priority) first."""
+    if features is None:
+        features = _host_features()
+    usable = [isa for isa in ISAS.values() if not missing_features(isa.name, features)]
     return [isa.name for isa in sorted(usable, key=lambda isa: -isa.priority)]
 
 
@@ -57,8 +73,23 @@ class Isa:
     name: str
     features: tuple[str, ...] = ()  # LLVM feature names the CPU must have
     priority: int = 0  # the host gets the usable one with the highest priority
+    width: int = 32  # bytes per vector (columns per block of the 2-bit and int8 kernels)
     pair_type: ir.VectorType  # lanes of madd's short accumulators
     acc_type: ir.VectorType  # int32 lanes of the widened accumulators
+    short_pairs: bool = True  # madd sums into short lanes, to be widened before they overflow
+    chains: int = 1  # without short lanes: independent accumulators that hide madd's latency
+    signed_offset: int = 0  # madd_signed multiplies a + signed_offset by b (see above)
+
+    @property
+    def byte_type(self) -> ir.VectorType:
+        return ir.VectorType(I8, self.width)
+
+    def madd_wide(self, builder, acc, a, b, signed: bool = False):
+        """acc (acc_type) plus the products of one block (madd, or madd_signed), widened."""
+        madd = self.madd_signed if signed else self.madd
+        if not self.short_pairs:
+            return madd(builder, acc, a, b)
+        return builder.add(acc, self.widen(builder, madd(builder, splat(self.pair_type, 0), a, b)))
 
     def madd(self, builder, acc, codes, x):
         raise NotImplementedError
@@ -117,7 +148,8 @@ class Avx2(Isa):
     under `x' <- x' + x' + x'` (two vpaddb; an empty inline asm keeps LLVM from folding the chain
     into x' * 9, * 27, * 81, which costs 3 to 5 instructions each on bytes), and the digit
     (3x) >> 8 = [x >= 86] + [x >= 171] = [x' > -43] + [x' > 42] is two vpcmpgtb (-1 when true)
-    subtracted from zero: 39 vector instructions per 160 weights (43 with the folded chain)."""
+    subtracted from zero: 39 vector instructions per 160 weights (43 with the folded chain). The
+    decode is written for any vector of bytes, so strategies of other widths inherit it."""
 
     name = "avx2"
     features = ("avx2",)
@@ -138,15 +170,67 @@ class Avx2(Isa):
         return call_intrinsic(builder, "llvm.x86.avx2.pmadd.wd", self.acc_type, [pairs, splat(V16I16, 1)])
 
     def base3_start(self, builder, w):
-        return [builder.xor(w, splat(V32I8, 0x80))]
+        return [builder.xor(w, splat(w.type, 0x80))]
 
     def base3_digit(self, builder, state, last):
         (x,) = state
-        zero = splat(V32I8, 0)
-        ge86 = builder.sext(builder.icmp_signed(">", x, splat(V32I8, -43)), V32I8)  # 0 or -1
-        ge171 = builder.sext(builder.icmp_signed(">", x, splat(V32I8, 42)), V32I8)
-        code = builder.sub(builder.sub(zero, ge86), ge171)
+        code = self.base3_code(builder, x)
         if last:
             return code, state
         x3 = builder.add(builder.add(x, x), x)  # behind an empty asm (no instruction), see above
-        return code, [builder.asm(ir.FunctionType(V32I8, [V32I8]), "", "=x,0", [x3], side_effect=False)]
+        reg = "x" if x.type.count <= 32 else "v"  # "v": any zmm register
+        return code, [builder.asm(ir.FunctionType(x.type, [x.type]), "", f"={reg},0", [x3], side_effect=False)]
+
+    def base3_code(self, builder, x):
+        """The digit [x' > -43] + [x' > 42] of the state x': two vpcmpgtb (-1 when true) subtracted
+        from zero."""
+        zero = splat(x.type, 0)
+        ge86 = builder.sext(builder.icmp_signed(">", x, splat(x.type, -43)), x.type)  # 0 or -1
+        ge171 = builder.sext(builder.icmp_signed(">", x, splat(x.type, 42)), x.type)
+        return builder.sub(builder.sub(zero, ge86), ge171)
+
+
+@register
+class AvxVnni(Avx2):
+    """VNNI on ymm (AVX-VNNI of client CPUs from Alder Lake on, `{vex} vpdpbusd`): one `vpdpbusd`
+    adds the four u8 x s8 products of each int32 lane into it, so no int16 pairs, nothing to widen,
+    nothing to overflow. VNNI has no signed x signed byte product (`vpdpbssd` is AVX-VNNI-INT8 only):
+    the signed product multiplies a ^ 0x80 (a + 128 as an unsigned byte) by b and the emitter
+    subtracts 128 * sum(b) (`signed_offset`). The base-3 decode is AVX2's, at this width."""
+
+    name = "avxvnni"
+    features = ("avxvnni",)
+    priority = 20
+    pair_type = acc_type = ir.VectorType(I32, 8)
+    short_pairs = False
+    chains = 8  # vpdpbusd: latency 4-5 cycles, 1 or 2 per cycle
+    signed_offset = 128
+
+    def madd(self, builder, acc, codes, x):
+        ops = [builder.bitcast(v, self.acc_type) for v in (codes, x)]
+        return call_intrinsic(builder, f"llvm.x86.avx512.vpdpbusd.{8 * self.width}", self.acc_type, [acc, *ops])
+
+    def madd_signed(self, builder, acc, a, b):
+        return self.madd(builder, acc, builder.xor(a, splat(a.type, 0x80)), b)
+
+    def widen(self, builder, pairs):
+        return pairs
+
+
+@register
+class Avx512Vnni(AvxVnni):
+    """AVX-512 VNNI (Ice Lake server and later Xeons, AMD Zen 4 and later): `vpdpbusd` on zmm, 64
+    u8 x s8 products per instruction; blocks of 64 columns (two blocks of the base-3 layout)."""
+
+    name = "avx512vnni"
+    features = ("avx512bw", "avx512vnni")
+    priority = 30
+    width = 64
+    pair_type = acc_type = ir.VectorType(I32, 16)
+
+    def base3_code(self, builder, x):
+        """The digit with mask registers: vpcmpgtb into a mask, 1 under it (zeroing the rest), then 2
+        under the mask of x' > 42 (4 instructions, against 5 with vpmovm2b)."""
+        ge86 = builder.icmp_signed(">", x, splat(x.type, -43))
+        ge171 = builder.icmp_signed(">", x, splat(x.type, 42))
+        return builder.select(ge171, splat(x.type, 2), builder.select(ge86, splat(x.type, 1), splat(x.type, 0)))

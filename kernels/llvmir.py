@@ -12,7 +12,7 @@ from llvmlite import ir
 from numba import types
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-V32I8 = ir.VectorType(I8, 32)  # one 32-byte load
+V32I8 = ir.VectorType(I8, 32)  # one 32-byte load (a block of the base-3 layout)
 V16I16 = ir.VectorType(I16, 16)
 V32I16 = ir.VectorType(I16, 32)
 BYTE_PTR = I8.as_pointer()
@@ -32,9 +32,24 @@ def as_i64(builder, v):
     return builder.sext(v, I64) if v.type.width < 64 else v
 
 
+def load(builder, base, off, ty: ir.VectorType = V32I8):
+    """The vector of type `ty` (32 bytes unless told) at base + off (an i8 pointer and an i64 byte
+    offset), unaligned."""
+    return builder.load(builder.bitcast(builder.gep(base, [off]), ty.as_pointer()), align=1)
+
+
 def load32(builder, base, off):
-    """The 32 bytes at base + off (an i8 pointer and an i64 byte offset), unaligned."""
-    return builder.load(builder.bitcast(builder.gep(base, [off]), V32I8.as_pointer()), align=1)
+    """The 32 bytes at base + off."""
+    return load(builder, base, off, V32I8)
+
+
+def concat(builder, parts):
+    """One vector of the lanes of `parts` (vectors of one type) in order: a single part as it is."""
+    while len(parts) > 1:
+        n = parts[0].type.count
+        parts = [builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n))))
+                 for a, b in zip(parts[::2], parts[1::2])]
+    return parts[0]
 
 
 def hsum(builder, vec):
@@ -88,12 +103,22 @@ def loop(builder, name: str, start, stop, carried, body, step: int | None = 1):
     return phis
 
 
-def chunked_sums(builder, name: str, isa, n, chunk: int, naccs: int, block):
-    """`naccs` int32 accumulators (isa.acc_type) over blocks 0 .. n - 1, in chunks of `chunk` blocks:
-    within a chunk `block(idx, pairs) -> pairs` adds one block into short accumulators
-    (isa.pair_type, from zero), which are widened into the int32 ones at the end of the chunk.
-    `chunk` must keep the short sums from overflowing (the caller's bound)."""
+def block_sums(builder, name: str, isa, n, naccs: int, block, chunk: int | None = None):
+    """`naccs` int32 accumulators (isa.acc_type) summed over blocks 0 .. n - 1 (i64), where
+    `block(idx, accs) -> accs` adds block idx.
+
+    With short lanes (`isa.short_pairs`) and a `chunk`, `block` adds into short accumulators
+    (isa.pair_type, from zero) for `chunk` blocks, which are then widened into the int32 ones;
+    `chunk` must keep the short sums from overflowing (the caller's bound). Without a chunk `block`
+    adds into the int32 accumulators itself. Without short lanes (VNNI: madd adds into int32 lanes)
+    there are no chunks, but madd's latency (`vpdpbusd`: 4-5 cycles, 1-2 per cycle) would bind a
+    loop with few accumulators: block idx goes into the (idx % copies)-th of `copies` independent
+    sets of accumulators, enough for isa.chains chains in all, summed at the end."""
     zero_acc, zero_pairs = splat(isa.acc_type, 0), splat(isa.pair_type, 0)
+    if not isa.short_pairs:
+        return interleaved_sums(builder, name, n, [zero_acc] * naccs, block, min(4, -(-isa.chains // naccs)))
+    if chunk is None:
+        return loop(builder, f"{name}.blocks", i64(0), n, [zero_acc] * naccs, block)
 
     def one_chunk(start, accs):
         end = builder.add(start, i64(chunk))
@@ -102,6 +127,25 @@ def chunked_sums(builder, name: str, isa, n, chunk: int, naccs: int, block):
         return end, [builder.add(a, isa.widen(builder, p)) for a, p in zip(accs, pairs)]
 
     return loop(builder, f"{name}.chunks", i64(0), n, [zero_acc] * naccs, one_chunk, step=None)
+
+
+def interleaved_sums(builder, name: str, n, zeros, block, copies: int):
+    """`block(idx, accs) -> accs` over idx = 0 .. n - 1 into `copies` sets of accumulators (starting
+    at `zeros`): `copies` blocks per trip, one into each set, the blocks past the last whole trip
+    into set 0; returns the sums of the sets."""
+    if copies == 1:
+        return loop(builder, f"{name}.blocks", i64(0), n, zeros, block)
+    k = len(zeros)
+
+    def trip(i, accs):
+        return [a for c in range(copies) for a in block(builder.add(i, i64(c)) if c else i, accs[c * k:(c + 1) * k])]
+
+    whole = builder.mul(builder.sdiv(n, i64(copies)), i64(copies))
+    sets = loop(builder, f"{name}.x{copies}", i64(0), whole, zeros * copies, trip, step=copies)
+    total = loop(builder, f"{name}.rest", whole, n, sets[:k], block)
+    for c in range(1, copies):
+        total = [builder.add(a, b) for a, b in zip(total, sets[c * k:(c + 1) * k])]
+    return total
 
 
 # --- Numba glue ---------------------------------------------------------------------------------
@@ -118,6 +162,13 @@ def matrix_rows(context, builder, arrty, arr, t0, count: int):
     stride = builder.extract_value(a.strides, 0)
     t0 = as_i64(builder, t0)
     return [builder.gep(base, [builder.mul(builder.add(t0, i64(j)), stride)]) for j in range(count)]
+
+
+def array_items(context, builder, arrty, arr, i0, count: int):
+    """Items i0, i0 + 1, ..., i0 + count - 1 of a Numba 1-D C-contiguous array argument."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    i0 = as_i64(builder, i0)
+    return [builder.load(builder.gep(data, [builder.add(i0, i64(j))])) for j in range(count)]
 
 
 def int32_sums(argtypes, n: int, emit):

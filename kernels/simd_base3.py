@@ -20,7 +20,10 @@ scalar code.
 The instruction set's strategy (`isa.py`) decodes the digits (`base3_start`, `base3_digit`) and
 multiplies codes (u8) by activations (s8) into short pairs (`madd`; on AVX2 `vpmaddubsw`:
 |2 * 2 * -128| = 512); the pairs of all five digits are added in int16 lanes for CHUNK blocks
-(12 * 5 * 512 = 30720 < 32767) and only then widened into int32 lanes (`widen`).
+(12 * 5 * 512 = 30720 < 32767) and only then widened into int32 lanes (`widen`). On VNNI
+(`vpdpbusd`) the products go straight into int32 lanes. A 64-byte vector (zmm) holds two
+consecutive blocks: one load of packed bytes, and per digit the two 32-byte activation slices
+(160 columns apart) joined into one vector; the layout does not change.
 """
 
 from __future__ import annotations
@@ -30,24 +33,40 @@ from numba.extending import intrinsic
 
 from .config import ISA
 from .isa import ISAS
-from .llvmir import array_data, as_i64, chunked_sums, hsum, i64, int32_sums, load32, loop, splat
+from .llvmir import V32I8, array_data, as_i64, block_sums, concat, hsum, i64, int32_sums, load32, loop, splat
 
 BLOCK = 160  # columns per block
 BLOCK_BYTES = 32  # packed bytes per block
 DIGITS = 5
-CHUNK = 12  # blocks summed in int16 lanes before widening (see above)
+CHUNK = 12  # vectors of blocks summed in int16 lanes before widening (see above)
 
 
-def _block(isa, builder, ws, xps, x_off, pairs):
-    """Decode the five digits of the 32 packed bytes of every row in `ws`, multiply digit k by the
-    activation slice at x_off + 32k of every row in `xps` (each slice is loaded once and shared by
-    all packed rows) and add the products to the short accumulators pairs[i * len(xps) + j]."""
+def _vector(builder, isa, ptr, offs):
+    """One vector of the strategy's width from the 32-byte blocks at byte offsets `offs` of ptr (one
+    per 32 lanes; None: zero bytes, which decode to code 0 and multiply to 0)."""
+    zero = splat(V32I8, 0)
+    parts = [zero if off is None else load32(builder, ptr, off) for off in offs]
+    assert len(parts) * BLOCK_BYTES == isa.width, (len(parts), isa.width)
+    return concat(builder, parts)
+
+
+def _span(isa, builder, packed, xs, b0, present: int, pairs):
+    """Add the products of the layout blocks b0 .. b0 + present - 1 (i64 b0; one vector holds
+    isa.width // 32 blocks, lanes past `present` are zero) to the short accumulators
+    pairs[i * len(xs) + j] (packed row i, activation row j): the five digits of each packed row are
+    decoded once for every activation row, and each activation vector is loaded once for all
+    packed rows."""
+    per_vector = isa.width // BLOCK_BYTES  # layout blocks per vector
+    blocks = [builder.add(b0, i64(b)) if b else b0 for b in range(present)] + [None] * (per_vector - present)
+    ws = [_vector(builder, isa, p, [None if b is None else builder.mul(b, i64(BLOCK_BYTES)) for b in blocks])
+          for p in packed]
     states = [isa.base3_start(builder, w) for w in ws]
+    x_offs = [None if b is None else builder.mul(b, i64(BLOCK)) for b in blocks]
     pairs = list(pairs)
-    nt = len(xps)
+    nt = len(xs)
     for k in range(DIGITS):
-        off = builder.add(x_off, i64(BLOCK_BYTES * k)) if k else x_off
-        xvs = [load32(builder, xp, off) for xp in xps]
+        offs = [None if o is None else builder.add(o, i64(BLOCK_BYTES * k)) for o in x_offs]
+        xvs = [_vector(builder, isa, xp, offs) for xp in xs]
         for i in range(len(ws)):
             code, states[i] = isa.base3_digit(builder, states[i], last=(k == DIGITS - 1))
             for j, xv in enumerate(xvs):
@@ -55,49 +74,70 @@ def _block(isa, builder, ws, xps, x_off, pairs):
     return pairs
 
 
+def _guarded(builder, cond, values, body):
+    """`values`, or `body(values)` (emitted in a branch) when the i1 `cond` holds: the phis."""
+    before = builder.block
+    with builder.if_then(cond):
+        new = body(values)
+        after = builder.block
+    phis = [builder.phi(v.type) for v in values]
+    for phi, v, n in zip(phis, values, new):
+        phi.add_incoming(v, before)
+        phi.add_incoming(n, after)
+    return phis
+
+
 def emit_dot_base3(builder, isa, packed, xs, nblocks, ndigits):
     """The len(packed) * len(xs) int32 sums of the packed rows (byte pointers) with the activation
     rows `xs` (byte pointers), in the order (row 0, x 0), (row 0, x 1), ..., (row 1, x 0), ...: over
-    `nblocks` whole blocks, then digits 0 .. ndigits - 1 (ndigits < 5) of block `nblocks` (i64)."""
+    `nblocks` whole blocks, then digits 0 .. ndigits - 1 (ndigits < 5) of block `nblocks` (i64).
+
+    A vector of 64 bytes (zmm) holds two layout blocks: the whole blocks go two at a time, an odd
+    last one and the digits of block `nblocks` with the upper half zero."""
     nr, nt = len(packed), len(xs)
+    per_vector = isa.width // BLOCK_BYTES
+    if per_vector not in (1, 2):
+        raise ValueError(f"base-3 kernels take vectors of 32 or 64 bytes, not {isa.width}")
+    zero_pairs = splat(isa.pair_type, 0)
 
-    def block(idx, pairs):
-        ws = [load32(builder, p, builder.mul(idx, i64(BLOCK_BYTES))) for p in packed]
-        return _block(isa, builder, ws, xs, builder.mul(idx, i64(BLOCK)), pairs)
+    def span(idx, pairs):
+        return _span(isa, builder, packed, xs, builder.mul(idx, i64(per_vector)), per_vector, pairs)
 
-    accs = chunked_sums(builder, "b3", isa, nblocks, CHUNK, nr * nt, block)
+    spans = builder.sdiv(nblocks, i64(per_vector)) if per_vector > 1 else nblocks
+    accs = block_sums(builder, "b3", isa, spans, nr * nt, span, CHUNK)
+
+    if per_vector == 2:  # an odd last whole block
+        def last_block(values):
+            pairs = _span(isa, builder, packed, xs, builder.sub(nblocks, i64(1)), 1, [zero_pairs] * len(values))
+            return [builder.add(a, isa.widen(builder, p)) for a, p in zip(values, pairs)]
+
+        odd = builder.icmp_signed("!=", builder.and_(nblocks, i64(1)), i64(0))
+        accs = _guarded(builder, odd, accs, last_block)
 
     # block nblocks, digits 0 .. ndigits - 1: a runtime loop, one digit per trip; guarded, as a row
     # whose length is a multiple of 160 has no bytes there
-    whole = builder.block
-    with builder.if_then(builder.icmp_signed(">", ndigits, i64(0))):
+    def digits(values):
         tw = builder.mul(nblocks, i64(BLOCK_BYTES))
-        states = [isa.base3_start(builder, load32(builder, p, tw)) for p in packed]
+        states = [isa.base3_start(builder, _vector(builder, isa, p, [tw] + [None] * (per_vector - 1))) for p in packed]
         widths = [len(st) for st in states]  # decode state values per packed row
         nstate = sum(widths)
-        zero_pairs = splat(isa.pair_type, 0)
 
-        def digit(k, values):  # values: the decode states of all rows, then the accumulators
+        def digit(k, carried):  # carried: the decode states of all rows, then the accumulators
             off = builder.add(builder.mul(nblocks, i64(BLOCK)), builder.mul(k, i64(BLOCK_BYTES)))
-            xvs = [load32(builder, xp, off) for xp in xs]
+            xvs = [_vector(builder, isa, xp, [off] + [None] * (per_vector - 1)) for xp in xs]
             new_states, new_accs, at = [], [], 0
             for i, width in enumerate(widths):
-                code, nxt = isa.base3_digit(builder, values[at:at + width], last=False)
+                code, nxt = isa.base3_digit(builder, carried[at:at + width], last=False)
                 at += width
                 new_states += nxt
-                for j, xv in enumerate(xvs):
-                    product = isa.widen(builder, isa.madd(builder, zero_pairs, code, xv))
-                    new_accs.append(builder.add(values[nstate + i * nt + j], product))
+                new_accs += [isa.madd_wide(builder, carried[nstate + i * nt + j], code, xv) for j, xv in enumerate(xvs)]
             return new_states + new_accs
 
         flat_states = [v for st in states for v in st]
-        tail_accs = loop(builder, "b3.tail", i64(0), ndigits, flat_states + accs, digit)[nstate:]
-        tail = builder.block
-    phis = [builder.phi(a.type) for a in accs]
-    for phi, a, ta in zip(phis, accs, tail_accs):
-        phi.add_incoming(a, whole)
-        phi.add_incoming(ta, tail)
-    return [hsum(builder, phi) for phi in phis]
+        return loop(builder, "b3.tail", i64(0), ndigits, flat_states + values, digit)[nstate:]
+
+    accs = _guarded(builder, builder.icmp_signed(">", ndigits, i64(0)), accs, digits)
+    return [hsum(builder, a) for a in accs]
 
 
 def _row_ok(t, dtype) -> bool:

@@ -3,7 +3,7 @@ kernels go into a bare llvmlite module, through LLVM's -O3 pipeline, and the ass
 instructions the strategy exists for, whatever CPU runs the tests.
 
 Adding an instruction set adds one row to ASM_EXPECTATIONS (a CPU that has it, the instructions it
-must produce, and those it must not)."""
+must produce, and those it must not; "vpdpbusd:zmm" is a vpdpbusd with a zmm operand)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,25 @@ import re
 import pytest
 from llvmlite import binding, ir
 
-from ternpool.kernels.isa import ISAS, host_isa, usable_isas
+from ternpool.kernels.isa import ISAS, host_isa, missing_features, usable_isas
 from ternpool.kernels.llvmir import BYTE_PTR, I32, I64, i64
 from ternpool.kernels.simd import emit_dot4, emit_dot_s8
 from ternpool.kernels.simd_base3 import emit_dot_base3
 
 pytestmark = pytest.mark.unit
 
+_AVX2 = {"vpmaddubsw", "vpmaddwd", "vpsignb"}  # what VNNI replaces
+_ZMM_VNNI = ({"vpdpbusd:zmm", "vpcmpgtb"}, {"vpdpbusd:ymm", "vpmovm2b"} | _AVX2)
+
 # (isa, cpu, instructions that must appear, instructions that must not)
 ASM_EXPECTATIONS = [
-    ("avx2", "haswell", {"vpmaddubsw", "vpmaddwd", "vpsignb", "vpcmpgtb"}, set()),
-    ("avx2", "znver3", {"vpmaddubsw", "vpmaddwd", "vpsignb", "vpcmpgtb"}, set()),
+    ("avx2", "haswell", _AVX2 | {"vpcmpgtb"}, set()),
+    ("avx2", "znver3", _AVX2 | {"vpcmpgtb"}, set()),
     ("generic", "x86-64", {"pmullw"}, {"vpmaddubsw", "pmaddubsw", "vpsignb"}),
+    ("avxvnni", "alderlake", {"vpdpbusd:ymm", "vpcmpgtb"}, {"vpdpbusd:zmm"} | _AVX2),
+    ("avx512vnni", "znver4", *_ZMM_VNNI),
+    ("avx512vnni", "icelake-server", *_ZMM_VNNI),
+    ("avx512vnni", "sapphirerapids", *_ZMM_VNNI),
 ]
 
 
@@ -42,7 +49,7 @@ def _assembly(isa, cpu: str) -> str:
     module = ir.Module(name=f"ternpool_{isa.name}")
     module.triple = "x86_64-unknown-linux-gnu"
     _kernel(module, "dot4_tile2", 3, lambda b, p, n, m: emit_dot4(b, isa, p[0], p[1:], n))
-    _kernel(module, "dot_s8_tile2", 3, lambda b, p, n, m: emit_dot_s8(b, isa, p[0], p[1:], n))
+    _kernel(module, "dot_s8_tile2", 3, lambda b, p, n, m: emit_dot_s8(b, isa, p[0], p[1:], [b.trunc(m, I32)] * 2, n))
     _kernel(module, "dot_base3_4", 5, lambda b, p, n, m: emit_dot_base3(b, isa, p[:1], p[1:], n, m))
     _kernel(module, "dot_base3_rows4", 5, lambda b, p, n, m: emit_dot_base3(b, isa, p[:4], p[4:], n, m))
     binding.initialize_native_target()
@@ -56,13 +63,18 @@ def _assembly(isa, cpu: str) -> str:
     return machine.emit_assembly(llmod)
 
 
-def _mnemonics(asm: str) -> set[str]:
-    return {m.group(1) for m in re.finditer(r"^\s+([a-z][a-z0-9]*)\s", asm, re.MULTILINE)}
+def _instructions(asm: str) -> set[str]:
+    """The mnemonics of `asm`, and "mnemonic:xmm" (ymm, zmm) for each register width they use."""
+    found = set()
+    for m in re.finditer(r"^\s+(?:\{vex\}\s+)?([a-z][a-z0-9]*)\s(.*)$", asm, re.MULTILINE):
+        found.add(m.group(1))
+        found |= {f"{m.group(1)}:{reg}" for reg in re.findall(r"%([xyz]mm)\d+", m.group(2))}
+    return found
 
 
 @pytest.mark.parametrize("name,cpu,present,absent", ASM_EXPECTATIONS)
 def test_strategy_compiles_to_its_instructions(name, cpu, present, absent):
-    found = _mnemonics(_assembly(ISAS[name], cpu))
+    found = _instructions(_assembly(ISAS[name], cpu))
     assert present <= found, f"{name} on {cpu}: missing {sorted(present - found)}"
     assert not absent & found, f"{name} on {cpu}: unexpected {sorted(absent & found)}"
 
@@ -76,6 +88,10 @@ def test_host_gets_the_best_strategy_it_has_the_features_for():
     assert host_isa({"avx2": False, "sse2": True}) == "generic"
     assert host_isa({}) == "generic"
     assert usable_isas({"avx2": True}) == ["avx2", "generic"]
+    zen4 = {"avx2": True, "avx512f": True, "avx512bw": True, "avx512vnni": True, "avxvnni": False}
+    assert usable_isas(zen4) == ["avx512vnni", "avx2", "generic"]
+    assert host_isa({"avx2": True, "avxvnni": True}) == "avxvnni"
+    assert missing_features("avx512vnni", {"avx2": True, "avx512bw": True}) == ["avx512vnni"]
 
 
 def test_unknown_isa_is_refused_naming_the_registered_ones():
