@@ -11,7 +11,6 @@ def worker():
     from ternpool.kernels.head8 import head_i8
     from ternpool.kernels.config import ISA
     set_threads(int(os.environ["AB_THREADS"]))
-    rng = np.random.default_rng(0)
     cache = {}
     def case(kind, out, k, t):
         key = (kind, out, k, t)
