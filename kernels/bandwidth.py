@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 from .config import NJIT_PARALLEL, njit
 from .isa import ISAS
-from .llvmir import V32I8, array_data, as_i64, chunked_sums, hsum, i64, int32_sums, load32, splat
+from .llvmir import V32I8, array_data, as_i64, block_sums, hsum, i64, int32_sums, load32, splat
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def emit_byte_sum(builder, isa, base, nblocks):
         return [isa.madd(builder, p, load32(builder, base, builder.add(off, i64(32 * k))), ones)
                 for k, p in enumerate(pairs)]
 
-    accs = chunked_sums(builder, "bytes", isa, nblocks, CHUNK, LOADS, block)
+    accs = block_sums(builder, "bytes", isa, nblocks, LOADS, block, CHUNK)
     total = accs[0]
     for acc in accs[1:]:
         total = builder.add(total, acc)
