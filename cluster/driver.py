@@ -98,6 +98,7 @@ class JobHandle:
         self._restarts = 0
         self._cancel = threading.Event()
         self._done = threading.Event()
+        self._ray_lock = threading.Lock()  # progress() never calls Ray while _finish stops it
         run_id = self._claim()
         plan = self.plan
         here = ray.get_runtime_context().get_node_id()
@@ -121,13 +122,16 @@ class JobHandle:
 
     def progress(self) -> JobStats:
         """The coordinator's counts now; ProgressUnavailable when it does not answer (see there)."""
-        if not ray.is_initialized():  # the job ended and stopped its cluster: a Ray call would start another
-            raise ProgressUnavailable(f"job {self.job_id} has ended: see wait()")
-        try:
-            return ray.get(self.coordinator.stats.remote(), timeout=30)
-        except RayError as e:
-            raise ProgressUnavailable(f"job {self.job_id}: its coordinator did not answer "
-                                      f"({type(e).__name__}: {e}); see wait()") from e
+        # under the lock the job's end takes to stop Ray: a Ray call after that would start another
+        # cluster (and fail: "owner unknown")
+        with self._ray_lock:
+            if not ray.is_initialized():  # the job ended and stopped its cluster
+                raise ProgressUnavailable(f"job {self.job_id} has ended: see wait()")
+            try:
+                return ray.get(self.coordinator.stats.remote(), timeout=30)
+            except RayError as e:
+                raise ProgressUnavailable(f"job {self.job_id}: its coordinator did not answer "
+                                          f"({type(e).__name__}: {e}); see wait()") from e
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -250,7 +254,8 @@ class JobHandle:
                                       self._restarts, None if error is None else str(error))
         finally:
             if self._owns_ray:
-                ray.shutdown()
+                with self._ray_lock:
+                    ray.shutdown()
             self._lock.release()
             self._done.set()
 
