@@ -1,0 +1,151 @@
+"""The 2-bit ternary product on AMX int8 tiles, for calls with many tokens (prefill, batched decode).
+
+Same result as `ternary._ternary_kernel` (code-weighted sums, minus the activation row sum, through
+`epilogue.store`), bit for bit, computed as tile products (`amx.py`):
+
+- activations are re-laid once per call (`vnni_tokens`) into B tiles: tokens in tiles of 16,
+  columns in steps of 64, each step 16 rows of (16 tokens x 4 columns), zero-padded to whole tiles
+  (zero activations add nothing, whatever the codes they meet);
+- weights stay 2-bit packed; a task unpacks 8 packed rows at a time (32 output rows: two A tiles,
+  row 4i + j of tile a is output row i * R + r0 + 4a + j) into a byte buffer of codes over all
+  columns, then runs every pair of token tiles against it: per step of 64 columns two A and two B
+  tile loads and four `tdpbusd` into the 2 x 2 C tiles, stored once per pair and written through
+  `store`. Packed rows past R unpack as zeros and are not stored.
+
+The parallel tasks are one per thread, each configuring the tiles (`ldtilecfg`), holding its own
+code buffer, and releasing the tiles at its end.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange, types
+from numba.extending import intrinsic
+
+from .amx import TILE_BYTES, TILE_ROWS, emit_tile_config, emit_tile_dots, emit_tile_release, emit_unpack_row
+from .config import NJIT_PARALLEL, njit
+from .epilogue import store
+from .llvmir import array_data, as_i64, i64
+
+GROUP = 8  # packed rows unpacked together: 32 output rows, two A tiles
+
+
+def vnni_tokens(q: np.ndarray) -> np.ndarray:
+    """int8 (T, K) -> int8 (ceil(T / 16), 16 * Kp) with Kp = K rounded up to 64: for each tile of 16
+    tokens, row k // 4 holds [q[t, k - k % 4 + j] for t in the tile for j in 0..3] (B tiles of
+    `tdpbusd`, one every 1024 bytes along a tile's row), zeros past T and K."""
+    T, K = q.shape
+    tiles, kp = -(-T // TILE_ROWS), -(-K // TILE_BYTES) * TILE_BYTES
+    padded = np.zeros((tiles * TILE_ROWS, kp), dtype=np.int8)
+    padded[:T, :K] = q
+    words = padded.view(np.int32).reshape(tiles, TILE_ROWS, kp // 4)  # 4 columns per int32
+    return np.ascontiguousarray(words.transpose(0, 2, 1)).view(np.int8).reshape(tiles, TILE_ROWS * kp)
+
+
+def _void(argtypes, emit):
+    def codegen(context, builder, signature, args):
+        emit(context, builder, signature, args)
+        return context.get_dummy_value()
+
+    return types.void(*argtypes), codegen
+
+
+@intrinsic
+def _tile_config(typingctx):
+    return _void((), lambda context, builder, signature, args: emit_tile_config(builder))
+
+
+@intrinsic
+def _tile_release(typingctx):
+    return _void((), lambda context, builder, signature, args: emit_tile_release(builder))
+
+
+def _row(context, builder, arrty, arr, r):
+    """Byte pointer to row r of a 2-D array argument, and its row stride in bytes (i64)."""
+    a = context.make_array(arrty)(context, builder, arr)
+    stride = builder.extract_value(a.strides, 0)
+    return builder.gep(array_data(context, builder, arrty, arr), [builder.mul(as_i64(builder, r), stride)]), stride
+
+
+@intrinsic
+def _unpack_row(typingctx, packed, r, codes, m0):
+    """codes[m0 + 4 i, :] = (packed[r, :] >> 2i) & 3 for i in 0..3, zeros up to codes' width."""
+    def emit(context, builder, signature, args):
+        src, _ = _row(context, builder, signature.args[0], args[0], args[1])
+        ncols = builder.extract_value(context.make_array(signature.args[0])(context, builder, args[0]).shape, 1)
+        m0 = as_i64(builder, args[3])
+        dsts = [_row(context, builder, signature.args[2], args[2], builder.add(m0, i64(4 * i)))[0] for i in range(4)]
+        emit_unpack_row(builder, src, ncols, dsts)
+
+    return _void((packed, r, codes, m0), emit)
+
+
+def _tile_dots(b_tiles: int):
+    """A Numba intrinsic (codes, qv, tt, c): the C tiles of codes' two A tiles (rows 0-15, 16-31)
+    against token tiles tt .. tt + b_tiles - 1 of qv (`vnni_tokens`), over all of codes' columns,
+    stored into c (int32, 1024 bytes per C tile)."""
+    @intrinsic
+    def dots(typingctx, codes, qv, tt, c):
+        def emit(context, builder, signature, args):
+            a0, a_stride = _row(context, builder, signature.args[0], args[0], i64(0))
+            a1, _ = _row(context, builder, signature.args[0], args[0], i64(TILE_ROWS))
+            tt = as_i64(builder, args[2])
+            bs = [_row(context, builder, signature.args[1], args[1], builder.add(tt, i64(j)))[0] for j in range(b_tiles)]
+            steps = builder.sdiv(a_stride, i64(TILE_BYTES))
+            emit_tile_dots(builder, [a0, a1], a_stride, bs, TILE_ROWS * TILE_BYTES, steps,
+                           array_data(context, builder, signature.args[3], args[3]))
+
+        return _void((codes, qv, tt, c), emit)
+
+    return dots
+
+
+_tile_dots1 = _tile_dots(1)
+_tile_dots2 = _tile_dots(2)
+
+
+@njit(**NJIT_PARALLEL)
+def _amx_kernel(packed, qv, qsum, div, mul, out, threads):  # pragma: no cover - compiled
+    """out (T, 4R) from packed (R, K) and qv = vnni_tokens(q), through `store` (see the module), in
+    one task per thread."""
+    R = packed.shape[0]
+    T = out.shape[0]
+    tiles = qv.shape[0]
+    kp = qv.shape[1] // TILE_ROWS
+    groups = (R + GROUP - 1) // GROUP
+    tasks = max(1, min(threads, groups))
+    for task in prange(tasks):
+        codes = np.zeros((4 * GROUP, kp), dtype=np.uint8)
+        c = np.empty((4, TILE_ROWS, TILE_ROWS), dtype=np.int32)
+        _tile_config()
+        for g in range(task * groups // tasks, (task + 1) * groups // tasks):
+            r0 = g * GROUP
+            for j in range(GROUP):
+                m0 = (j // 4) * TILE_ROWS + j % 4
+                if r0 + j < R:
+                    _unpack_row(packed, r0 + j, codes, m0)
+                else:
+                    for i in range(4):
+                        codes[m0 + 4 * i, :] = 0
+            for tt in range(0, tiles, 2):
+                nb = min(2, tiles - tt)
+                if nb == 2:
+                    _tile_dots2(codes, qv, tt, c)
+                else:
+                    _tile_dots1(codes, qv, tt, c)
+                for a in range(2):
+                    for b in range(nb):
+                        for n in range(TILE_ROWS):
+                            t = (tt + b) * TILE_ROWS + n
+                            if t < T:
+                                for m in range(TILE_ROWS):
+                                    r = r0 + 4 * a + m % 4
+                                    if r < R:
+                                        store(out, t, (m // 4) * R + r, c[a * nb + b, m, n], qsum[t], div[t], mul)
+        _tile_release()
+
+
+def amx_ternary(packed, q, qsum, div, mul, out) -> None:
+    """`ternary._ternary_kernel` on AMX tiles: out (T, 4R), int32 or dequantized float32."""
+    _amx_kernel(packed, vnni_tokens(q), qsum, div, mul, out, numba.get_num_threads())
