@@ -23,7 +23,7 @@ from pathlib import Path
 import numba
 from llvmlite import binding as _llvm
 
-from .isa import ISAS, host_isa
+from .isa import ISAS, host_isa, usable_isas
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,28 @@ def set_threads(n: int | None) -> int:
     return n
 
 
-# Instruction set of the SIMD kernels, a name of `isa.ISAS`: the best one the CPU has ("avx512vnni":
-# vpdpbusd on zmm; "avxvnni": vpdpbusd on ymm; "avx2": vpmaddubsw/vpmaddwd; "generic": plain LLVM
-# vector code, any x86-64), or TERNPOOL_ISA (e.g. generic forces the portable path). The kernel cache
-# is keyed by it (see kernel_cache_dir).
+# Instruction set of the SIMD kernels, a name of `isa.ISAS`: the best one the CPU has ("amx": int8
+# tiles for many-token calls, else as avx512vnni; "avx512vnni": vpdpbusd on zmm; "avxvnni": vpdpbusd
+# on ymm; "avx2": vpmaddubsw/vpmaddwd; "generic": plain LLVM vector code, any x86-64), or TERNPOOL_ISA
+# (e.g. generic forces the portable path); then the best one this process can run (AMX needs the
+# kernel's permission, see _enabled). The kernel cache is keyed by it (see kernel_cache_dir).
 ISA = os.environ.get("TERNPOOL_ISA") or host_isa()
 if ISA not in ISAS:
     raise ValueError(f"TERNPOOL_ISA must be one of {', '.join(map(repr, ISAS))}, got {ISA!r}")
+
+
+def _enabled(name: str) -> str:
+    """`name` if this process can run it (`Isa.enable`: AMX needs the kernel's permission), else the
+    best other usable instruction set that it can run, with a warning saying why."""
+    refused = ISAS[name].enable()
+    if refused is None:
+        return name
+    fallback = next(other for other in usable_isas() + ["generic"] if other != name and ISAS[other].enable() is None)
+    log.warning("the %s kernels cannot run in this process (%s): using %s instead", name, refused, fallback)
+    return fallback
+
+
+ISA = _enabled(ISA)
 
 
 def cache_root() -> Path:

@@ -79,6 +79,11 @@ class Isa:
     short_pairs: bool = True  # madd sums into short lanes, to be widened before they overflow
     chains: int = 1  # without short lanes: independent accumulators that hide madd's latency
     signed_offset: int = 0  # madd_signed multiplies a + signed_offset by b (see above)
+    tile_tokens: int = 0  # calls with at least this many tokens take the tile kernels (0: no tiles)
+
+    def enable(self) -> str | None:
+        """Make this process able to run the instruction set (once); None when it can, else why not."""
+        return None
 
     @property
     def byte_type(self) -> ir.VectorType:
@@ -234,3 +239,22 @@ class Avx512Vnni(AvxVnni):
         ge86 = builder.icmp_signed(">", x, splat(x.type, -43))
         ge171 = builder.icmp_signed(">", x, splat(x.type, 42))
         return builder.select(ge171, splat(x.type, 2), builder.select(ge86, splat(x.type, 1), splat(x.type, 0)))
+
+
+@register
+class Amx(Avx512Vnni):
+    """AMX int8 tiles (Sapphire Rapids and later Xeons): calls of at least `tile_tokens` tokens of the
+    2-bit layout run on `tdpbusd` tiles (`amx.py`, `ternary_amx.py`: 16 weight rows x 16 tokens x 64
+    columns per instruction); fewer tokens, the 1.6-bit layout and the int8 head run AVX-512 VNNI's
+    code, inherited. Linux must grant the process tile data first (`enable`); when it refuses,
+    `config` falls back to the next instruction set with a warning."""
+
+    name = "amx"
+    features = ("avx512bw", "avx512vnni", "amx-tile", "amx-int8")
+    priority = 40
+    tile_tokens = 16  # measured: see tests/tools/isa_ab.py
+
+    def enable(self):
+        from .amx import request_permission
+
+        return request_permission()

@@ -13,6 +13,10 @@ I2_S does; one kernel ends in `epilogue.store`, which writes that int32 sum, or 
 div = activation scale s and mul = weight_scale this is transformers'
 AutoBitLinear; with div = s * weight_scale and mul = 1 it is, bit for bit,
 transformers' BitLinear (`acc / (s * weight_scale)`).
+
+Under the `amx` instruction set, calls of at least `TILE_TOKENS` tokens (prefill, batched decode)
+run the AMX tile kernel of `ternary_amx.py` instead, with the same result bit for bit; fewer
+tokens run `_ternary_kernel` on AVX-512 VNNI.
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .config import NJIT, NJIT_PARALLEL, njit
+from .config import ISA, NJIT, NJIT_PARALLEL, njit
 from .epilogue import store, unused_factors
+from .isa import ISAS
 from .simd import BLOCK, dot4_tile1, dot4_tile2
+from .ternary_amx import amx_ternary
+
+TILE_TOKENS = ISAS[ISA].tile_tokens  # calls with at least this many tokens run on tiles (0: never)
 
 _M3 = np.int32(3)
 _S2 = np.int32(2)
@@ -117,6 +125,14 @@ def _ternary_kernel(packed, q, qsum, div, mul, out):  # pragma: no cover - compi
             _put4(out, T - 1, r, s1[0], s1[1], s1[2], s1[3], qsum[T - 1], div[T - 1], mul)
 
 
+def _run(packed, q, qsum, div, mul, out) -> None:
+    """out from the tile kernel of this instruction set for many tokens, else `_ternary_kernel`."""
+    if TILE_TOKENS and q.shape[0] >= TILE_TOKENS:
+        amx_ternary(packed, q, qsum, div, mul, out)
+    else:
+        _ternary_kernel(packed, q, qsum, div, mul, out)
+
+
 def _check(packed: np.ndarray, q: np.ndarray) -> None:
     if packed.dtype != np.uint8 or packed.ndim != 2:
         raise ValueError(f"packed weights must be 2-D uint8, got {packed.dtype} {packed.shape}")
@@ -131,7 +147,7 @@ def ternary_matmul(packed: np.ndarray, q: np.ndarray, qsum: np.ndarray | None = 
     if qsum is None:
         qsum = q.astype(np.int32).sum(axis=1).astype(np.int32)
     out = np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.int32)
-    _ternary_kernel(packed, q, qsum, *unused_factors(q.shape[0]), out)
+    _run(packed, q, qsum, *unused_factors(q.shape[0]), out)
     return out
 
 
@@ -153,7 +169,7 @@ def ternary_linear(packed, q, qsum, div, mul, out=None) -> np.ndarray:
     _check(packed, q)
     if out is None:
         out = np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.float32)
-    _ternary_kernel(packed, q, qsum, np.asarray(div, np.float32), np.float32(mul), out)
+    _run(packed, q, qsum, np.asarray(div, np.float32), np.float32(mul), out)
     return out
 
 

@@ -12,6 +12,7 @@ import re
 import pytest
 from llvmlite import binding, ir
 
+from ternpool.kernels.amx import emit_tile_config, emit_tile_dots, emit_tile_release, emit_unpack_row
 from ternpool.kernels.isa import ISAS, host_isa, missing_features, usable_isas
 from ternpool.kernels.llvmir import BYTE_PTR, I32, I64, i64
 from ternpool.kernels.simd import emit_dot4, emit_dot_s8
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.unit
 
 _AVX2 = {"vpmaddubsw", "vpmaddwd", "vpsignb"}  # what VNNI replaces
 _ZMM_VNNI = ({"vpdpbusd:zmm", "vpcmpgtb"}, {"vpdpbusd:ymm", "vpmovm2b"} | _AVX2)
+_AMX = {"ldtilecfg", "tilezero", "tileloadd", "tdpbusd", "tilestored", "tilerelease"}
 
 # (isa, cpu, instructions that must appear, instructions that must not)
 ASM_EXPECTATIONS = [
@@ -31,6 +33,7 @@ ASM_EXPECTATIONS = [
     ("avx512vnni", "znver4", *_ZMM_VNNI),
     ("avx512vnni", "icelake-server", *_ZMM_VNNI),
     ("avx512vnni", "sapphirerapids", *_ZMM_VNNI),
+    ("amx", "sapphirerapids", _ZMM_VNNI[0] | _AMX, _ZMM_VNNI[1]),
 ]
 
 
@@ -45,6 +48,18 @@ def _kernel(module, name, nptr, emit):
     builder.ret_void()
 
 
+def _tiles(builder, ptrs, n, m):
+    """The AMX tile kernel's steps (amx.py): configure, unpack a packed row of n bytes into 4 rows of
+    codes, 2 x 2 tile products over n // 64 steps into ptrs[2], release; no sums."""
+    packed, codes, c = ptrs
+    emit_tile_config(builder)
+    emit_unpack_row(builder, packed, n, [builder.gep(codes, [builder.mul(m, i64(i))]) for i in range(4)])
+    emit_tile_dots(builder, [codes, builder.gep(codes, [builder.mul(m, i64(16))])], m, [packed, packed], 1024,
+                   builder.sdiv(n, i64(64)), c)
+    emit_tile_release(builder)
+    return []
+
+
 def _assembly(isa, cpu: str) -> str:
     module = ir.Module(name=f"ternpool_{isa.name}")
     module.triple = "x86_64-unknown-linux-gnu"
@@ -52,6 +67,8 @@ def _assembly(isa, cpu: str) -> str:
     _kernel(module, "dot_s8_tile2", 3, lambda b, p, n, m: emit_dot_s8(b, isa, p[0], p[1:], [b.trunc(m, I32)] * 2, n))
     _kernel(module, "dot_base3_4", 5, lambda b, p, n, m: emit_dot_base3(b, isa, p[:1], p[1:], n, m))
     _kernel(module, "dot_base3_rows4", 5, lambda b, p, n, m: emit_dot_base3(b, isa, p[:4], p[4:], n, m))
+    if isa.tile_tokens:
+        _kernel(module, "amx_tiles", 3, lambda b, p, n, m: _tiles(b, p, n, m))
     binding.initialize_native_target()
     binding.initialize_native_asmprinter()
     target = binding.Target.from_triple(module.triple)
@@ -90,6 +107,9 @@ def test_host_gets_the_best_strategy_it_has_the_features_for():
     assert usable_isas({"avx2": True}) == ["avx2", "generic"]
     zen4 = {"avx2": True, "avx512f": True, "avx512bw": True, "avx512vnni": True, "avxvnni": False}
     assert usable_isas(zen4) == ["avx512vnni", "avx2", "generic"]
+    spr = dict(zen4, **{"avxvnni": True, "amx-tile": True, "amx-int8": True})
+    assert usable_isas(spr) == ["amx", "avx512vnni", "avxvnni", "avx2", "generic"]
+    assert missing_features("amx", zen4) == ["amx-tile", "amx-int8"]
     assert host_isa({"avx2": True, "avxvnni": True}) == "avxvnni"
     assert missing_features("avx512vnni", {"avx2": True, "avx512bw": True}) == ["avx512vnni"]
 
