@@ -143,3 +143,26 @@ def emit_tile_dots(builder, a_rows, a_stride, b_tiles, b_step, nsteps, c, signed
     loop(builder, "tiles", i64(0), nsteps, [], step)
     for k, (i, j) in enumerate(pairs):
         _call(builder, "llvm.x86.tilestored64", _tmm(C_TILES[i * 2 + j]), builder.gep(c, [i64(1024 * k)]), row)
+
+
+def emit_store_tokens(builder, acc, qsum, div, mul, out, stride, dequantize: bool):
+    """`epilogue.store` for 16 tokens at once: from the 16 int32 sums at `acc` (one row of a stored C
+    tile, consecutive tokens) and the tokens' 16 int32 `qsum` and float32 `div` (byte pointers), write
+    acc - qsum (int32), or float(acc - qsum) / div * mul (float32 `mul`; `dequantize`), to the 16
+    elements at out, out + stride, ... (byte pointer, i64 stride: one column of the output). Vector
+    IEEE operations, lane by lane the scalar ones: the same bits."""
+    lanes = TILE_ROWS
+    ivec, fvec = ir.VectorType(ir.IntType(32), lanes), ir.VectorType(ir.FloatType(), lanes)
+    value = builder.sub(_load(builder, acc, ivec), _load(builder, qsum, ivec))
+    ty = ir.IntType(32)
+    if dequantize:
+        value = builder.fdiv(builder.sitofp(value, fvec), _load(builder, div, fvec))
+        value = builder.fmul(value, _splat_of(builder, mul, lanes))
+        ty = ir.FloatType()
+    for n in range(lanes):
+        dst = builder.bitcast(builder.gep(out, [builder.mul(stride, i64(n))]), ty.as_pointer())
+        builder.store(builder.extract_element(value, ir.Constant(ir.IntType(32), n)), dst, align=4)
+
+
+def _load(builder, ptr, ty):
+    return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=4)

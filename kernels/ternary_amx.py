@@ -23,7 +23,8 @@ import numpy as np
 from numba import prange, types
 from numba.extending import intrinsic
 
-from .amx import TILE_BYTES, TILE_ROWS, emit_tile_config, emit_tile_dots, emit_tile_release, emit_unpack_row
+from .amx import (TILE_BYTES, TILE_ROWS, emit_store_tokens, emit_tile_config, emit_tile_dots, emit_tile_release,
+                  emit_unpack_row)
 from .config import NJIT_PARALLEL, njit
 from .epilogue import store
 from .llvmir import array_data, as_i64, i64
@@ -105,6 +106,26 @@ _tile_dots1 = _tile_dots(1)
 _tile_dots2 = _tile_dots(2)
 
 
+@intrinsic
+def _store_tokens(typingctx, out, t0, col, c, k, m, qsum, div, mul):
+    """`store(out, t0 + n, col, c[k, m, n], qsum[t0 + n], div[t0 + n], mul)` for n in 0..15, vectorized
+    (`amx.emit_store_tokens`); tokens t0 .. t0 + 15 must exist."""
+    if out.dtype not in (types.int32, types.float32):
+        return None
+
+    def emit(context, builder, signature, args):
+        t0, col = as_i64(builder, args[1]), as_i64(builder, args[2])
+        row, stride = _row(context, builder, signature.args[0], args[0], t0)
+        dst = builder.gep(row, [builder.mul(col, i64(4))])
+        tile = builder.add(builder.mul(as_i64(builder, args[4]), i64(TILE_ROWS)), as_i64(builder, args[5]))
+        acc = builder.gep(array_data(context, builder, signature.args[3], args[3]), [builder.mul(tile, i64(4 * TILE_ROWS))])
+        qsum = builder.gep(array_data(context, builder, signature.args[6], args[6]), [builder.mul(t0, i64(4))])
+        div = builder.gep(array_data(context, builder, signature.args[7], args[7]), [builder.mul(t0, i64(4))])
+        emit_store_tokens(builder, acc, qsum, div, args[8], dst, stride, out.dtype == types.float32)
+
+    return _void((out, t0, col, c, k, m, qsum, div, mul), emit)
+
+
 @njit(**NJIT_PARALLEL)
 def _amx_kernel(packed, qv, qsum, div, mul, out, threads):  # pragma: no cover - compiled
     """out (T, 4R) from packed (R, K) and qv = vnni_tokens(q), through `store` (see the module), in
@@ -136,13 +157,16 @@ def _amx_kernel(packed, qv, qsum, div, mul, out, threads):  # pragma: no cover -
                     _tile_dots1(codes, qv, tt, c)
                 for a in range(2):
                     for b in range(nb):
-                        for n in range(TILE_ROWS):
-                            t = (tt + b) * TILE_ROWS + n
-                            if t < T:
-                                for m in range(TILE_ROWS):
-                                    r = r0 + 4 * a + m % 4
-                                    if r < R:
-                                        store(out, t, (m // 4) * R + r, c[a * nb + b, m, n], qsum[t], div[t], mul)
+                        t0 = (tt + b) * TILE_ROWS
+                        for m in range(TILE_ROWS):
+                            r = r0 + 4 * a + m % 4
+                            if r < R:
+                                row = (m // 4) * R + r
+                                if t0 + TILE_ROWS <= T:  # a whole tile: 16 tokens at once
+                                    _store_tokens(out, t0, row, c, a * nb + b, m, qsum, div, mul)
+                                else:
+                                    for n in range(T - t0):
+                                        store(out, t0 + n, row, c[a * nb + b, m, n], qsum[t0 + n], div[t0 + n], mul)
         _tile_release()
 
 
