@@ -28,7 +28,7 @@ import functools
 
 from llvmlite import ir
 
-from .llvmir import BYTE_PTR, I8, I64, i64, loop, splat
+from .llvmir import BYTE_PTR, I8, i64, loop, splat
 
 _SYS_ARCH_PRCTL = 158  # x86-64
 _ARCH_GET_XCOMP_PERM = 0x1022
@@ -145,23 +145,43 @@ def emit_tile_dots(builder, a_rows, a_stride, b_tiles, b_step, nsteps, c, signed
         _call(builder, "llvm.x86.tilestored64", _tmm(C_TILES[i * 2 + j]), builder.gep(c, [i64(1024 * k)]), row)
 
 
-def emit_store_tokens(builder, acc, qsum, div, mul, out, stride, dequantize: bool):
-    """`epilogue.store` for 16 tokens at once: from the 16 int32 sums at `acc` (one row of a stored C
-    tile, consecutive tokens) and the tokens' 16 int32 `qsum` and float32 `div` (byte pointers), write
-    acc - qsum (int32), or float(acc - qsum) / div * mul (float32 `mul`; `dequantize`), to the 16
-    elements at out, out + stride, ... (byte pointer, i64 stride: one column of the output). Vector
-    IEEE operations, lane by lane the scalar ones: the same bits."""
-    lanes = TILE_ROWS
-    ivec, fvec = ir.VectorType(ir.IntType(32), lanes), ir.VectorType(ir.FloatType(), lanes)
-    value = builder.sub(_load(builder, acc, ivec), _load(builder, qsum, ivec))
-    ty = ir.IntType(32)
-    if dequantize:
-        value = builder.fdiv(builder.sitofp(value, fvec), _load(builder, div, fvec))
-        value = builder.fmul(value, _splat_of(builder, mul, lanes))
-        ty = ir.FloatType()
-    for n in range(lanes):
-        dst = builder.bitcast(builder.gep(out, [builder.mul(stride, i64(n))]), ty.as_pointer())
-        builder.store(builder.extract_element(value, ir.Constant(ir.IntType(32), n)), dst, align=4)
+
+def transpose16(builder, rows):
+    """The 16 x 16 transpose of 16 vectors of 16 lanes: four rounds of two-source shuffles, each
+    swapping the off-diagonal blocks of size 8, 4, 2, 1."""
+    rows = list(rows)
+    for h in (8, 4, 2, 1):
+        for i in range(16):
+            if i & h:
+                continue
+            a, b = rows[i], rows[i + h]
+            low = [l if not l & h else 16 + l - h for l in range(16)]
+            high = [l + h if not l & h else 16 + l for l in range(16)]
+            rows[i] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 16), low))
+            rows[i + h] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 16), high))
+    return rows
+
+
+def emit_store_tile(builder, acc, qsum, div, mul, out, stride, dequantize: bool):
+    """`epilogue.store` for a whole C tile stored at `acc` (16 x 16 int32: row j = output column j,
+    lane n = token n): token n's 16 values acc - qsum[n] (int32), or float(acc - qsum[n]) / div[n] *
+    mul (float32 `mul`; `dequantize`), written as one vector at out + n * stride (byte pointers to the
+    int32 qsum, float32 div and the output element of token 0, column 0; i64 stride). Vector IEEE
+    operations, lane by lane the scalar ones: the same bits."""
+    ivec = ir.VectorType(ir.IntType(32), TILE_ROWS)
+    fvec = ir.VectorType(ir.FloatType(), TILE_ROWS)
+    cols = [_load(builder, builder.gep(acc, [i64(64 * j)]), ivec) for j in range(TILE_ROWS)]
+    for n, value in enumerate(transpose16(builder, cols)):
+        s = builder.load(builder.bitcast(builder.gep(qsum, [i64(4 * n)]), ir.IntType(32).as_pointer()), align=4)
+        value = builder.sub(value, _splat_of(builder, s, TILE_ROWS))
+        ty = ivec
+        if dequantize:
+            d = builder.load(builder.bitcast(builder.gep(div, [i64(4 * n)]), ir.FloatType().as_pointer()), align=4)
+            value = builder.fdiv(builder.sitofp(value, fvec), _splat_of(builder, d, TILE_ROWS))
+            value = builder.fmul(value, _splat_of(builder, mul, TILE_ROWS))
+            ty = fvec
+        dst = builder.gep(out, [builder.mul(stride, i64(n))])
+        builder.store(value, builder.bitcast(dst, ty.as_pointer()), align=4)
 
 
 def _load(builder, ptr, ty):

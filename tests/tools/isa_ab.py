@@ -2,7 +2,9 @@
 sets, side by side: one worker process per ISA (TERNPOOL_ISA is fixed per process), the parent
 alternates them case by case; per case the min over AB_ROUNDS rounds (default 5) of the min of a
 few calls. On a shared machine this is steadier than whole `ternpool bench kernels` runs one after
-the other. Usage: python tests/tools/isa_ab.py THREADS ISA_A ISA_B [...]  (ratios: ISA_A / other)"""
+the other. Usage: python tests/tools/isa_ab.py THREADS ISA_A ISA_B [...]  (ratios: ISA_A / other);
+AB_KINDS (default "2bit,1.6bit,head") and AB_BATCHES (default "1,8,32,64") pick the cases, e.g.
+AB_KINDS=2bit AB_BATCHES=8,16,32,64,128 ... avx512vnni amx for the AMX tile threshold."""
 import os, sys, time, subprocess, json
 import numpy as np
 
@@ -46,13 +48,13 @@ for isa in isas:
     env = dict(os.environ, AB_WORKER="1", AB_THREADS=threads, TERNPOOL_ISA=isa)
     procs[isa] = subprocess.Popen([sys.executable, __file__], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert json.loads(procs[isa].stdout.readline())["isa"] == isa
+kinds = os.environ.get("AB_KINDS", "2bit,1.6bit,head").split(",")
+batches = [int(t) for t in os.environ.get("AB_BATCHES", "1,8,32,64").split(",")]
 cases = []
 for kind in ("2bit", "1.6bit"):
     for out, k in ((6912, 2560), (2560, 6912), (2560, 2560)):
-        for t in (1, 8, 32, 64):
-            cases.append((kind, out, k, t))
-for t in (1, 8, 32, 64):
-    cases.append(("head", 128256, 2560, t))
+        cases += [(kind, out, k, t) for t in batches if kind in kinds]
+cases += [("head", 128256, 2560, t) for t in batches if "head" in kinds]
 rounds = int(os.environ.get("AB_ROUNDS", 5))
 print(f"threads {threads}; min over {rounds} alternating rounds of the min of a few calls; ratio = {isas[0]} / other")
 print(f"{'kernel':<7}{'out x in':>14}{'batch':>6}" + "".join(f"{i + ' ms':>16}" for i in isas) + "".join(f"{'x ' + i:>16}" for i in isas[1:]))

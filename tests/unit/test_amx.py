@@ -10,7 +10,6 @@ import logging
 
 import numpy as np
 import pytest
-
 from helpers import assert_exact_under_isa
 
 pytestmark = pytest.mark.unit

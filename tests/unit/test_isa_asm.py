@@ -11,8 +11,13 @@ import re
 
 import pytest
 from llvmlite import binding, ir
-
-from ternpool.kernels.amx import emit_tile_config, emit_tile_dots, emit_tile_release, emit_unpack_row
+from ternpool.kernels.amx import (
+    emit_store_tile,
+    emit_tile_config,
+    emit_tile_dots,
+    emit_tile_release,
+    emit_unpack_row,
+)
 from ternpool.kernels.isa import ISAS, host_isa, missing_features, usable_isas
 from ternpool.kernels.llvmir import BYTE_PTR, I32, I64, i64
 from ternpool.kernels.simd import emit_dot4, emit_dot_s8
@@ -22,7 +27,7 @@ pytestmark = pytest.mark.unit
 
 _AVX2 = {"vpmaddubsw", "vpmaddwd", "vpsignb"}  # what VNNI replaces
 _ZMM_VNNI = ({"vpdpbusd:zmm", "vpcmpgtb"}, {"vpdpbusd:ymm", "vpmovm2b"} | _AVX2)
-_AMX = {"ldtilecfg", "tilezero", "tileloadd", "tdpbusd", "tilestored", "tilerelease"}
+_AMX = {"ldtilecfg", "tilezero", "tileloadd", "tdpbusd", "tilestored", "tilerelease", "vdivps:zmm"}
 
 # (isa, cpu, instructions that must appear, instructions that must not)
 ASM_EXPECTATIONS = [
@@ -50,12 +55,13 @@ def _kernel(module, name, nptr, emit):
 
 def _tiles(builder, ptrs, n, m):
     """The AMX tile kernel's steps (amx.py): configure, unpack a packed row of n bytes into 4 rows of
-    codes, 2 x 2 tile products over n // 64 steps into ptrs[2], release; no sums."""
+    codes, 2 x 2 tile products over n // 64 steps into ptrs[2], one C tile dequantized, release; no sums."""
     packed, codes, c = ptrs
     emit_tile_config(builder)
     emit_unpack_row(builder, packed, n, [builder.gep(codes, [builder.mul(m, i64(i))]) for i in range(4)])
     emit_tile_dots(builder, [codes, builder.gep(codes, [builder.mul(m, i64(16))])], m, [packed, packed], 1024,
                    builder.sdiv(n, i64(64)), c)
+    emit_store_tile(builder, c, packed, packed, ir.Constant(ir.FloatType(), 1.0), codes, m, True)
     emit_tile_release(builder)
     return []
 
