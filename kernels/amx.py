@@ -162,26 +162,49 @@ def transpose16(builder, rows):
     return rows
 
 
-def emit_store_tile(builder, acc, qsum, div, mul, out, stride, dequantize: bool):
-    """`epilogue.store` for a whole C tile stored at `acc` (16 x 16 int32: row j = output column j,
-    lane n = token n): token n's 16 values acc - qsum[n] (int32), or float(acc - qsum[n]) / div[n] *
-    mul (float32 `mul`; `dequantize`), written as one vector at out + n * stride (byte pointers to the
-    int32 qsum, float32 div and the output element of token 0, column 0; i64 stride). Vector IEEE
-    operations, lane by lane the scalar ones: the same bits."""
+def emit_store_tile(builder, acc, out, stride, finish):
+    """Write the C tile stored at `acc` (16 x 16 int32: row j = output column j, lane n = token n)
+    token by token: finish(n, sums) (sums: token n's 16 int32, one per column) is the vector written
+    at out + n * stride (byte pointer to token 0, column 0; i64 stride)."""
     ivec = ir.VectorType(ir.IntType(32), TILE_ROWS)
-    fvec = ir.VectorType(ir.FloatType(), TILE_ROWS)
     cols = [_load(builder, builder.gep(acc, [i64(64 * j)]), ivec) for j in range(TILE_ROWS)]
-    for n, value in enumerate(transpose16(builder, cols)):
-        s = builder.load(builder.bitcast(builder.gep(qsum, [i64(4 * n)]), ir.IntType(32).as_pointer()), align=4)
-        value = builder.sub(value, _splat_of(builder, s, TILE_ROWS))
-        ty = ivec
-        if dequantize:
-            d = builder.load(builder.bitcast(builder.gep(div, [i64(4 * n)]), ir.FloatType().as_pointer()), align=4)
-            value = builder.fdiv(builder.sitofp(value, fvec), _splat_of(builder, d, TILE_ROWS))
-            value = builder.fmul(value, _splat_of(builder, mul, TILE_ROWS))
-            ty = fvec
+    for n, sums in enumerate(transpose16(builder, cols)):
+        value = finish(n, sums)
         dst = builder.gep(out, [builder.mul(stride, i64(n))])
-        builder.store(value, builder.bitcast(dst, ty.as_pointer()), align=4)
+        builder.store(value, builder.bitcast(dst, value.type.as_pointer()), align=4)
+
+
+def dequantized(builder, qsum, div, mul, dequantize: bool):
+    """`emit_store_tile`'s finish for `epilogue.store`: sums - qsum[n] (int32), or float(sums - qsum[n])
+    / div[n] * mul (`dequantize`; float32 `mul`), from byte pointers to the tile's first token's int32
+    qsum and float32 div. Vector IEEE operations, lane by lane store's scalar ones: the same bits."""
+    def finish(n, sums):
+        value = builder.sub(sums, _splat_of(builder, _item(builder, qsum, n, ir.IntType(32)), TILE_ROWS))
+        if not dequantize:
+            return value
+        d = _splat_of(builder, _item(builder, div, n, ir.FloatType()), TILE_ROWS)
+        value = builder.fdiv(builder.sitofp(value, ir.VectorType(ir.FloatType(), TILE_ROWS)), d)
+        return builder.fmul(value, _splat_of(builder, mul, TILE_ROWS))
+
+    return finish
+
+
+def head_scaled(builder, wscale, hscale):
+    """`emit_store_tile`'s finish for the int8 head: float(sums) * (wscale[j] * hscale[n]), from byte
+    pointers to the tile's first row's float32 wscale and first token's hscale (head8's order)."""
+    fvec = ir.VectorType(ir.FloatType(), TILE_ROWS)
+    rows = _load(builder, wscale, fvec)
+
+    def finish(n, sums):
+        scale = builder.fmul(rows, _splat_of(builder, _item(builder, hscale, n, ir.FloatType()), TILE_ROWS))
+        return builder.fmul(builder.sitofp(sums, fvec), scale)
+
+    return finish
+
+
+def _item(builder, base, n: int, ty):
+    """The n-th item of type ty (4 bytes) after byte pointer base."""
+    return builder.load(builder.bitcast(builder.gep(base, [i64(4 * n)]), ty.as_pointer()), align=4)
 
 
 def _load(builder, ptr, ty):

@@ -10,6 +10,8 @@ Both operands are clamped to [-127, 127] so that the AVX2 path
 cannot saturate its int16 pairs: 2 * 127 * 127 = 32258 < 32767. VNNI paths
 multiply w + 128 as an unsigned byte and subtract 128 times the hidden row's
 sum (`hsum`, over the columns of whole SIMD blocks), computed once per call.
+Under the `amx` instruction set, calls of at least `TILE_TOKENS` tokens run on
+AMX tiles (`head8_amx.py`, `tdpbssd`: signed x signed), with the same logits.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import numpy as np
 from numba import prange
 
 from .bf16 import bf16_to_f32
-from .config import NJIT, NJIT_PARALLEL, njit
+from .config import ISA, NJIT, NJIT_PARALLEL, njit
+from .head8_amx import amx_head
+from .isa import ISAS
 from .simd import BLOCK, dot_s8_tile1, dot_s8_tile2
+
+TILE_TOKENS = ISAS[ISA].head_tile_tokens  # calls with at least this many tokens run on tiles (0: never)
 
 _ROWS_PER_TASK = 8
 
@@ -76,8 +82,11 @@ def _head_i8(w, wscale, hq, hsum, hscale, out):  # pragma: no cover - compiled
 def head_i8(w: np.ndarray, wscale: np.ndarray, h: np.ndarray) -> np.ndarray:
     """float32 logits (T, V) from int8 head w (V, K) with row scales and float32 hidden h (T, K)."""
     hq, hscale = quantize_hidden(h)
-    hsum = hq[:, :hq.shape[1] // BLOCK * BLOCK].sum(axis=1, dtype=np.int32)  # (T,) over whole blocks
     out = np.empty((hq.shape[0], w.shape[0]), dtype=np.float32)
+    if TILE_TOKENS and hq.shape[0] >= TILE_TOKENS:
+        amx_head(w, wscale, hq, hscale, out)
+        return out
+    hsum = hq[:, :hq.shape[1] // BLOCK * BLOCK].sum(axis=1, dtype=np.int32)  # (T,) over whole blocks
     _head_i8(w, wscale, hq, hsum, hscale, out)
     return out
 

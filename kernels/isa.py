@@ -79,7 +79,8 @@ class Isa:
     short_pairs: bool = True  # madd sums into short lanes, to be widened before they overflow
     chains: int = 1  # without short lanes: independent accumulators that hide madd's latency
     signed_offset: int = 0  # madd_signed multiplies a + signed_offset by b (see above)
-    tile_tokens: int = 0  # calls with at least this many tokens take the tile kernels (0: no tiles)
+    tile_tokens: int = 0  # 2-bit calls with at least this many tokens take the tile kernel (0: no tiles)
+    head_tile_tokens: int = 0  # the same for the int8 head
 
     def enable(self) -> str | None:
         """Make this process able to run the instruction set (once); None when it can, else why not."""
@@ -245,14 +246,15 @@ class Avx512Vnni(AvxVnni):
 class Amx(Avx512Vnni):
     """AMX int8 tiles (Sapphire Rapids and later Xeons): calls of at least `tile_tokens` tokens of the
     2-bit layout run on `tdpbusd` tiles (`amx.py`, `ternary_amx.py`: 16 weight rows x 16 tokens x 64
-    columns per instruction); fewer tokens, the 1.6-bit layout and the int8 head run AVX-512 VNNI's
-    code, inherited. Linux must grant the process tile data first (`enable`); when it refuses,
+    columns per instruction), int8 head calls of at least `head_tile_tokens` on `tdpbssd` tiles
+    (`head8_amx.py`); fewer tokens and the 1.6-bit layout run AVX-512 VNNI's code, inherited. Linux must grant the process tile data first (`enable`); when it refuses,
     `config` falls back to the next instruction set with a warning."""
 
     name = "amx"
     features = ("avx512bw", "avx512vnni", "amx-tile", "amx-int8")
     priority = 40
-    tile_tokens = 16  # measured: see tests/tools/isa_ab.py
+    tile_tokens = 16  # measured with tests/tools/isa_ab.py: tiles about even at 8 tokens, 1.5-2.2x at 16
+    head_tile_tokens = 4  # the head reads 328 MB whatever the tokens: tiles 1.2x at 2 tokens, 1.5x at 4
 
     def enable(self):
         from .amx import request_permission

@@ -29,6 +29,7 @@ from numba.extending import intrinsic
 from .amx import (
     TILE_BYTES,
     TILE_ROWS,
+    dequantized,
     emit_store_tile,
     emit_tile_config,
     emit_tile_dots,
@@ -93,23 +94,25 @@ def _unpack_row(typingctx, packed, r, codes, j):
     return _void((packed, r, codes, j), emit)
 
 
-def _tile_dots(b_tiles: int):
-    """A Numba intrinsic (codes, i, qv, tt, c): the C tiles of codes' A tiles i and i + 1 (rows
-    16 i .. 16 i + 31) against token tiles tt .. tt + b_tiles - 1 of qv (`vnni_tokens`), over all of
-    codes' columns, stored into c (int32, 16 x 16 per C tile: A tile a, token tile b at a * b_tiles + b)."""
+def _tile_dots(b_tiles: int, signed: bool = False):
+    """A Numba intrinsic (a, row0, qv, tt, c): the C tiles of the A tiles at rows row0 .. row0 + 15 and
+    row0 + 16 .. row0 + 31 of the byte matrix a against token tiles tt .. tt + b_tiles - 1 of qv
+    (`vnni_tokens`), over qv's columns (a's row must be as long), stored into c (int32, 16 x 16 per C
+    tile: A tile i, token tile j at i * b_tiles + j); `tdpbusd` (a unsigned), or `tdpbssd` (signed)."""
     @intrinsic
-    def dots(typingctx, codes, i, qv, tt, c):
+    def dots(typingctx, a, row0, qv, tt, c):
         def emit(context, builder, signature, args):
-            first = builder.mul(as_i64(builder, args[1]), i64(TILE_ROWS))
+            first = as_i64(builder, args[1])
             a0, a_stride = _row(context, builder, signature.args[0], args[0], first)
             a1, _ = _row(context, builder, signature.args[0], args[0], builder.add(first, i64(TILE_ROWS)))
             tt = as_i64(builder, args[3])
             bs = [_row(context, builder, signature.args[2], args[2], builder.add(tt, i64(j)))[0] for j in range(b_tiles)]
-            steps = builder.sdiv(a_stride, i64(TILE_BYTES))
+            b_stride = _row(context, builder, signature.args[2], args[2], i64(0))[1]
+            steps = builder.sdiv(b_stride, i64(TILE_ROWS * TILE_BYTES))
             emit_tile_dots(builder, [a0, a1], a_stride, bs, TILE_ROWS * TILE_BYTES, steps,
-                           array_data(context, builder, signature.args[4], args[4]))
+                           array_data(context, builder, signature.args[4], args[4]), signed)
 
-        return _void((codes, i, qv, tt, c), emit)
+        return _void((a, row0, qv, tt, c), emit)
 
     return dots
 
@@ -121,7 +124,7 @@ _tile_dots2 = _tile_dots(2)
 @intrinsic
 def _store_tile(typingctx, out, t0, col, c, k, qsum, div, mul):
     """`store(out, t0 + n, col + j, c[k, j, n], qsum[t0 + n], div[t0 + n], mul)` for j, n in 0..15,
-    vectorized (`amx.emit_store_tile`); tokens t0 .. t0 + 15 and columns col .. col + 15 must exist."""
+    vectorized (`amx.emit_store_tile`, `amx.dequantized`); tokens t0 .. t0 + 15 and columns col .. col + 15 must exist."""
     if out.dtype not in (types.int32, types.float32):
         return None
 
@@ -133,7 +136,7 @@ def _store_tile(typingctx, out, t0, col, c, k, qsum, div, mul):
                           [builder.mul(as_i64(builder, args[4]), i64(4 * TILE_ROWS * TILE_ROWS))])
         qsum = builder.gep(array_data(context, builder, signature.args[5], args[5]), [builder.mul(t0, i64(4))])
         div = builder.gep(array_data(context, builder, signature.args[6], args[6]), [builder.mul(t0, i64(4))])
-        emit_store_tile(builder, acc, qsum, div, args[7], dst, stride, out.dtype == types.float32)
+        emit_store_tile(builder, acc, dst, stride, dequantized(builder, qsum, div, args[7], out.dtype == types.float32))
 
     return _void((out, t0, col, c, k, qsum, div, mul), emit)
 
@@ -164,9 +167,9 @@ def _amx_kernel(packed, qv, qsum, div, mul, out, threads):  # pragma: no cover -
                 for tt in range(0, tiles, 2):
                     nb = min(2, tiles - tt)
                     if nb == 2:
-                        _tile_dots2(codes, i0, qv, tt, c)
+                        _tile_dots2(codes, i0 * TILE_ROWS, qv, tt, c)
                     else:
-                        _tile_dots1(codes, i0, qv, tt, c)
+                        _tile_dots1(codes, i0 * TILE_ROWS, qv, tt, c)
                     for a in range(2):
                         col = (i0 + a) * R + r0
                         for b in range(nb):

@@ -4,7 +4,8 @@ alternates them case by case; per case the min over AB_ROUNDS rounds (default 5)
 few calls. On a shared machine this is steadier than whole `ternpool bench kernels` runs one after
 the other. Usage: python tests/tools/isa_ab.py THREADS ISA_A ISA_B [...]  (ratios: ISA_A / other);
 AB_KINDS (default "2bit,1.6bit,head") and AB_BATCHES (default "1,8,32,64") pick the cases, e.g.
-AB_KINDS=2bit AB_BATCHES=8,16,32,64,128 ... avx512vnni amx for the AMX tile threshold."""
+AB_KINDS=2bit AB_BATCHES=8,16,32,64,128 ... avx512vnni amx for the AMX tile threshold (AB_TILE_TOKENS
+overrides the amx strategy's tile_tokens in the workers, e.g. 1 to time the tile kernel at every batch)."""
 import os, sys, time, subprocess, json
 import numpy as np
 
@@ -13,6 +14,9 @@ def worker():
     from ternpool.kernels.head8 import head_i8
     from ternpool.kernels.config import ISA
     set_threads(int(os.environ["AB_THREADS"]))
+    if os.environ.get("AB_TILE_TOKENS") and ISA == "amx":
+        import ternpool.kernels.ternary as ternary
+        ternary.TILE_TOKENS = int(os.environ["AB_TILE_TOKENS"])
     cache = {}
     def case(kind, out, k, t):
         key = (kind, out, k, t)

@@ -1,6 +1,6 @@
-"""The AMX tile path of the 2-bit ternary product (`kernels/amx.py`, `kernels/ternary_amx.py`):
-exact against the NumPy reference on odd sizes, the float epilogue bit for bit the AVX-512 VNNI
-kernel's, batched rows the same as unbatched; run in a process with TERNPOOL_ISA=amx where the CPU
+"""The AMX tile paths of the 2-bit ternary product and the int8 head (`kernels/amx.py`,
+`kernels/ternary_amx.py`, `kernels/head8_amx.py`): exact against the NumPy references on odd sizes,
+the float results bit for bit the AVX-512 VNNI kernels', batched rows the same as unbatched; run in a process with TERNPOOL_ISA=amx where the CPU
 has AMX int8, skipped naming the missing features elsewhere. The token re-layout and the fallback
 when Linux refuses tile data are checked on every machine."""
 
@@ -54,11 +54,40 @@ for rows, cols in [(4, 1), (12, 33), (52, 64), (516, 129), (36, 200), (32, 2560)
         for t in {0, tokens // 2, tokens - 1}:
             one = ternary_linear(packed, q8[t:t + 1], qs[t:t + 1], div[t:t + 1], mul)
             assert np.array_equal(one[0], batched[t]), (rows, cols, tokens, t)
+
+from ternpool.kernels.head8 import TILE_TOKENS as HEAD_TILE_TOKENS, _head_i8, head_i8, head_i8_ref, quantize_hidden
+from ternpool.kernels.head8_amx import amx_head
+
+assert HEAD_TILE_TOKENS > 1, HEAD_TILE_TOKENS
+# V: short of, at, and past whole groups of 32 rows; K: short of and at multiples of 64 (copied rows
+# and rows loaded as they lie)
+for vocab, hidden in [(5, 64), (70, 97), (64, 128), (33, 333), (200, 2560)]:
+    w = rng.integers(-127, 128, size=(vocab, hidden)).astype(np.int8)
+    w[0], w[-1] = -127, 127
+    w.setflags(write=False)
+    ws = rng.uniform(0.5, 2, vocab).astype(np.float32)
+    for tokens in [1, 3, 4, 16, 17, 40, 130]:
+        h = rng.standard_normal((tokens, hidden)).astype(np.float32)
+        h[0] = -1.0  # quantizes to -127 everywhere
+        hq, hscale = quantize_hidden(h)
+        want = head_i8_ref(w, ws, h)
+        for threads in (1, None):
+            set_threads(threads)
+            tiles = np.empty((tokens, vocab), np.float32)
+            amx_head(w, ws, hq, hscale, tiles)
+            assert np.array_equal(tiles, want), (vocab, hidden, tokens, threads)
+        vnni = np.empty_like(tiles)
+        _head_i8(w, ws, hq, hq[:, :hidden // 64 * 64].sum(axis=1, dtype=np.int32), hscale, vnni)
+        assert np.array_equal(tiles, vnni), (vocab, hidden, tokens)
+        batched = head_i8(w, ws, h)  # tiles from HEAD_TILE_TOKENS tokens on
+        assert np.array_equal(batched, want), (vocab, hidden, tokens)
+        for t in {0, tokens - 1}:
+            assert np.array_equal(head_i8(w, ws, h[t:t + 1])[0], batched[t]), (vocab, hidden, tokens, t)
 print("exact with", config.ISA)
 """
 
 
-def test_amx_tiles_are_exact(tmp_path):
+def test_amx_tiles_are_exact(tmp_path):  # the 2-bit product and the int8 head
     assert_exact_under_isa("amx", _AMX_CHECK, tmp_path)
 
 

@@ -12,6 +12,7 @@ import re
 import pytest
 from llvmlite import binding, ir
 from ternpool.kernels.amx import (
+    dequantized,
     emit_store_tile,
     emit_tile_config,
     emit_tile_dots,
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.unit
 
 _AVX2 = {"vpmaddubsw", "vpmaddwd", "vpsignb"}  # what VNNI replaces
 _ZMM_VNNI = ({"vpdpbusd:zmm", "vpcmpgtb"}, {"vpdpbusd:ymm", "vpmovm2b"} | _AVX2)
-_AMX = {"ldtilecfg", "tilezero", "tileloadd", "tdpbusd", "tilestored", "tilerelease", "vdivps:zmm"}
+_AMX = {"ldtilecfg", "tilezero", "tileloadd", "tdpbusd", "tdpbssd", "tilestored", "tilerelease", "vdivps:zmm"}
 
 # (isa, cpu, instructions that must appear, instructions that must not)
 ASM_EXPECTATIONS = [
@@ -55,13 +56,15 @@ def _kernel(module, name, nptr, emit):
 
 def _tiles(builder, ptrs, n, m):
     """The AMX tile kernel's steps (amx.py): configure, unpack a packed row of n bytes into 4 rows of
-    codes, 2 x 2 tile products over n // 64 steps into ptrs[2], one C tile dequantized, release; no sums."""
+    codes, 2 x 2 tile products over n // 64 steps into ptrs[2] (unsigned x signed, and signed x signed as
+    the int8 head's), one C tile dequantized, release; no sums."""
     packed, codes, c = ptrs
     emit_tile_config(builder)
     emit_unpack_row(builder, packed, n, [builder.gep(codes, [builder.mul(m, i64(i))]) for i in range(4)])
     emit_tile_dots(builder, [codes, builder.gep(codes, [builder.mul(m, i64(16))])], m, [packed, packed], 1024,
                    builder.sdiv(n, i64(64)), c)
-    emit_store_tile(builder, c, packed, packed, ir.Constant(ir.FloatType(), 1.0), codes, m, True)
+    emit_tile_dots(builder, [packed, codes], m, [codes], 1024, n, c, signed=True)  # the int8 head's
+    emit_store_tile(builder, c, codes, m, dequantized(builder, packed, packed, ir.Constant(ir.FloatType(), 1.0), True))
     emit_tile_release(builder)
     return []
 
