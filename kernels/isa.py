@@ -18,6 +18,10 @@ The operations, on vectors of `width` bytes (`byte_type`; 32, or 64 on zmm):
 - `widen(pairs)`: `pair_type` lanes into the int32 lanes of `acc_type`, the total kept;
 - `base3_start(w)` / `base3_digit(state, last) -> (codes, state)`: the digit decode of the 1.6-bit
   layout (see `base3.py`), digit k of each byte of w per call.
+
+A strategy with tiles (`amx`) also says from how many tokens a call takes its tile kernels
+(`tile_tokens` for the 2-bit product, `head_tile_tokens` for the int8 head; 0: none), and `enable()`
+makes the process able to run it (AMX: Linux's permission for tile data), else says why not.
 """
 
 from __future__ import annotations
