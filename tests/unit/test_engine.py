@@ -224,8 +224,8 @@ def test_a_bf16_or_int8_kv_cache_batches_exactly_too(tiny_model, kv_cache):
 # (32 tokens): the share of positions whose top-1 token is the same. Measured on the three models below:
 # bf16 0.967, 0.946, 0.979 (about the int8 head's 0.961 against the bf16 head), every miss a near tie (float32
 # top-2 margin 0.011..0.223 on the seven plain prompts, at a logit std of ~4); int8 0.948, 0.949, 0.972, the
-# largest missed margin 0.474 (int8's error is up to half a step of max|row| / 127, bf16's a 512th of each
-# value, so about twice bf16's: its bound is looser). Greedy generation diverges at the first such tie and
+# largest missed margin 0.474 (int8 rounds to a step of max|row| / 127, bf16 to 1/128..1/256 of the value
+# itself: a row's small values lose more, so its bound is looser). Greedy generation diverges at the first such tie and
 # then goes its own way: with bf16 210/256, 79/169 and 199/256 tokens came before the first difference.
 KV_MIN_TOP1 = {"bf16": 0.9, "int8": 0.9}
 KV_MAX_MISS_MARGIN = {"bf16": 0.5, "int8": 0.75}
