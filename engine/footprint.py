@@ -31,7 +31,7 @@ class Footprint:
 def footprint(cfg: ModelConfig, weights_format: str, head: str, slots: int, max_context: int,
               kv_cache: str = "f32") -> Footprint:
     """Resident memory of one worker: the linears, the output head (bf16 embedding or int8 copy plus
-    row scales), the KV cache (`kv_cache`: "f32" or "bf16") of every slot filled to `max_context`, and
+    row scales), the KV cache (`kv_cache`: "f32", "bf16" or "int8") of every slot filled to `max_context`, and
     the runtime."""
     head_bytes = cfg.vocab_size * cfg.hidden_size * (2 if head == "bf16" else 1)
     if head == "int8":
@@ -65,6 +65,9 @@ def fit_problem(cfg: ModelConfig, weights_format: str, head: str, slots: int, ma
         hints.append(f"--max-context {min(max_context, room // (slots * per_token))} with {slots} slots")
     if kv_cache == "f32" and room >= fp.kv_cache // 2:
         hints.append("--kv-cache bf16 (half the KV cache)")
+    int8_kv = slots * kv_bytes_per_slot(cfg, max_context, "int8")
+    if kv_cache != "int8" and room >= int8_kv:
+        hints.append(f"--kv-cache int8 (KV cache {_gb(int8_kv)})")
     small = footprint(cfg, "1.6bit", "int8", 1, min(max_context, 512), kv_cache)
     if (weights_format, head) != ("1.6bit", "int8"):
         hints.append(f"--weights-format 1.6bit --head int8 (weights {_gb(small.weights)})")

@@ -23,6 +23,7 @@ from ternpool.kernels import (attention, bf16_matmul, bf16_to_f32, dequant_facto
                               ternary_linear)
 from ternpool.kernels.base3 import base3_linear
 from ternpool.kernels.head8 import head_i8, quantize_head
+from ternpool.kernels.kv8 import quantize_kv, row_width
 
 from .config import ModelConfig
 from .options import HEADS, KV_CACHES
@@ -30,8 +31,9 @@ from .shapes import kv_bytes_per_slot
 from .weights import ModelWeights, TernaryLinear
 
 
-# the KV cache's storage: float32, or bf16 as its uint16 bits (half the bytes; kernels/bf16.py)
-KV_CACHE_DTYPES = {"f32": np.dtype(np.float32), "bf16": np.dtype(np.uint16)}
+# the KV cache's storage: float32, bf16 as its uint16 bits (half the bytes; kernels/bf16.py), or int8 rows
+# with their scale (a quarter of the bytes plus 4 a row; kernels/kv8.py)
+KV_CACHE_DTYPES = {"f32": np.dtype(np.float32), "bf16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
@@ -84,9 +86,10 @@ class Quantized:
 
 
 class BitNetModel:
-    """Weights plus a KV cache of `slots` sequences x `max_context` positions, float32 or bf16
-    (`kv_cache`: "bf16" halves its bytes and the attention's reads; K and V are rounded to bf16
-    as they are written, and attention computes in float32)."""
+    """Weights plus a KV cache of `slots` sequences x `max_context` positions, float32, bf16 or int8
+    (`kv_cache`: "bf16" halves its bytes and the attention's reads, K and V rounded to bf16 as they
+    are written; "int8" quarters them, each token's K and V of each KV head quantized to int8 with one
+    float32 scale; attention computes in float32 either way)."""
 
     def __init__(self, weights: ModelWeights, slots: int, max_context: int, head: str = "bf16",
                  kv_cache: str = "f32"):
@@ -108,8 +111,9 @@ class BitNetModel:
             raise ValueError(f"max_context must be in 1..{cfg.max_position_embeddings}, got {max_context}")
         self.weights, self.config = weights, cfg
         self.slots, self.max_context = slots, max_context
-        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_context, cfg.head_dim)
-        self.k_cache = lazy_zeros(shape, KV_CACHE_DTYPES[kv_cache])  # (L, S, KVH, C, D)
+        width = row_width(cfg.head_dim) if kv_cache == "int8" else cfg.head_dim  # int8: D values + scale
+        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_context, width)
+        self.k_cache = lazy_zeros(shape, KV_CACHE_DTYPES[kv_cache])  # (L, S, KVH, C, D or D + 4)
         self.v_cache = lazy_zeros(shape, KV_CACHE_DTYPES[kv_cache])
         self.cos, self.sin = rope_tables(cfg, max_context)
         self.scale = np.float32(cfg.head_dim ** -0.5)
@@ -139,7 +143,7 @@ class BitNetModel:
             q = apply_rope(a(layer.q_proj).reshape(N, -1, D), cos, sin)  # (N, H, D)
             k = apply_rope(a(layer.k_proj).reshape(N, -1, D), cos, sin)  # (N, KVH, D)
             v = a(layer.v_proj).reshape(N, -1, D)  # (N, KVH, D)
-            kc, vc = self.k_cache[li], self.v_cache[li]  # (S, KVH, C, D)
+            kc, vc = self.k_cache[li], self.v_cache[li]  # (S, KVH, C, D or D + 4)
             kc[slots, :, pos, :] = self._to_cache(k)
             vc[slots, :, pos, :] = self._to_cache(v)
             att = attention(q, kc, vc, slots, pos, self.scale).reshape(N, -1)  # (N, H*D)
@@ -154,7 +158,10 @@ class BitNetModel:
         return rms_norm(x, w.norm, cfg.rms_norm_eps)  # (M, hidden)
 
     def _to_cache(self, x: np.ndarray) -> np.ndarray:
-        """K or V (N, KVH, D) float32 in the cache's dtype (bf16: rounded to nearest even)."""
+        """K or V (N, KVH, D) float32 in the cache's dtype (bf16: rounded to nearest even; int8: rows
+        (N, KVH, D + 4) of values and scale)."""
+        if self.kv_cache == "int8":
+            return quantize_kv(x)
         return f32_to_bf16(x) if self.kv_cache == "bf16" else x
 
     def logits(self, h: np.ndarray, head: str | None = None) -> np.ndarray:

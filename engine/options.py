@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 
 HEADS = ("bf16", "int8")  # output head: the exact bf16 embedding, or its per-row int8 copy
-KV_CACHES = ("f32", "bf16")  # the K and V caches: float32 (exact), or bf16 (half the bytes: twice the slots)
+KV_CACHES = ("f32", "bf16", "int8")  # the K and V caches: float32 (exact), bf16 (half the bytes: twice the slots),
+# or int8 with a scale per token and KV head (a quarter of the bytes plus the scales: ~4x the slots)
 WEIGHTS_FORMATS = ("2bit", "1.6bit")  # ternary weights in memory: Hugging Face packing, or base 3
 DEFAULT_WEIGHTS_FORMAT = "2bit"
 TRUNCATE_MODES = ("error", "left")  # a prompt longer than the context: an error, or keep its end
@@ -34,8 +35,10 @@ class EngineConfig:
     head: "bf16" (exact) or "int8" (the embedding quantized per row: half the bytes per decode
         step, logits within ~1% of the logit spread).
     weights_format: "2bit" or "1.6bit"; None: 2bit, or a converted model's own.
-    kv_cache: "f32" (exact: what transformers computes) or "bf16" (K and V rounded to bf16 as they
-        are stored: half the KV bytes per slot and per attention read; greedy tokens mostly the same).
+    kv_cache: "f32" (exact: what transformers computes), "bf16" (K and V rounded to bf16 as they
+        are stored: half the KV bytes per slot and per attention read; greedy tokens mostly the same)
+        or "int8" (K and V quantized per token and KV head, absmax with a float32 scale: about a quarter
+        of the bytes; greedy tokens mostly the same, a little less often than bf16's).
     cache_dir: where a Hugging Face model is converted once into ternpool's native file
         (default: TERNPOOL_CACHE_DIR, else ~/.cache/ternpool).
     """

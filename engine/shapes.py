@@ -16,7 +16,8 @@ from .options import KV_CACHES, WEIGHTS_FORMATS
 LINEAR_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                   "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 LINEARS = tuple(LINEAR_MODULES)
-KV_CACHE_ITEM_BYTES = {"f32": 4, "bf16": 2}  # bytes of one K or V value, by EngineConfig.kv_cache
+KV_CACHE_ITEM_BYTES = {"f32": 4, "bf16": 2, "int8": 1}  # bytes of one K or V value, by EngineConfig.kv_cache
+KV_CACHE_ROW_EXTRA_BYTES = {"int8": 4}  # and of each row (one token, one KV head): int8's float32 scale (kernels/kv8.py)
 
 
 class ModelShape(Protocol):
@@ -58,8 +59,8 @@ def packed_shape(weights_format: str, out: int, fan_in: int) -> tuple[int, int]:
 
 def kv_bytes_per_slot(shape: ModelShape, max_context: int, kv_cache: str = "f32") -> int:
     """Bytes of one slot's K and V caches holding `max_context` tokens in every layer, in the cache
-    dtype `kv_cache` ("f32" or "bf16")."""
+    dtype `kv_cache` ("f32", "bf16" or "int8": values plus a scale a row)."""
     if kv_cache not in KV_CACHE_ITEM_BYTES:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
-    return (2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim
-            * KV_CACHE_ITEM_BYTES[kv_cache] * max_context)
+    row = shape.head_dim * KV_CACHE_ITEM_BYTES[kv_cache] + KV_CACHE_ROW_EXTRA_BYTES.get(kv_cache, 0)
+    return 2 * shape.num_hidden_layers * shape.num_key_value_heads * row * max_context

@@ -8,7 +8,10 @@ each K and V row is read once for all of them, not once per head.
 
 The cache is float32, or bfloat16 kept as its uint16 bits (half the bytes;
 kernels/bf16.py): each bf16 row is widened to float32 as it is read, so the
-arithmetic is the same float32 either way.
+arithmetic is the same float32 either way. The int8 cache's rows (kernels/kv8.py: D int8
+values and their float32 scale, a quarter of the bytes plus 4) are widened
+the same way, each value times its row's scale: an int8 cache computes
+exactly what a float32 cache of its dequantized values does.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from numba.extending import overload
 
 from .bf16 import bf16_to_f32
 from .config import NJIT_PARALLEL_FAST, njit
+from .kv8 import SCALE_BYTES, dequantize_kv, dequantize_row
 
-CACHE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16))  # float32, or bf16 bits
+CACHE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int8))  # float32, bf16 bits, int8 rows
 
 
 def _row(cache, s, kvh, j, bits, row):  # pragma: no cover - replaced in compiled code by the overload below
@@ -32,8 +36,10 @@ def _row(cache, s, kvh, j, bits, row):  # pragma: no cover - replaced in compile
 
 @overload(_row)
 def _row_impl(cache, s, kvh, j, bits, row):
-    """cache[s, kvh, j] (D,) as float32: the row itself, or a bf16 row widened into `row` (a float32 view of
-    the uint32 `bits`)."""
+    """cache[s, kvh, j] (D,) as float32: the row itself, or a bf16 or int8 row widened into `row` (a float32
+    view of the uint32 `bits`)."""
+    if cache.dtype == types.int8:
+        return lambda cache, s, kvh, j, bits, row: dequantize_row(cache, s, kvh, j, bits, row)
     if cache.dtype == types.uint16:
         def widen(cache, s, kvh, j, bits, row):
             for d in range(bits.shape[0]):
@@ -106,15 +112,16 @@ def heads_per_task(tokens: int, kv_heads: int, group: int, threads: int) -> int:
 
 
 def attention(q, k_cache, v_cache, slots, pos, scale: float) -> np.ndarray:
-    """q (N, H, D) float32; k/v_cache (S, KVH, C, D), both float32 or both bf16 bits (uint16); slots, pos (N,)
-    int64 -> (N, H, D) float32."""
+    """q (N, H, D) float32; k/v_cache (S, KVH, C, D), both float32 or both bf16 bits (uint16), or
+    (S, KVH, C, D + 4) int8 rows (kernels/kv8.py); slots, pos (N,) int64 -> (N, H, D) float32."""
     N, H, D = q.shape
     KVH = k_cache.shape[1]
-    if H % KVH or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
-        raise ValueError(f"query shape {q.shape} does not fit cache shapes {k_cache.shape}, {v_cache.shape}")
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in CACHE_DTYPES:
-        raise ValueError(f"K and V caches must both be float32 or both uint16 (bf16 bits), got {k_cache.dtype} "
-                         f"and {v_cache.dtype}")
+        raise ValueError(f"K and V caches must both be float32, both uint16 (bf16 bits) or both int8 (kv8 rows), "
+                         f"got {k_cache.dtype} and {v_cache.dtype}")
+    width = D + SCALE_BYTES if k_cache.dtype == np.int8 else D
+    if H % KVH or k_cache.shape[3] != width or v_cache.shape != k_cache.shape:
+        raise ValueError(f"query shape {q.shape} does not fit cache shapes {k_cache.shape}, {v_cache.shape}")
     if N and int(np.max(pos)) >= k_cache.shape[2]:
         raise ValueError(f"position {int(np.max(pos))} is past the cache length {k_cache.shape[2]}")
     out = np.empty((N, H, D), dtype=np.float32)
@@ -125,15 +132,22 @@ def attention(q, k_cache, v_cache, slots, pos, scale: float) -> np.ndarray:
 
 
 def attention_ref(q, k_cache, v_cache, slots, pos, scale: float) -> np.ndarray:
-    """NumPy reference (float64; a bf16 cache is widened exactly first)."""
+    """NumPy reference (float64; a bf16 cache is widened exactly first, an int8 one dequantized to float32)."""
     N, H, D = q.shape
     group = H // k_cache.shape[1]
     out = np.empty((N, H, D), dtype=np.float32)
     for n in range(N):
         for h in range(H):
             k, v = (c[slots[n], h // group, : pos[n] + 1] for c in (k_cache, v_cache))  # (L, D)
-            k, v = ((bf16_to_f32(c) if c.dtype == np.uint16 else c).astype(np.float64) for c in (k, v))
+            k, v = (_widened(c).astype(np.float64) for c in (k, v))
             s = k @ q[n, h].astype(np.float64) * scale
             p = np.exp(s - s.max())
             out[n, h] = (p / p.sum()) @ v
     return out
+
+
+def _widened(cache: np.ndarray) -> np.ndarray:
+    """Cache rows as the float32 values the kernel computes with."""
+    if cache.dtype == np.uint16:
+        return bf16_to_f32(cache)
+    return dequantize_kv(cache) if cache.dtype == np.int8 else cache

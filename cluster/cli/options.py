@@ -26,8 +26,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def add_kv_cache_option(p: argparse.ArgumentParser) -> None:
     """--kv-cache: the dtype of the K and V caches."""
     p.add_argument("--kv-cache", choices=KV_CACHES, default=EngineConfig.kv_cache,
-                   help="K and V cache: f32 (exact, default) or bf16 (half the memory per slot and half the "
-                   "attention's reads; K and V rounded to bf16, so greedy tokens may differ after a while)")
+                   help="K and V cache: f32 (exact, default); bf16 (half the memory per slot and half the "
+                   "attention's reads; K and V rounded to bf16, so greedy tokens may differ after a while); int8 "
+                   "(about a quarter of f32's memory and reads, so ~4x the slots; K and V quantized per token and "
+                   "KV head, a little noisier than bf16: greedy tokens differ somewhat more often)")
 
 
 def add_engine_options(p: argparse.ArgumentParser, *, pool: bool) -> None:

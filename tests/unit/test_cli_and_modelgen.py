@@ -102,6 +102,8 @@ def test_console_script_help():
     out = subprocess.run([*CLI, "generate", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--max-tokens" in out and "--json" in out
+    flat = " ".join(out.split())  # argparse wraps the help text
+    assert "--kv-cache {f32,bf16,int8}" in flat and "int8 (about a quarter of f32's memory" in flat
 
 
 def test_submit_object_store_option_reaches_the_pool_config():

@@ -49,6 +49,9 @@ def test_the_cli_builds_one_engine_config_for_a_pool_and_for_generate():
     assert engine_config(args, slots=1) == EngineConfig(slots=1, kv_cache="bf16")
     args = build_parser().parse_args(["bench", "model", "--model", "m", "--kv-cache", "bf16"])
     assert args.kv_cache == "bf16"
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--kv-cache", "int8"])
+    assert engine_config(args, slots=1) == EngineConfig(slots=1, kv_cache="int8")
+    assert build_parser().parse_args(["bench", "model", "--model", "m", "--kv-cache", "int8"]).kv_cache == "int8"
     bad = build_parser().parse_args(["submit", "in.parquet", "--model", "m", "--output", "o", "--slots", "0"])
     with pytest.raises(ValueError, match="EngineConfig.slots must be an integer >= 1"):
         _pool(bad)
@@ -105,6 +108,7 @@ def test_sizes_are_the_same_for_a_config_and_a_modelgen_shape():
     assert packed_shape("2bit", 2560, 6912) == (640, 6912)
     assert packed_shape("1.6bit", 2560, 6912) == (2560, 32 * 44)  # 6912 columns: 44 blocks of 160
     assert kv_bytes_per_slot(cfg, 4096) == 2 * 30 * 5 * 128 * 4 * 4096 == 2 * kv_bytes_per_slot(cfg, 4096, "bf16")
+    assert kv_bytes_per_slot(cfg, 4096, "int8") == 2 * 30 * 5 * (128 + 4) * 4096  # values and a float32 scale a row
     with pytest.raises(ValueError, match="kv_cache must be one of"):
         kv_bytes_per_slot(cfg, 4096, "int4")
     with pytest.raises(ValueError, match="weights format must be one of"):

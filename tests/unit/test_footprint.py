@@ -61,4 +61,24 @@ def test_a_bf16_kv_cache_takes_half_the_bytes(model_factory):
     assert fit_problem(cfg, "2bit", "bf16", 10, 2048, node, kv_cache="bf16") is None
     assert "--kv-cache bf16" in fit_problem(cfg, "2bit", "bf16", 10, 2048, node)
     msg = fit_problem(cfg, "2bit", "bf16", 11, 2048, node, kv_cache="bf16")
-    assert "(11 slots x 2048 tokens, bf16)" in msg and "--slots 10 at this context" in msg and "--kv-cache" not in msg
+    assert "(11 slots x 2048 tokens, bf16)" in msg and "--slots 10 at this context" in msg
+    assert "--kv-cache bf16" not in msg and f"--kv-cache int8 (KV cache {11 * kv_bytes_per_slot(cfg, 2048, 'int8') / 1e9:.2f} GB)" in msg
+
+
+def test_an_int8_kv_cache_fits_about_four_times_the_slots():
+    """2b4t: 153.6 kB a token of float32 K and V, 39.6 kB of int8 (30 layers x K and V x 5 KV heads x (128
+    values + a 4-byte scale)): automatic slots and the memory check fit 3.9x the float32 slots."""
+    from ternpool.engine.engine import auto_slots
+    from ternpool.engine.modelgen import SHAPES, _config
+
+    tok = SimpleNamespace(bos_token_id=128000, eos_token_id=128001)
+    cfg = ModelConfig.from_dict(_config(SHAPES["2b4t"], "packed", "autobitlinear", tok))
+    assert [kv_bytes_per_slot(cfg, 1, kv) for kv in ("f32", "bf16", "int8")] == [153_600, 76_800, 39_600]
+    memory = 2 * 5 * kv_bytes_per_slot(cfg, 2048)  # automatic slots take half: 5 float32 slots
+    assert [auto_slots(cfg, 2048, memory, kv) for kv in ("f32", "bf16", "int8")] == [5, 10, 19]
+    node = footprint(cfg, "2bit", "int8", 19, 2048, "int8").total  # 19 int8 slots fit exactly
+    assert fit_problem(cfg, "2bit", "int8", 19, 2048, node, kv_cache="int8") is None
+    msg = fit_problem(cfg, "2bit", "int8", 20, 2048, node, kv_cache="int8")
+    assert "(20 slots x 2048 tokens, int8)" in msg and "--slots 19 at this context" in msg and "--kv-cache" not in msg
+    msg = fit_problem(cfg, "2bit", "int8", 19, 2048, node)  # the same slots in float32: 4.9 of them fit
+    assert "--slots 4 at this context" in msg and "--kv-cache int8 (KV cache 1.54 GB)" in msg

@@ -25,6 +25,7 @@ from ternpool.kernels import (
 )
 from ternpool.kernels import config
 from ternpool.kernels.isa import ISAS
+from ternpool.kernels.kv8 import dequantize_kv, quantize_kv
 
 from helpers import assert_exact_under_isa, assert_same_with_any_thread_count, readonly
 
@@ -170,13 +171,17 @@ def _attention_inputs(heads, kv_heads, dim, cache, seed=0):
     kc, vc = (rng.standard_normal((3, kv_heads, 41, dim)).astype(np.float32) for _ in range(2))
     if cache == "bf16":
         kc, vc = f32_to_bf16(kc), f32_to_bf16(vc)
+    if cache == "int8":
+        kc[1, 0, 2] = 0.0  # an all-zero row: scale 0
+        kc, vc = quantize_kv(kc), quantize_kv(vc)
     q = rng.standard_normal((7, heads, dim)).astype(np.float32)
     slots, pos = np.array([0, 2, 2, 1, 0, 1, 2]), np.array([0, 40, 3, 5, 9, 1, 26])
     return q, kc, vc, slots, pos
 
 
-@pytest.mark.parametrize("cache", ["f32", "bf16"])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (5, 1, 12), (6, 3, 10), (3, 3, 7), (20, 5, 128)])
+@pytest.mark.parametrize("cache", ["f32", "bf16", "int8"])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (5, 1, 12), (6, 3, 10), (3, 3, 7), (20, 5, 128),
+                                                (3, 1, 1)])
 def test_attention_matches_reference(heads, kv_heads, dim, cache):
     q, kc, vc, slots, pos = _attention_inputs(heads, kv_heads, dim, cache)
     np.testing.assert_allclose(attention(q, readonly(kc), readonly(vc), slots, pos, dim ** -0.5),
@@ -190,8 +195,41 @@ def test_attention_bf16_cache_is_its_widened_float32_cache():
     q, kc, vc, slots, pos = _attention_inputs(20, 5, 128, "bf16")
     assert np.array_equal(attention(q, kc, vc, slots, pos, 0.1),
                           attention(q, bf16_to_f32(kc), bf16_to_f32(vc), slots, pos, 0.1))
-    with pytest.raises(ValueError, match="must both be float32 or both uint16"):
+    with pytest.raises(ValueError, match="must both be float32, both uint16"):
         attention(q, kc, bf16_to_f32(vc), slots, pos, 0.1)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (5, 1, 12), (6, 3, 10), (3, 3, 7), (20, 5, 128),
+                                                (2, 1, 129), (3, 1, 5), (3, 1, 1)])
+def test_attention_int8_cache_batches_exactly(heads, kv_heads, dim):
+    """With an int8 cache (kernels/kv8.py rows: values and scale) every heads-per-task split gives the same
+    bits, and each token alone gets what it gets in the batch."""
+    from ternpool.kernels.attention import _attention
+
+    q, kc, vc, slots, pos = _attention_inputs(heads, kv_heads, dim, "int8")
+    assert kc.dtype == np.int8 and kc.shape[-1] == dim + 4
+    batched = attention(q, readonly(kc), readonly(vc), slots, pos, 0.1)
+    for per_task in (p for p in range(1, heads // kv_heads + 1) if (heads // kv_heads) % p == 0):
+        out = np.empty_like(q)
+        _attention(q, kc, vc, slots, pos, np.float32(0.1), per_task, out)
+        assert np.array_equal(out, batched), per_task
+    for n in range(len(q)):
+        assert np.array_equal(attention(q[n:n + 1], kc, vc, slots[n:n + 1], pos[n:n + 1], 0.1)[0], batched[n])
+    with pytest.raises(ValueError, match="does not fit cache shapes"):
+        attention(q, kc[..., :dim], vc[..., :dim], slots, pos, 0.1)  # rows without their scale
+    with pytest.raises(ValueError, match="both int8"):
+        attention(q, kc, dequantize_kv(vc), slots, pos, 0.1)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (5, 1, 12), (6, 3, 10), (3, 3, 7), (20, 5, 128),
+                                                (2, 1, 129), (3, 1, 5)])
+def test_attention_int8_cache_is_its_dequantized_float32_cache(heads, kv_heads, dim):
+    """An int8 cache computes bit for bit what the float32 cache of its dequantized values does: each row is
+    widened into the same float32 values, then the same arithmetic. (Rows of 1 to 3 values differ in the
+    last bit: fast-math unrolls those two compiled loops differently; the reference test covers them.)"""
+    q, kc, vc, slots, pos = _attention_inputs(heads, kv_heads, dim, "int8")
+    assert np.array_equal(attention(q, kc, vc, slots, pos, 0.1),
+                          attention(q, dequantize_kv(kc), dequantize_kv(vc), slots, pos, 0.1))
 
 
 def test_attention_heads_per_task_does_not_change_a_bit():

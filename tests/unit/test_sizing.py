@@ -63,6 +63,17 @@ def test_every_node_gets_a_verdict(plan, capsys):
     assert size_job(plan, PoolConfig(engine=EngineConfig(slots=2, kv_cache="bf16")), nodes[:2]).fits
     _print_plan(plan, PoolConfig(engine=EngineConfig(kv_cache="bf16")), half)
     assert "2bit weights, bf16 head, bf16 KV cache, context 2048 tokens" in capsys.readouterr().out
+    # an int8 KV cache: the values and a scale a row (16 + 4 bytes against float32's 64 on this model with
+    # head_dim 16: 3.2x; 3.9x at 2b4t's 128, test_footprint), so the small node holds 4
+    quarter = size_job(plan, PoolConfig(engine=EngineConfig(kv_cache="int8")), nodes[:2])
+    per_slot = kv_bytes_per_slot(cfg, 2048, "int8")
+    assert 4 * per_slot < 1.5 * kv_bytes_per_slot(cfg, 2048) < 5 * per_slot and cfg.head_dim == 16
+    assert quarter.kv_cache == "int8" and [n.slots for n in quarter.nodes] == [DEFAULT_SLOTS, 4] and quarter.fits
+    assert quarter.nodes[1].footprint == footprint(cfg, "2bit", "bf16", 4, 2048, "int8")
+    _print_plan(plan, PoolConfig(engine=EngineConfig(kv_cache="int8")), quarter)
+    out = capsys.readouterr().out
+    assert "2bit weights, bf16 head, int8 KV cache, context 2048 tokens" in out
+    assert f"KV cache {4 * per_slot / 1e9:.2f} GB for 4 slots" in out
 
 
 def test_max_context_above_the_model_limit_is_an_error(plan, tiny_model):
