@@ -28,7 +28,7 @@ The integer result is the exact sum(w * x), so the float32 store is bit-identica
 Measured, it loses to the dot-product kernels at every token count on both AVX2 and AVX-512 VNNI
 (tests/tools/lut_ab.py, table in the README's "Lookup tables against dot products"): a lookup adds
 2 columns x 32 tokens (zmm) per load + `vpaddw` plus a share of an offset load, where one `vpdpbusd`
-adds 64 columns x 1 token, and the 4-byte codes are unpacked once for every token of a pair. So it is
+adds 64 columns x 1 token, and the 2-bit codes are unpacked once for both tokens of a pair. So it is
 not wired into `ternary_linear`; it stays here, exact and tested, as the measured alternative.
 Groups of 3 or 4 columns (64 or 256 patterns) make fewer lookups but tables that leave L1 for L2,
 and measured slower still."""
