@@ -132,3 +132,45 @@ def test_unknown_isa_is_refused_naming_the_registered_ones():
     r = subprocess.run([sys.executable, "-c", "import ternpool.kernels.config"], env=env, capture_output=True, text=True)
     assert r.returncode != 0
     assert "TERNPOOL_ISA must be one of" in r.stderr and "'avx2'" in r.stderr and "'sse9'" in r.stderr, r.stderr
+
+
+# The lookup-table kernel (kernels/lut.py) has no instruction of its own per strategy, only the width:
+# its lookups must be int16 vector adds of that width, with the table row as a memory operand (AVX).
+LUT_EXPECTATIONS = [
+    ("avx512vnni", "sapphirerapids", {"vpaddw:zmm"}, {"vpaddw:ymm"}),
+    ("avx512vnni", "znver4", {"vpaddw:zmm"}, {"vpaddw:ymm"}),
+    ("avx2", "haswell", {"vpaddw:ymm"}, {"vpaddw:zmm"}),
+    ("generic", "x86-64", {"paddw:xmm"}, {"vpaddw"}),
+]
+
+
+def _lut_assembly(isa, cpu: str) -> str:
+    from ternpool.kernels.lut import emit_lut_rows, emit_offsets
+
+    from helpers import assembly
+
+    module = ir.Module(name=f"ternpool_lut_{isa.name}")
+    vec = ir.VectorType(ir.IntType(16), isa.width // 2)
+    fnty = ir.FunctionType(ir.VoidType(), [BYTE_PTR, I64, I64, BYTE_PTR, vec.as_pointer()])
+    fn = ir.Function(module, fnty, "lut_rows2")
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    offs, ostride, n, tab, out = fn.args
+    for k, s in enumerate(emit_lut_rows(builder, isa, offs, ostride, n, tab, 2)):
+        builder.store(s, builder.gep(out, [i64(k)]))
+    builder.ret_void()
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [BYTE_PTR, I64, I64] + [BYTE_PTR] * 4), "offsets")
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    emit_offsets(builder, fn.args[0], 16, fn.args[1], fn.args[2], list(fn.args[3:]))
+    builder.ret_void()
+    return assembly(module, cpu)
+
+
+@pytest.mark.parametrize("name,cpu,present,absent", LUT_EXPECTATIONS)
+def test_lut_lookups_are_int16_adds_of_the_strategy_width(name, cpu, present, absent):
+    asm = _lut_assembly(ISAS[name], cpu)
+    found = _instructions(asm)
+    assert present <= found, f"LUT with {name} on {cpu}: missing {sorted(present - found)}"
+    assert not absent & found, f"LUT with {name} on {cpu}: unexpected {sorted(absent & found)}"
+    for width in ("zmm", "ymm"):  # (SSE2's paddw takes aligned memory only: generic loads the row first)
+        if f"vpaddw:{width}" in present:
+            assert re.search(rf"vpaddw\s+-?\d*\(%\w+,%\w+\), %{width}", asm), "the table row must be the add's memory operand"
