@@ -52,9 +52,10 @@ def set_threads(n: int | None) -> int:
     return n
 
 
-# Instruction set of the SIMD kernels, a name of `isa.ISAS`: the best one the CPU has ("avx512vnni":
-# vpdpbusd on zmm; "avxvnni": vpdpbusd on ymm; "avx2": vpmaddubsw/vpmaddwd; "generic": plain LLVM
-# vector code, any x86-64), or TERNPOOL_ISA (e.g. generic forces the portable path). The kernel cache
+# Instruction set of the SIMD kernels, a name of `isa.ISAS`: the best one the CPU has ("avx10.2" and
+# "avx512vnni": vpdpbusd on zmm, the former with vpdpbssd for the int8 head; "avxvnniint8" and
+# "avxvnni": the same on ymm; "avx2": vpmaddubsw/vpmaddwd; "generic": plain LLVM vector code, any
+# x86-64), or TERNPOOL_ISA (e.g. generic forces the portable path). The kernel cache
 # is keyed by it (see kernel_cache_dir).
 ISA = os.environ.get("TERNPOOL_ISA") or host_isa()
 if ISA not in ISAS:

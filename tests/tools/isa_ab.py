@@ -2,7 +2,10 @@
 sets, side by side: one worker process per ISA (TERNPOOL_ISA is fixed per process), the parent
 alternates them case by case; per case the min over AB_ROUNDS rounds (default 5) of the min of a
 few calls. On a shared machine this is steadier than whole `ternpool bench kernels` runs one after
-the other. Usage: python tests/tools/isa_ab.py THREADS ISA_A ISA_B [...]  (ratios: ISA_A / other)"""
+the other. Usage: python tests/tools/isa_ab.py THREADS ISA_A ISA_B [...]  (ratios: ISA_A / other);
+AB_KINDS=1.6bit,head (a comma list of 2bit, 1.6bit, head) runs only those kernels. AB_CLOCK=thread
+times with the calling thread's CPU time (time.thread_time) instead of the wall clock: with 1 thread
+(the kernels then run in the calling thread) it leaves out the time other processes hold the core."""
 import os, sys, time, subprocess, json
 import numpy as np
 
@@ -33,8 +36,9 @@ def worker():
         kind, out, k, t, inner = json.loads(line)
         fn = case(kind, out, k, t)
         best = float("inf")
+        clock = time.thread_time if os.environ.get("AB_CLOCK") == "thread" else time.perf_counter
         for _ in range(inner):
-            t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
+            t0 = clock(); fn(); best = min(best, clock() - t0)
         print(json.dumps(best), flush=True)
 
 if __name__ == "__main__" and os.environ.get("AB_WORKER"):
@@ -46,6 +50,7 @@ for isa in isas:
     env = dict(os.environ, AB_WORKER="1", AB_THREADS=threads, TERNPOOL_ISA=isa)
     procs[isa] = subprocess.Popen([sys.executable, __file__], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert json.loads(procs[isa].stdout.readline())["isa"] == isa
+kinds = os.environ.get("AB_KINDS", "2bit,1.6bit,head").split(",")
 cases = []
 for kind in ("2bit", "1.6bit"):
     for out, k in ((6912, 2560), (2560, 6912), (2560, 2560)):
@@ -53,6 +58,7 @@ for kind in ("2bit", "1.6bit"):
             cases.append((kind, out, k, t))
 for t in (1, 8, 32, 64):
     cases.append(("head", 128256, 2560, t))
+cases = [c for c in cases if c[0] in kinds]
 rounds = int(os.environ.get("AB_ROUNDS", 5))
 print(f"threads {threads}; min over {rounds} alternating rounds of the min of a few calls; ratio = {isas[0]} / other")
 print(f"{'kernel':<7}{'out x in':>14}{'batch':>6}" + "".join(f"{i + ' ms':>16}" for i in isas) + "".join(f"{'x ' + i:>16}" for i in isas[1:]))
