@@ -28,6 +28,24 @@ from .isa import ISAS, host_isa
 log = logging.getLogger(__name__)
 
 
+# Numba's default threading layer on Linux is OpenMP (GNU libgomp), whose threads spin for a while
+# after every parallel kernel waiting for the next one. A decode step calls ~200 kernels; on a node
+# where another process wants the cores, the spinning threads take its time slices and the step waits
+# for a descheduled thread at every kernel (2-thread decode of the 2b4t model fell to 0.14 tokens/s on
+# a shared 2-core machine, against 1.16 with passive waits; see README). Passive waits (sleep at once)
+# are set here, before Numba loads its OpenMP layer on the first `set_threads` or parallel kernel;
+# a value the user set wins. An OpenMP runtime already loaded into the process keeps its own.
+WAIT_POLICY = "passive"
+
+
+def quiet_thread_waits(environ=os.environ) -> str:
+    """Set OMP_WAIT_POLICY to WAIT_POLICY in `environ` unless it is set; returns the value in force."""
+    return environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+
+
+quiet_thread_waits()
+
+
 def available_threads() -> int:
     """Threads Numba may use in this process (the CPUs this process may run on)."""
     try:
