@@ -19,6 +19,10 @@ streams every call, which the hardware prefetchers follow badly: ~25% slower on 
 for the same reason a batch-1 task holds _ROWS_PER_TASK_1 = 128 rows when the matrix has enough of
 them. The 2 or 3 rows left over go through `dot_base3_rows2` and then `dot_base3_1`.
 
+Where one vector holds GROUP > 1 blocks (zmm: 2), the kernel first copies q into the grouped
+layout (`group_digits`), so that the digit-k slices of the blocks that share a vector are one load
+(see `simd_base3.py`); a copy of T x K bytes per call, against T x K x out multiply-adds.
+
 As in `ternary.py`, one kernel sums codes * q and ends in `epilogue.store`: the activation row
 sum subtracted, then int32 out as is, or float32 out dequantized y = acc / div[t] * mul in that
 order (see `dequant_factors`).
@@ -31,7 +35,7 @@ from numba import prange
 
 from .config import NJIT, NJIT_PARALLEL, njit
 from .epilogue import store, unused_factors
-from .simd_base3 import (BLOCK, BLOCK_BYTES, DIGITS, dot_base3_1, dot_base3_2, dot_base3_4, dot_base3_8,
+from .simd_base3 import (BLOCK, BLOCK_BYTES, DIGITS, GROUP, dot_base3_1, dot_base3_2, dot_base3_4, dot_base3_8,
                          dot_base3_rows2, dot_base3_rows4)
 
 _POW3 = np.array([81, 27, 9, 3, 1], dtype=np.int32)
@@ -96,6 +100,51 @@ def base3_matmul_ref(packed: np.ndarray, q: np.ndarray) -> np.ndarray:
     return (q.astype(np.int64) @ w.T).astype(np.int32)
 
 
+def group_digits_ref(q: np.ndarray, group: int) -> np.ndarray:
+    """NumPy reference of `group_digits`: int8 (T, K) -> (T, K), the columns of each run of `group`
+    whole blocks reordered digit-major: block h's 32 columns of digit k move to 32 (k * group + h)
+    within the run; the columns after the last whole run stay where they are."""
+    q = np.asarray(q)
+    T, K = q.shape
+    n = K // (group * BLOCK) * group * BLOCK
+    out = q.copy()
+    runs = q[:, :n].reshape(T, -1, group, DIGITS, BLOCK_BYTES)  # (T, run, block, digit, 32)
+    out[:, :n] = runs.transpose(0, 1, 3, 2, 4).reshape(T, n)
+    return out
+
+
+@njit(**NJIT)
+def group_digits(q, group):  # pragma: no cover - compiled
+    """q (T, K) int8 in the grouped layout of `group` blocks per vector (see `group_digits_ref`):
+    a new array."""
+    T, K = q.shape
+    run = group * BLOCK
+    n = K // run * run
+    out = np.empty((T, K), dtype=np.int8)
+    for t in range(T):
+        for s in range(0, n, run):
+            for k in range(DIGITS):
+                for h in range(group):
+                    dst = s + (k * group + h) * BLOCK_BYTES
+                    src = s + h * BLOCK + k * BLOCK_BYTES
+                    out[t, dst:dst + BLOCK_BYTES] = q[t, src:src + BLOCK_BYTES]
+        out[t, n:] = q[t, n:]
+    return out
+
+
+@njit(**NJIT)
+def _as_is(q):  # pragma: no cover - compiled
+    return q
+
+
+@njit(**NJIT)
+def _grouped(q):  # pragma: no cover - compiled
+    return group_digits(q, GROUP)
+
+
+_layout = _grouped if GROUP > 1 else _as_is  # the activations as this process's emitters read them
+
+
 @njit(**NJIT)
 def _tail(p, x, nb, nd, K):  # pragma: no cover - compiled
     """int32 sum of codes * x over columns 160 nb + 32 nd .. K - 1 (fewer than 32): digit nd of
@@ -146,6 +195,7 @@ def _base3_kernel(packed, q, qsum, div, mul, out):  # pragma: no cover - compile
     (exact int32 or dequantized float32, by out's dtype)."""
     n = packed.shape[0]
     T, K = q.shape
+    q = _layout(q)  # (T, K), grouped where a vector holds several blocks
     nb = K // BLOCK
     nd = (K - nb * BLOCK) // BLOCK_BYTES
     scalar = K > nb * BLOCK + nd * BLOCK_BYTES

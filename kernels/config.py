@@ -28,6 +28,24 @@ from .isa import ISAS, host_isa, usable_isas
 log = logging.getLogger(__name__)
 
 
+# Numba's default threading layer on Linux is OpenMP (GNU libgomp), whose threads spin for a while
+# after every parallel kernel waiting for the next one. A decode step calls ~200 kernels; on a node
+# where another process wants the cores, the spinning threads take its time slices and the step waits
+# for a descheduled thread at every kernel (2-thread decode of the 2b4t model fell to 0.14 tokens/s on
+# a shared 2-core machine, against 1.16 with passive waits; see README). Passive waits (sleep at once)
+# are set here, before Numba loads its OpenMP layer on the first `set_threads` or parallel kernel;
+# a value the user set wins. An OpenMP runtime already loaded into the process keeps its own.
+WAIT_POLICY = "passive"
+
+
+def quiet_thread_waits(environ=os.environ) -> str:
+    """Set OMP_WAIT_POLICY to WAIT_POLICY in `environ` unless it is set; returns the value in force."""
+    return environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+
+
+quiet_thread_waits()
+
+
 def available_threads() -> int:
     """Threads Numba may use in this process (the CPUs this process may run on)."""
     try:
@@ -53,10 +71,11 @@ def set_threads(n: int | None) -> int:
 
 
 # Instruction set of the SIMD kernels, a name of `isa.ISAS`: the best one the CPU has ("amx": int8
-# tiles for many-token calls, else as avx512vnni; "avx512vnni": vpdpbusd on zmm; "avxvnni": vpdpbusd
-# on ymm; "avx2": vpmaddubsw/vpmaddwd; "generic": plain LLVM vector code, any x86-64), or TERNPOOL_ISA
-# (e.g. generic forces the portable path); then the best one this process can run (AMX needs the
-# kernel's permission, see _enabled). The kernel cache is keyed by it (see kernel_cache_dir).
+# tiles for many-token calls, else as avx512vnni; "avx10.2" and "avx512vnni": vpdpbusd on zmm, the
+# former with vpdpbssd for the int8 head; "avxvnniint8" and "avxvnni": the same on ymm; "avx2":
+# vpmaddubsw/vpmaddwd; "generic": plain LLVM vector code, any x86-64), or TERNPOOL_ISA (e.g. generic
+# forces the portable path); then the best one this process can run (AMX needs the kernel's
+# permission, see _enabled). The kernel cache is keyed by it (see kernel_cache_dir).
 ISA = os.environ.get("TERNPOOL_ISA") or host_isa()
 if ISA not in ISAS:
     raise ValueError(f"TERNPOOL_ISA must be one of {', '.join(map(repr, ISAS))}, got {ISA!r}")

@@ -9,7 +9,9 @@ Both operands are clamped to [-127, 127] so that the AVX2 path
 (`vpsignb` + `vpmaddubsw`: |w| as unsigned times sign(w) * x as signed)
 cannot saturate its int16 pairs: 2 * 127 * 127 = 32258 < 32767. VNNI paths
 multiply w + 128 as an unsigned byte and subtract 128 times the hidden row's
-sum (`hsum`, over the columns of whole SIMD blocks), computed once per call.
+sum (`hsum`, over the columns of whole SIMD blocks), computed once per call;
+where the CPU has `vpdpbssd` (AVX-VNNI-INT8, AVX10.2) the product is signed x
+signed and the offset is 0.
 Under the `amx` instruction set, calls of at least `TILE_TOKENS` tokens run on
 AMX tiles (`head8_amx.py`, `tdpbssd`: signed x signed), with the same logits.
 """

@@ -264,3 +264,38 @@ class Amx(Avx512Vnni):
         from .amx import request_permission
 
         return request_permission()
+
+
+class SignedBytes:
+    """A mixin for VNNI strategies whose CPU multiplies signed by signed bytes: `vpdpbssd` (AVX-VNNI-INT8
+    on ymm; AVX10.2 also on zmm) adds the four s8 x s8 products of each int32 lane into it, so the
+    int8 head's product needs neither the a ^ 0x80 nor the 128 * sum(b) correction
+    (`signed_offset` 0). Everything else is the VNNI strategy's it is mixed into."""
+
+    signed_offset = 0
+
+    def madd_signed(self, builder, acc, a, b):
+        ops = [builder.bitcast(v, self.acc_type) for v in (a, b)]
+        name = "llvm.x86.avx2.vpdpbssd.256" if self.width == 32 else f"llvm.x86.avx10.vpdpbssd.{8 * self.width}"
+        return call_intrinsic(builder, name, self.acc_type, [acc, *ops])
+
+
+@register
+class AvxVnniInt8(SignedBytes, AvxVnni):
+    """AVX-VNNI with AVX-VNNI-INT8 (Lunar Lake, Arrow Lake and later clients; Sierra Forest and later
+    E-core Xeons): AVX-VNNI, with `vpdpbssd` for the int8 head. Above AVX-VNNI, below AVX-512 VNNI
+    (a CPU with both runs the ternary kernels faster on zmm)."""
+
+    name = "avxvnniint8"
+    features = ("avxvnni", "avxvnniint8")
+    priority = 25
+
+
+@register
+class Avx10_2(SignedBytes, Avx512Vnni):
+    """AVX10.2 (Diamond Rapids and later Xeons): AVX-512 VNNI, with `vpdpbssd` on zmm for the int8
+    head."""
+
+    name = "avx10.2"
+    features = ("avx512bw", "avx512vnni", "avx10.2")
+    priority = 35

@@ -11,7 +11,8 @@ contiguous activation slice x[32k : 32k + 32] of that block.
     sum_c code(c) * x_row[c]    over the 160 * nblocks columns of the whole blocks, then over
                                 the first 32 * ndigits columns of block `nblocks` (ndigits < 5)
 
-for 1, 2, 4 or 8 activation rows that share one decode of the packed row. For batch 1,
+for 1, 2, 4 or 8 activation rows that share one decode of the packed row; the rows are given in
+this process's grouped layout (below; the identity unless GROUP > 1). For batch 1,
 `dot_base3_rows{2,4}(packed_row..., x0, nblocks, ndigits)` return the same sums of 2 or 4 packed
 rows with one activation row: each 32-byte activation load serves every packed row, and the
 independent decode chains of the rows interleave. The caller does the remaining (< 32) columns in
@@ -21,9 +22,17 @@ The instruction set's strategy (`isa.py`) decodes the digits (`base3_start`, `ba
 multiplies codes (u8) by activations (s8) into short pairs (`madd`; on AVX2 `vpmaddubsw`:
 |2 * 2 * -128| = 512); the pairs of all five digits are added in int16 lanes for CHUNK blocks
 (12 * 5 * 512 = 30720 < 32767) and only then widened into int32 lanes (`widen`). On VNNI
-(`vpdpbusd`) the products go straight into int32 lanes. A 64-byte vector (zmm) holds two
-consecutive blocks: one load of packed bytes, and per digit the two 32-byte activation slices
-(160 columns apart) joined into one vector; the layout does not change.
+(`vpdpbusd`) the products go straight into int32 lanes.
+
+A 64-byte vector (zmm) holds two consecutive blocks: one load of packed bytes, and per digit the
+two 32-byte activation slices of those blocks, which lie 160 columns apart in a row. Joining them
+costs a `vinserti64x4` per digit and token (port 5, beside `vpdpbusd` zmm on port 0, and the decode
+needs both ports): with it the zmm kernel ran no faster than ymm VNNI at 8-64 tokens. So the
+kernel lays the activations out once per call in the grouped layout (`base3.group_digits`): for
+each pair of whole blocks, the 64 columns of digit k of both blocks are contiguous, and one load
+fills the vector. The emitters read activation rows in that layout wherever a vector holds
+GROUP > 1 blocks (pairs of whole blocks); an odd last block and the digits of the last, partial
+block read the row's own columns, which the grouped layout leaves in place.
 """
 
 from __future__ import annotations
@@ -33,12 +42,13 @@ from numba.extending import intrinsic
 
 from .config import ISA
 from .isa import ISAS
-from .llvmir import V32I8, array_data, as_i64, block_sums, concat, hsum, i64, int32_sums, load32, loop, splat
+from .llvmir import V32I8, array_data, as_i64, block_sums, concat, hsum, i64, int32_sums, load, load32, loop, splat
 
 BLOCK = 160  # columns per block
 BLOCK_BYTES = 32  # packed bytes per block
 DIGITS = 5
 CHUNK = 12  # vectors of blocks summed in int16 lanes before widening (see above)
+GROUP = ISAS[ISA].width // BLOCK_BYTES  # layout blocks per vector in this process (1, or 2 on zmm)
 
 
 def _vector(builder, isa, ptr, offs):
@@ -55,7 +65,8 @@ def _span(isa, builder, packed, xs, b0, present: int, pairs):
     isa.width // 32 blocks, lanes past `present` are zero) to the short accumulators
     pairs[i * len(xs) + j] (packed row i, activation row j): the five digits of each packed row are
     decoded once for every activation row, and each activation vector is loaded once for all
-    packed rows."""
+    packed rows. A full vector of several blocks reads its activations in the grouped layout (one
+    load per digit, see `group_digits`); a part-filled one reads the row's own layout."""
     per_vector = isa.width // BLOCK_BYTES  # layout blocks per vector
     blocks = [builder.add(b0, i64(b)) if b else b0 for b in range(present)] + [None] * (per_vector - present)
     ws = [_vector(builder, isa, p, [None if b is None else builder.mul(b, i64(BLOCK_BYTES)) for b in blocks])
@@ -65,8 +76,12 @@ def _span(isa, builder, packed, xs, b0, present: int, pairs):
     pairs = list(pairs)
     nt = len(xs)
     for k in range(DIGITS):
-        offs = [None if o is None else builder.add(o, i64(BLOCK_BYTES * k)) for o in x_offs]
-        xvs = [_vector(builder, isa, xp, offs) for xp in xs]
+        if present > 1:  # grouped: digit k of the blocks b0, b0 + 1, ... is one vector at 160 b0 + width k
+            off = builder.add(x_offs[0], i64(isa.width * k))
+            xvs = [load(builder, xp, off, isa.byte_type) for xp in xs]
+        else:
+            offs = [None if o is None else builder.add(o, i64(BLOCK_BYTES * k)) for o in x_offs]
+            xvs = [_vector(builder, isa, xp, offs) for xp in xs]
         for i in range(len(ws)):
             code, states[i] = isa.base3_digit(builder, states[i], last=(k == DIGITS - 1))
             for j, xv in enumerate(xvs):
@@ -92,8 +107,9 @@ def emit_dot_base3(builder, isa, packed, xs, nblocks, ndigits):
     rows `xs` (byte pointers), in the order (row 0, x 0), (row 0, x 1), ..., (row 1, x 0), ...: over
     `nblocks` whole blocks, then digits 0 .. ndigits - 1 (ndigits < 5) of block `nblocks` (i64).
 
-    A vector of 64 bytes (zmm) holds two layout blocks: the whole blocks go two at a time, an odd
-    last one and the digits of block `nblocks` with the upper half zero."""
+    A vector of 64 bytes (zmm) holds two layout blocks: the whole blocks go two at a time (their
+    activations in the grouped layout), an odd last one and the digits of block `nblocks` with the
+    upper half zero."""
     nr, nt = len(packed), len(xs)
     per_vector = isa.width // BLOCK_BYTES
     if per_vector not in (1, 2):

@@ -5,7 +5,10 @@ few calls. On a shared machine this is steadier than whole `ternpool bench kerne
 the other. Usage: python tests/tools/isa_ab.py THREADS ISA_A ISA_B [...]  (ratios: ISA_A / other);
 AB_KINDS (default "2bit,1.6bit,head") and AB_BATCHES (default "1,8,32,64") pick the cases, e.g.
 AB_KINDS=2bit AB_BATCHES=8,16,32,64,128 ... avx512vnni amx for the AMX tile threshold (AB_TILE_TOKENS
-overrides the amx strategy's tile_tokens in the workers, e.g. 1 to time the tile kernel at every batch)."""
+overrides the amx strategy's tile_tokens in the workers, e.g. 1 to time the tile kernel at every batch).
+AB_CLOCK=thread
+times with the calling thread's CPU time (time.thread_time) instead of the wall clock: with 1 thread
+(the kernels then run in the calling thread) it leaves out the time other processes hold the core."""
 import os, sys, time, subprocess, json
 import numpy as np
 
@@ -39,8 +42,9 @@ def worker():
         kind, out, k, t, inner = json.loads(line)
         fn = case(kind, out, k, t)
         best = float("inf")
+        clock = time.thread_time if os.environ.get("AB_CLOCK") == "thread" else time.perf_counter
         for _ in range(inner):
-            t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
+            t0 = clock(); fn(); best = min(best, clock() - t0)
         print(json.dumps(best), flush=True)
 
 if __name__ == "__main__" and os.environ.get("AB_WORKER"):

@@ -280,3 +280,28 @@ print("exact with", config.ISA)
 def test_other_isas_are_exact_too(isa, tmp_path):
     """Every instruction set besides the one tested above in-process, where this CPU can run it."""
     assert_exact_under_isa(isa, _OTHER_ISA_CHECK, tmp_path)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("cols", [1, 159, 160, 319, 320, 333, 480, 493, 2560, 6912])
+def test_grouped_layout_matches_its_reference_and_the_definition(group, cols):
+    """`group_digits` (what the kernel reads where a vector holds several blocks) against its NumPy
+    reference, and that reference against the layout spelled out column by column."""
+    from ternpool.kernels.base3 import group_digits, group_digits_ref
+
+    rng = np.random.default_rng(cols * 3 + group)
+    q = rng.integers(-128, 128, size=(3, cols)).astype(np.int8)
+    want = q.copy()
+    run = 160 * group
+    for s in range(0, cols // run * run, run):
+        for k in range(5):
+            for h in range(group):
+                dst = s + 32 * (k * group + h)
+                want[:, dst:dst + 32] = q[:, s + 160 * h + 32 * k:s + 160 * h + 32 * k + 32]
+    assert np.array_equal(group_digits_ref(q, group), want)
+    got = group_digits(readonly(q), group)
+    assert got.dtype == np.int8 and np.array_equal(got, want)
+    if group == 1 or cols < run:
+        assert np.array_equal(got, q)
+    else:
+        assert not np.array_equal(got, q)

@@ -40,6 +40,11 @@ ASM_EXPECTATIONS = [
     ("avx512vnni", "icelake-server", *_ZMM_VNNI),
     ("avx512vnni", "sapphirerapids", *_ZMM_VNNI),
     ("amx", "sapphirerapids", _ZMM_VNNI[0] | _AMX, _ZMM_VNNI[1]),
+    # vpdpbssd (signed x signed) in the int8 head, vpdpbusd in the ternary kernels
+    ("avxvnniint8", "arrowlake", {"vpdpbssd:ymm", "vpdpbusd:ymm", "vpcmpgtb"}, {"vpdpbusd:zmm", "vpdpbssd:zmm"} | _AVX2),
+    ("avxvnniint8", "lunarlake", {"vpdpbssd:ymm", "vpdpbusd:ymm", "vpcmpgtb"}, {"vpdpbusd:zmm", "vpdpbssd:zmm"} | _AVX2),
+    ("avxvnniint8", "sierraforest", {"vpdpbssd:ymm", "vpdpbusd:ymm", "vpcmpgtb"}, {"vpdpbusd:zmm", "vpdpbssd:zmm"} | _AVX2),
+    ("avx10.2", "diamondrapids", _ZMM_VNNI[0] | {"vpdpbssd:zmm"}, _ZMM_VNNI[1] | {"vpdpbssd:ymm"}),
 ]
 
 
@@ -69,13 +74,20 @@ def _tiles(builder, ptrs, n, m):
     return []
 
 
-def _assembly(isa, cpu: str) -> str:
+KERNELS = {  # name: (pointer arguments, emitter)
+    "dot4_tile2": (3, lambda isa, b, p, n, m: emit_dot4(b, isa, p[0], p[1:], n)),
+    "dot_s8_tile2": (3, lambda isa, b, p, n, m: emit_dot_s8(b, isa, p[0], p[1:], [b.trunc(m, I32)] * 2, n)),
+    "dot_base3_4": (5, lambda isa, b, p, n, m: emit_dot_base3(b, isa, p[:1], p[1:], n, m)),
+    "dot_base3_rows4": (5, lambda isa, b, p, n, m: emit_dot_base3(b, isa, p[:4], p[4:], n, m)),
+}
+
+
+def _assembly(isa, cpu: str, kernels=tuple(KERNELS)) -> str:
     module = ir.Module(name=f"ternpool_{isa.name}")
     module.triple = "x86_64-unknown-linux-gnu"
-    _kernel(module, "dot4_tile2", 3, lambda b, p, n, m: emit_dot4(b, isa, p[0], p[1:], n))
-    _kernel(module, "dot_s8_tile2", 3, lambda b, p, n, m: emit_dot_s8(b, isa, p[0], p[1:], [b.trunc(m, I32)] * 2, n))
-    _kernel(module, "dot_base3_4", 5, lambda b, p, n, m: emit_dot_base3(b, isa, p[:1], p[1:], n, m))
-    _kernel(module, "dot_base3_rows4", 5, lambda b, p, n, m: emit_dot_base3(b, isa, p[:4], p[4:], n, m))
+    for name in kernels:
+        nptr, emit = KERNELS[name]
+        _kernel(module, name, nptr, lambda b, p, n, m, emit=emit: emit(isa, b, p, n, m))
     if isa.tile_tokens:
         _kernel(module, "amx_tiles", 3, lambda b, p, n, m: _tiles(b, p, n, m))
     binding.initialize_native_target()
@@ -105,6 +117,15 @@ def test_strategy_compiles_to_its_instructions(name, cpu, present, absent):
     assert not absent & found, f"{name} on {cpu}: unexpected {sorted(absent & found)}"
 
 
+@pytest.mark.parametrize("name,cpu", [(row[0], row[1]) for row in ASM_EXPECTATIONS if row[0] in ("avxvnniint8", "avx10.2")])
+def test_int8_head_multiplies_signed_bytes_without_the_offset(name, cpu):
+    """Where the CPU has vpdpbssd the head's signed product is that one instruction, not vpdpbusd
+    on a ^ 0x80 with the 128 * sum(b) correction."""
+    assert ISAS[name].signed_offset == 0
+    found = _instructions(_assembly(ISAS[name], cpu, ["dot_s8_tile2"]))
+    assert "vpdpbssd" in found and "vpdpbusd" not in found, sorted(found)
+
+
 def test_every_registered_strategy_has_an_assembly_check():
     assert set(ISAS) == {row[0] for row in ASM_EXPECTATIONS}
 
@@ -121,6 +142,12 @@ def test_host_gets_the_best_strategy_it_has_the_features_for():
     assert missing_features("amx", zen4) == ["amx-tile", "amx-int8"]
     assert host_isa({"avx2": True, "avxvnni": True}) == "avxvnni"
     assert missing_features("avx512vnni", {"avx2": True, "avx512bw": True}) == ["avx512vnni"]
+    arrowlake = {"avx2": True, "avxvnni": True, "avxvnniint8": True, "avx512vnni": False}
+    assert usable_isas(arrowlake) == ["avxvnniint8", "avxvnni", "avx2", "generic"]
+    assert host_isa({**arrowlake, "avx512bw": True, "avx512vnni": True}) == "avx512vnni"  # zmm first
+    diamondrapids = {**zen4, "avxvnni": True, "avxvnniint8": True, "avx10.2": True}
+    assert usable_isas(diamondrapids)[:3] == ["avx10.2", "avx512vnni", "avxvnniint8"]
+    assert missing_features("avxvnniint8", {"avxvnni": True}) == ["avxvnniint8"]
 
 
 def test_unknown_isa_is_refused_naming_the_registered_ones():
