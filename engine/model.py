@@ -25,7 +25,7 @@ from ternpool.kernels.base3 import base3_linear
 from ternpool.kernels.head8 import head_i8, quantize_head
 
 from .config import ModelConfig
-from .options import HEADS, KV_CACHES
+from .options import DEFAULT_HEAD, HEADS, KV_CACHES
 from .shapes import kv_bytes_per_slot
 from .weights import ModelWeights, TernaryLinear
 
@@ -95,7 +95,7 @@ class BitNetModel:
     (`kv_cache`: "bf16" halves its bytes and the attention's reads; K and V are rounded to bf16
     as they are written, and attention computes in float32)."""
 
-    def __init__(self, weights: ModelWeights, slots: int, max_context: int, head: str = "bf16",
+    def __init__(self, weights: ModelWeights, slots: int, max_context: int, head: str = DEFAULT_HEAD,
                  kv_cache: str = "f32"):
         cfg = weights.config
         if head not in HEADS:

@@ -3,8 +3,8 @@
 Prints three tables for a model of the 2b4t width (default: made here, 2 layers) and prompts of 1, ~100
 and ~350 tokens, teacher-forced (logits at every position of one forward pass):
 
-1. end to end: top-1 agreement and median |logit error| of ours, transformers fp32 and transformers
-   `model.double()` against the float64 reference (transformers with its float32 casts lifted, see
+1. end to end: top-1 agreement and median |logit error| of ours (bf16 head, and int8 head), transformers
+   fp32 and transformers `model.double()` against the float64 reference (transformers with its float32 casts lifted, see
    tests/float64_oracle.py), and of ours and fp32 against `model.double()` (what issue 14 first measured);
 2. step by step: each step fed the reference's own float64 input (rounded to float32), its output's
    median and max error relative to the RMS of the reference's output, ours and transformers fp32 side
@@ -90,8 +90,8 @@ def swapped(names: dict):
             setattr(ours_model, k, v)
 
 
-def ours_logits(weights, ids, swaps=()) -> np.ndarray:
-    model = ours_model.BitNetModel(weights, slots=1, max_context=len(ids) + 1)
+def ours_logits(weights, ids, swaps=(), head="bf16") -> np.ndarray:
+    model = ours_model.BitNetModel(weights, slots=1, max_context=len(ids) + 1, head=head)
     names = {}
     for s in swaps:
         if callable(SWAPS[s]):
@@ -132,7 +132,7 @@ def step_errors(weights, m32, m64, ids) -> list[tuple[str, np.ndarray, np.ndarra
     rec = record_steps(m64, ids)
     cfg, n = weights.config, len(ids)
     D = cfg.head_dim
-    model = ours_model.BitNetModel(weights, slots=1, max_context=n + 1)
+    model = ours_model.BitNetModel(weights, slots=1, max_context=n + 1, head="bf16")
     pos, slots = np.arange(n), np.zeros(n, int)
     cos, sin = m32.model.rotary_emb(torch.zeros(1), torch.arange(n)[None])
     out = {}
@@ -208,7 +208,9 @@ def main() -> None:
         ours, fp32 = ours_logits(weights, ids), oracle.logits(m32, ids)
         print(f"\n== {n} tokens: end to end (top-1 agreement / median |logit error|; logit spread {ref.std():.2f})")
         print(f"{'':28s} {'vs float64':>16s} {'vs model.double()':>20s}")
-        for who, got in (("ours", ours), ("transformers fp32", fp32), ("transformers model.double()", double)):
+        rows = (("ours (bf16 head)", ours), ("ours, int8 head", ours_logits(weights, ids, head="int8")),
+                ("transformers fp32", fp32), ("transformers model.double()", double))
+        for who, got in rows:
             a, b = oracle.noise(got, ref), oracle.noise(got, double)
             print(f"{who:28s} {a[0]:7.3f} {a[1]:8.4f} {b[0]:11.3f} {b[1]:8.4f}")
         if n == 1:
