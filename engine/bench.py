@@ -10,6 +10,8 @@ import time
 import numpy as np
 
 from .engine import Engine
+from .model import BitNetModel
+from .options import DEFAULT_HEAD
 from .requests import Request, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ def _reset_peak_rss() -> bool:
 
 
 def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, gen: int = 128,
-                concurrency=(1, 8, 32, 64), head: str = "bf16", weights_format: str | None = None,
+                concurrency=(1, 8, 32, 64), head: str = DEFAULT_HEAD, weights_format: str | None = None,
                 seed: int = 0, kv_cache: str = "f32") -> dict:
     """`ternpool bench model`: the read bandwidth with the model's threads (measured first, before the
     model takes memory), load, prefill, single-stream decode against its ceiling (`decode_ceiling`),
@@ -122,10 +124,12 @@ def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, g
 
 
 def head_agreement(model: str, prompts: int = 8, prompt_len: int = 128, threads: int | None = None,
-                   weights_format: str | None = None, seed: int = 0) -> dict:
+                   weights_format: str | None = None, seed: int = 0, gen: int = 32) -> dict:
     """Top-1 agreement of the int8 head with the exact bf16 head, at every position of random prompts
-    (teacher-forced), with the time each head takes for those positions."""
-    engine = Engine.load(model, threads=threads, slots=1, max_context=prompt_len, weights_format=weights_format)
+    (teacher-forced), with the time each head takes for those positions; then greedy generation of `gen`
+    tokens from each prompt with either head: the step at which each pair first differs (None: never)."""
+    engine = Engine.load(model, threads=threads, slots=prompts, max_context=prompt_len + gen,
+                         weights_format=weights_format, head="bf16")
     m = engine.model
     agree = total = 0
     margins: list[float] = []
@@ -145,9 +149,31 @@ def head_agreement(model: str, prompts: int = 8, prompt_len: int = 128, threads:
         total += n
         srt = np.sort(exact, axis=1)
         margins += (srt[:, -1] - srt[:, -2])[~same].tolist()  # how close the exact top-2 were on misses
+    first_difference = _greedy_divergence(engine, _prompts(engine, prompts, prompt_len, seed), gen) if gen else []
     return {"model": str(model), "positions": total, "top1_agreement": agree / total,
             "misses": total - agree, "median_exact_margin_on_misses": float(np.median(margins)) if margins else None,
-            "logit_spread": float(np.std(exact)), "seconds": times}
+            "logit_spread": float(np.std(exact)), "seconds": times, "greedy_tokens": gen,
+            "greedy_first_difference": first_difference}
+
+
+def _greedy_divergence(engine: Engine, prompts: list[list[int]], gen: int) -> list[int | None]:
+    """Per prompt, the first of `gen` greedy tokens where the int8 head's choice differs from the bf16
+    head's (None: all the same), both through the engine's own batched loop."""
+    tokens = {}
+    m = engine.model
+    for head in ("bf16", "int8"):
+        model = BitNetModel(m.weights, m.slots, m.max_context, head=head, kv_cache=m.kv_cache)
+        run = Engine(model, engine.tokenizer, engine.threads)
+        reqs = [Request(i, prompt_token_ids=p, params=SamplingParams(max_tokens=gen))
+                for i, p in enumerate(prompts)]
+        tokens[head] = {r.key: r.token_ids for r in run.generate(reqs)}
+    return [_first_difference(tokens["bf16"][k], tokens["int8"][k]) for k in sorted(tokens["bf16"])]
+
+
+def _first_difference(a, b) -> int | None:
+    """The first index where token sequences a and b differ (one ending earlier counts), or None."""
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return None if i == len(a) == len(b) else i
 
 
 def _smaps(path_suffix: str) -> dict:
@@ -179,7 +205,7 @@ def _share_worker(model, weights_format, head, threads, barrier, results):
     barrier.wait()
 
 
-def memory_sharing(model: str, workers: int = 2, head: str = "bf16", weights_format: str | None = None,
+def memory_sharing(model: str, workers: int = 2, head: str = DEFAULT_HEAD, weights_format: str | None = None,
                    threads: int = 1) -> dict:
     """Load the model in `workers` processes at once and measure each one's RSS and PSS: the mapped
     weight file should count about once in total (PSS), not once per process."""

@@ -97,7 +97,7 @@ def cmd_bench_head(args) -> int:
     from ternpool.engine.bench import head_agreement
 
     model = resolve_model(args)
-    r = head_agreement(model, prompts=args.prompts, prompt_len=args.prompt_len, threads=args.threads)
+    r = head_agreement(model, prompts=args.prompts, prompt_len=args.prompt_len, threads=args.threads, gen=args.gen)
     miss = r["median_exact_margin_on_misses"]
     print(f"{model}: int8 head top-1 agrees with the bf16 head at {r['top1_agreement'] * 100:.2f}% of "
           f"{r['positions']} positions ({r['misses']} misses"
@@ -105,6 +105,11 @@ def cmd_bench_head(args) -> int:
              else ")"))
     print(f"head time for those positions: bf16 {r['seconds']['bf16']:.2f} s, int8 {r['seconds']['int8']:.2f} s "
           f"({r['seconds']['bf16'] / r['seconds']['int8']:.2f}x)")
+    if r["greedy_tokens"]:
+        first = r["greedy_first_difference"]
+        same = sum(f is None for f in first)
+        print(f"greedy, {len(first)} prompts x {r['greedy_tokens']} tokens: {same} identical with either head; "
+              f"the others first differ at token {sorted(f for f in first if f is not None)}")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
     return 0
@@ -221,11 +226,14 @@ def add_commands(sub) -> None:
 
     h = bsub.add_parser("head", help="top-1 agreement and speed of the int8 output head against the bf16 one",
                         description="Runs random prompts through the model and compares, at every position, the "
-                        "int8 head's top token with the exact bf16 head's, and times both heads.")
+                        "int8 head's top token with the exact bf16 head's, and times both heads; then generates "
+                        "greedily from each prompt with either head and says where the tokens first differ.")
     add_model_source(h)
     h.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
     h.add_argument("--prompts", type=int, default=8, help="random prompts (default: 8)")
     h.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (default: 128)")
+    h.add_argument("--gen", type=int, default=32, help="greedy tokens generated from each prompt with either head, "
+                   "compared (default: 32; 0: skip)")
     h.add_argument("--json", help="also write the numbers to this JSON file")
     h.set_defaults(func=cmd_bench_head)
 

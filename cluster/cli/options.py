@@ -15,7 +15,8 @@ _SAMPLING = SamplingParams()  # the defaults
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--head and --weights-format: how the model is held in memory."""
     p.add_argument("--head", choices=HEADS, default=EngineConfig.head,
-                   help="output head: bf16 (exact, default) or int8 (half the bytes per token, approximate)")
+                   help="output head: int8 (default: the embedding quantized per row, faster decode; top-1 "
+                   "agrees with bf16 but for near-ties) or bf16 (exact: what transformers computes)")
     p.add_argument("--weights-format", choices=WEIGHTS_FORMATS, default=None,
                    help="ternary weights in memory: 2bit (fastest batched) or 1.6bit (5 weights a byte, 20%% "
                    "fewer bytes per token). A Hugging Face model is converted once into the cache "

@@ -54,3 +54,24 @@ def test_bench_model_reports_prefill_decode_and_concurrency(tiny_model, tmp_path
     # the bandwidth buffer (>= 1 GiB, freed before the model loads) is not the tiny model's peak RSS
     assert not data["peak_rss_includes_bandwidth_buffer"] and data["peak_rss_bytes"] < data["bandwidth"]["buffer_bytes"]
     assert set(data["concurrency"]) == {"1", "3"} and data["bytes_per_token"] > 0
+
+
+def test_bench_head_reports_agreement_and_where_greedy_tokens_first_differ(tiny_model, tmp_path, capsys):
+    out = tmp_path / "h.json"
+    assert main(["bench", "head", "--model", tiny_model, "--prompts", "3", "--prompt-len", "12", "--gen", "8",
+                 "--threads", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["positions"] == 36 and 0 <= data["misses"] <= 36
+    first = data["greedy_first_difference"]
+    assert data["greedy_tokens"] == 8 and len(first) == 3 and all(f is None or 0 <= f < 8 for f in first)
+    assert f"greedy, 3 prompts x 8 tokens: {sum(f is None for f in first)} identical" in text
+
+
+def test_first_difference_of_two_token_sequences():
+    from ternpool.engine.bench import _first_difference
+
+    assert _first_difference((1, 2, 3), (1, 2, 3)) is None
+    assert _first_difference((1, 2, 3), (1, 5, 3)) == 1
+    assert _first_difference((7,), (8,)) == 0
+    assert _first_difference((1, 2), (1, 2, 3)) == 2  # one stopped (end of sequence) where the other went on

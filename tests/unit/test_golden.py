@@ -54,15 +54,15 @@ def test_the_model_generator_is_deterministic(golden_model):
 
 @pytest.mark.parametrize("weights_format", ["2bit", "1.6bit"])
 def test_greedy_generation_gives_the_golden_tokens(golden_model, weights_format):
-    engine = Engine.load(golden_model, slots=2, max_context=64, weights_format=weights_format)
+    engine = Engine.load(golden_model, slots=2, max_context=64, weights_format=weights_format, head="bf16")
     assert _greedy(engine) == GOLDEN
 
 
 def test_every_golden_step_leads_by_a_wide_margin(golden_model):
     """Teacher-forced on PROMPT + GOLDEN: the argmax is the golden token and no step is a near-tie."""
-    engine = Engine.load(golden_model, slots=1, max_context=64)
+    engine = Engine.load(golden_model, slots=1, max_context=64, head="bf16")
     ids = PROMPT + list(GOLDEN)
-    model = BitNetModel(engine.model.weights, slots=1, max_context=len(ids))
+    model = BitNetModel(engine.model.weights, slots=1, max_context=len(ids), head="bf16")
     logits = model.forward(np.array(ids), np.arange(len(ids)), np.zeros(len(ids), int),
                            np.arange(len(PROMPT) - 1, len(ids) - 1))  # (steps, vocab)
     assert tuple(int(t) for t in logits.argmax(axis=1)) == GOLDEN
