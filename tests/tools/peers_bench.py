@@ -38,11 +38,10 @@ from pathlib import Path
 
 log = logging.getLogger("peers_bench")
 
-COLUMNS = ("prefill", "decode_1", "decode_32", "decode_64")
-HEADERS = {"prefill": "prefill 128 (tok/s)", "decode_1": "decode 1 stream", "decode_32": "aggregate 32 streams",
-           "decode_64": "aggregate 64 streams"}
-# issue 14's targets: ours best / best peer in the column
-TARGETS = {"prefill": 2.0, "decode_1": 1.25, "decode_32": 2.0, "decode_64": 2.0}
+COLUMNS = ["prefill", "decode_1"]  # and decode_<n> for each --streams count (set in main)
+HEADERS = {"prefill": "prefill (tok/s)", "decode_1": "decode 1 stream"}
+# issue 14's targets: ours best / best peer in the column (aggregate decode: 2.0 at every stream count)
+TARGETS = {"prefill": 2.0, "decode_1": 1.25}
 OURS_DEFAULT = "2bit:int8,2bit:bf16,1.6bit:int8"
 
 
@@ -73,14 +72,16 @@ def ours_worker(a: argparse.Namespace) -> None:
     fmt, head = a.config.split(":")
     streams = [int(s) for s in a.streams.split(",")]
     gen = max(a.gen, a.batched_gen)
-    engine = Engine.load(a.model, threads=a.threads, slots=max(streams + [1]), max_context=a.prompt_len + gen + 1,
+    engine = Engine.load(a.model, threads=a.threads, slots=max(streams + [1]),
+                         max_context=max(a.prompt_len, a.batched_prompt_len) + gen + 1,
                          step_tokens=max(512, a.prompt_len), head=head, weights_format=fmt)
     engine.stop_ids = frozenset()  # random models may sample an end token: always generate the tokens asked
     _run(engine, _prompts(engine, 1, 8, 0), 2)  # warm up (compiles nothing new: the kernels are cached)
     out = {"prefill": a.prompt_len / _run(engine, _prompts(engine, 1, a.prompt_len, 1), 1)["ttft_s"],
            "decode_1": _run(engine, _prompts(engine, 1, a.prompt_len, 2), a.gen)["decode_tokens_per_s"]}
     for s in streams:
-        out[f"decode_{s}"] = _run(engine, _prompts(engine, s, a.prompt_len, 10 + s), a.batched_gen)["decode_tokens_per_s"]
+        prompts = _prompts(engine, s, a.batched_prompt_len, 10 + s)
+        out[f"decode_{s}"] = _run(engine, prompts, a.batched_gen)["decode_tokens_per_s"]
     out["kernel_path"] = kernel_path()
     out["weights_format"] = engine.model.weights.weights_format
     print(json.dumps(out), flush=True)
@@ -96,7 +97,7 @@ def ours_entries(a: argparse.Namespace) -> list[Entry]:
     for config in a.ours.split(","):
         argv = [sys.executable, __file__, "--ours-worker", config, "--model", model, "--threads", str(a.threads),
                 "--prompt-len", str(a.prompt_len), "--gen", str(a.gen), "--batched-gen", str(a.batched_gen),
-                "--streams", a.streams]
+                "--batched-prompt-len", str(a.batched_prompt_len), "--streams", a.streams]
         fmt, head = config.split(":")
         out.append(Entry("ternpool", f"ternpool {fmt}, {head} head", [argv]))
     return out
@@ -117,14 +118,14 @@ def llama_like_entries(engine: str, bin_dir: str, ggufs: str, a: argparse.Namesp
             raise SystemExit(f"{engine}: {p} not found (give the build's bin directory)")
     out = []
     streams = [int(s) for s in a.streams.split(",")]
-    ctx = max(streams) * (a.prompt_len + a.batched_gen) + 256
+    ctx = max(streams) * (a.batched_prompt_len + a.batched_gen) + 256
     for g in ggufs.split(","):
         if not Path(g).exists():
             raise SystemExit(f"{engine}: GGUF {g} not found")
         runs = [[str(bench), "-m", g, "-t", str(a.threads), "-p", str(a.prompt_len), "-n", str(a.gen), "-r",
                  str(a.peer_reps), "-o", "json"],
                 [str(batched), "-m", g, "-t", str(a.threads), "-tb", str(a.threads), "-c", str(ctx), "-npp",
-                 str(a.prompt_len), "-ntg", str(a.batched_gen), "-npl", a.streams, "--output-format", "jsonl"]]
+                 str(a.batched_prompt_len), "-ntg", str(a.batched_gen), "-npl", a.streams, "--output-format", "jsonl"]]
         out.append(Entry(engine, f"{engine} {_gguf_label(g)}", runs))
     return out
 
@@ -169,7 +170,12 @@ def parse(entry: Entry, argv: list, stdout: str, stderr: str, a: argparse.Namesp
 def run_entry(entry: Entry, a: argparse.Namespace) -> None:
     for argv in entry.runs:
         t0 = time.perf_counter()
-        p = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **entry.env})
+        try:
+            p = subprocess.run(argv, check=False, capture_output=True, text=True, env={**os.environ, **entry.env},
+                               timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            log.error("%s: %s did not finish in %s s: stopped, its cells stay blank", entry.label, argv[0], a.timeout)
+            continue
         if p.returncode != 0:
             log.error("%s: %s exited with %d; its stderr ends:\n%s", entry.label, " ".join(map(str, argv[:2])),
                       p.returncode, p.stderr[-2000:])
@@ -186,6 +192,10 @@ def run_entry(entry: Entry, a: argparse.Namespace) -> None:
                  time.perf_counter() - t0)
 
 
+def header(col: str) -> str:
+    return HEADERS.get(col) or f"aggregate {col.split('_')[1]} streams"
+
+
 # ---- the table ----------------------------------------------------------------------------------------
 
 def ratios(entries: list[Entry]) -> dict:
@@ -197,21 +207,21 @@ def ratios(entries: list[Entry]) -> dict:
         if ours and peers:
             (o, ol), (p, pl) = max(ours), max(peers)
             out[col] = {"ours": o, "ours_row": ol, "peer": p, "peer_row": pl, "ratio": o / p,
-                        "target": TARGETS[col], "met": o / p >= TARGETS[col]}
+                        "target": TARGETS.get(col, 2.0), "met": o / p >= TARGETS.get(col, 2.0)}
     return out
 
 
 def print_table(entries: list[Entry], rs: dict, a: argparse.Namespace) -> None:
     width = max(len(e.label) for e in entries) + 2
     print(f"\n{a.threads} threads; best of {a.rounds} alternating rounds; prompt {a.prompt_len} tokens, single-stream "
-          f"decode {a.gen} tokens, batched decode {a.batched_gen} tokens per stream")
-    print(f"{'engine':<{width}}" + "".join(f"{HEADERS[c]:>22}" for c in COLUMNS))
+          f"decode {a.gen} tokens; batched: prompts of {a.batched_prompt_len} tokens, then {a.batched_gen} decoded per stream")
+    print(f"{'engine':<{width}}" + "".join(f"{header(c):>22}" for c in COLUMNS))
     for e in entries:
         print(f"{e.label:<{width}}" + "".join(f"{e.best(c):22.1f}" if e.best(c) is not None else f"{'-':>22}"
                                               for c in COLUMNS))
-    print("\nours best / best peer (target):")
+    print("\nours best / best peer (target):" if rs else "\n(no column has both ours and a peer: no ratios)")
     for col, r in rs.items():
-        print(f"  {HEADERS[col]:<22} {r['ratio']:5.2f}x  ({r['ours_row']} {r['ours']:.1f} / {r['peer_row']} "
+        print(f"  {header(col):<22} {r['ratio']:5.2f}x  ({r['ours_row']} {r['ours']:.1f} / {r['peer_row']} "
               f"{r['peer']:.1f}; target >= {r['target']}x: {'met' if r['met'] else 'missed'})")
     from ternpool.kernels.bench import describe_kernel_path
     paths = {e.label: e.info["kernel_path"] for e in entries if "kernel_path" in e.info}
@@ -227,6 +237,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
     ap.add_argument("--gen", type=int, default=64, help="single-stream decode tokens (default: 64, tg64)")
     ap.add_argument("--batched-gen", type=int, default=64, help="decode tokens per stream when batched (default: 64)")
+    ap.add_argument("--batched-prompt-len", type=int,
+                    help="prompt tokens of each stream before batched decode (default: --prompt-len)")
     ap.add_argument("--streams", default="32,64", help="stream counts for aggregate decode (default: 32,64)")
     ap.add_argument("--model", default=env("TERNPOOL_PEERS_MODEL"),
                     help="our model: a Hugging Face or native directory of the 2b4t shape (env TERNPOOL_PEERS_MODEL; "
@@ -247,9 +259,12 @@ def main() -> int:
     ap.add_argument("--litespark-embed", default="int4",
                     help="litespark heads, comma-separated: int4 (its default), int8, bf16 (default: int4)")
     ap.add_argument("--peer-reps", type=int, default=1, help="llama-bench -r per round (default: 1)")
+    ap.add_argument("--timeout", type=float, help="seconds any one command may run (default: no limit)")
     ap.add_argument("--json", help="also write the table, every round's numbers and the commands to this file")
     ap.add_argument("--ours-worker", dest="config", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.batched_prompt_len = a.batched_prompt_len or a.prompt_len
+    COLUMNS[2:] = [f"decode_{s}" for s in a.streams.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if a.config:
         ours_worker(a)
@@ -277,7 +292,7 @@ def main() -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({
             "threads": a.threads, "rounds": a.rounds, "prompt_len": a.prompt_len, "gen": a.gen,
-            "batched_gen": a.batched_gen, "streams": a.streams,
+            "batched_gen": a.batched_gen, "batched_prompt_len": a.batched_prompt_len, "streams": a.streams,
             "rows": [{"engine": e.engine, "label": e.label, "best": {c: e.best(c) for c in COLUMNS},
                       "samples": e.samples, "commands": [[str(x) for x in r] for r in e.runs], "env": e.env, **e.info}
                      for e in entries],
