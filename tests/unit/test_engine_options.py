@@ -31,7 +31,7 @@ def test_engine_config_defaults_and_paths():
     c = EngineConfig(cache_dir=Path("some") / "cache")
     assert c.cache_dir == str(Path("some") / "cache")
     assert (c.threads, c.slots, c.max_context, c.step_tokens, c.truncate, c.head, c.weights_format, c.kv_cache) == \
-        (None, None, None, 512, "error", "bf16", None, "f32")
+        (None, None, None, 512, "error", "int8", None, "f32")
 
 
 def test_the_cli_builds_one_engine_config_for_a_pool_and_for_generate():
