@@ -20,9 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from ternpool.engine.options import DEFAULT_HEAD
+
 
 def bench_cluster(model: str, nodes: tuple[int, ...] = (1, 2, 4), cpus_per_node: int = 1, streams: int = 32,
-                  rows: int | None = None, max_tokens: int = 16, shard_rows: int = 16, head: str = "bf16",
+                  rows: int | None = None, max_tokens: int = 16, shard_rows: int = 16, head: str = DEFAULT_HEAD,
                   weights_format: str | None = None, object_store_mb: int = 128, json_path: str | None = None,
                   on_result=None) -> dict:
     import pyarrow as pa
