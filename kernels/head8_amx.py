@@ -20,9 +20,9 @@ from numba.extending import intrinsic
 
 from .amx import TILE_ROWS, emit_store_tile, head_scaled
 from .config import NJIT_PARALLEL, njit
-from .llvmir import array_data, as_i64, i64
 from .ternary_amx import (
-    _row,
+    _item,
+    _tile_target,
     _tile_config,
     _tile_dots,
     _tile_release,
@@ -44,13 +44,9 @@ def _store_logits(typingctx, out, t0, v0, c, k, wscale, hscale):
         return None
 
     def emit(context, builder, signature, args):
-        t0, v0 = as_i64(builder, args[1]), as_i64(builder, args[2])
-        row, stride = _row(context, builder, signature.args[0], args[0], t0)
-        dst = builder.gep(row, [builder.mul(v0, i64(4))])
-        acc = builder.gep(array_data(context, builder, signature.args[3], args[3]),
-                          [builder.mul(as_i64(builder, args[4]), i64(4 * TILE_ROWS * TILE_ROWS))])
-        ws = builder.gep(array_data(context, builder, signature.args[5], args[5]), [builder.mul(v0, i64(4))])
-        hs = builder.gep(array_data(context, builder, signature.args[6], args[6]), [builder.mul(t0, i64(4))])
+        t0, v0, dst, stride, acc = _tile_target(context, builder, signature, args)
+        ws = _item(context, builder, signature.args[5], args[5], v0)
+        hs = _item(context, builder, signature.args[6], args[6], t0)
         emit_store_tile(builder, acc, dst, stride, head_scaled(builder, ws, hs))
 
     return _void((out, t0, v0, c, k, wscale, hscale), emit)

@@ -80,6 +80,21 @@ def _row(context, builder, arrty, arr, r):
     return builder.gep(array_data(context, builder, arrty, arr), [builder.mul(as_i64(builder, r), stride)]), stride
 
 
+def _item(context, builder, arrty, arr, i):
+    """Pointer to item i (i64) of a 1-D array argument of 4-byte items."""
+    return builder.gep(array_data(context, builder, arrty, arr), [builder.mul(i, i64(4))])
+
+
+def _tile_target(context, builder, signature, args):
+    """For a store intrinsic (out, t0, col, c, k, ...): t0 and col (i64), a pointer to out[t0, col] with
+    out's row stride in bytes, and a pointer to the k-th 16 x 16 int32 tile of c."""
+    t0, col = as_i64(builder, args[1]), as_i64(builder, args[2])
+    row, stride = _row(context, builder, signature.args[0], args[0], t0)
+    acc = builder.gep(array_data(context, builder, signature.args[3], args[3]),
+                      [builder.mul(as_i64(builder, args[4]), i64(4 * TILE_ROWS * TILE_ROWS))])
+    return t0, col, builder.gep(row, [builder.mul(col, i64(4))]), stride, acc
+
+
 @intrinsic
 def _unpack_row(typingctx, packed, r, codes, j):
     """codes[j + 16 i, :] = (packed[r, :] >> 2i) & 3 for i in 0..3, zeros up to codes' width."""
@@ -129,13 +144,9 @@ def _store_tile(typingctx, out, t0, col, c, k, qsum, div, mul):
         return None
 
     def emit(context, builder, signature, args):
-        t0, col = as_i64(builder, args[1]), as_i64(builder, args[2])
-        row, stride = _row(context, builder, signature.args[0], args[0], t0)
-        dst = builder.gep(row, [builder.mul(col, i64(4))])
-        acc = builder.gep(array_data(context, builder, signature.args[3], args[3]),
-                          [builder.mul(as_i64(builder, args[4]), i64(4 * TILE_ROWS * TILE_ROWS))])
-        qsum = builder.gep(array_data(context, builder, signature.args[5], args[5]), [builder.mul(t0, i64(4))])
-        div = builder.gep(array_data(context, builder, signature.args[6], args[6]), [builder.mul(t0, i64(4))])
+        t0, col, dst, stride, acc = _tile_target(context, builder, signature, args)
+        qsum = _item(context, builder, signature.args[5], args[5], t0)
+        div = _item(context, builder, signature.args[6], args[6], t0)
         emit_store_tile(builder, acc, dst, stride, dequantized(builder, qsum, div, args[7], out.dtype == types.float32))
 
     return _void((out, t0, col, c, k, qsum, div, mul), emit)
