@@ -17,14 +17,21 @@ from .requests import Request, SamplingParams
 log = logging.getLogger(__name__)
 
 
-def _prompts(engine: Engine, n: int, length: int, seed: int) -> list[list[int]]:
+def random_prompts(engine: Engine, n: int, length: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     cfg = engine.config
     top = min(cfg.vocab_size, len(engine.tokenizer)) - 300  # ordinary tokens, not the special ones at the end
     return [[cfg.bos_token_id] + rng.integers(100, top, size=length - 1).tolist() for _ in range(n)]
 
 
-def _run(engine: Engine, prompts: list[list[int]], gen: int) -> dict:
+def warm_up(engine: Engine, prompt_len: int, seed: int = 0) -> None:
+    """One request of a prompt as long as the timed ones and two tokens: every kernel a timed run calls
+    (a long prompt's tile kernels among them) is loaded and its first-call costs paid, as llama-bench's
+    own warm-up run does."""
+    timed_run(engine, random_prompts(engine, 1, prompt_len, seed), 2)
+
+
+def timed_run(engine: Engine, prompts: list[list[int]], gen: int) -> dict:
     steps: list[tuple[float, int]] = []
     last = [time.perf_counter()]
 
@@ -103,8 +110,8 @@ def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, g
     head_bytes = w.head_q.nbytes + w.head_scale.nbytes if head == "int8" else w.embed.nbytes
     per_token = w.linear_bytes + head_bytes  # read once per decode step (norms and KV cache aside)
     engine.stop_ids = frozenset()  # random models may sample an end token: always generate `gen` tokens
-    _run(engine, _prompts(engine, 1, 8, seed), 2)  # warm up
-    single = _run(engine, _prompts(engine, 1, prompt_len, seed + 1), gen)
+    warm_up(engine, prompt_len, seed)
+    single = timed_run(engine, random_prompts(engine, 1, prompt_len, seed + 1), gen)
     path = kernel_path()
     out = {"model": str(model), "threads": engine.threads, "head": head, "weights_format": w.weights_format,
            "isa": path["isa"], "kernel_path": path, "bytes_per_token": per_token, "slots": engine.model.slots,
@@ -115,7 +122,7 @@ def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, g
            "bandwidth": bandwidth, **decode_ceiling(single["decode_tokens_per_s"], per_token, bandwidth["bytes_per_s"]),
            "concurrency": {}}
     for c in concurrency:
-        r = _run(engine, _prompts(engine, c, prompt_len, seed + 10 + c), gen)
+        r = timed_run(engine, random_prompts(engine, c, prompt_len, seed + 10 + c), gen)
         out["concurrency"][c] = {"aggregate_decode_tokens_per_s": r["decode_tokens_per_s"],
                                  "tokens_per_s_incl_prefill": r["tokens_per_s"], "wall_s": r["wall_s"]}
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -134,7 +141,7 @@ def head_agreement(model: str, prompts: int = 8, prompt_len: int = 128, threads:
     agree = total = 0
     margins: list[float] = []
     times = {"bf16": 0.0, "int8": 0.0}
-    for p in _prompts(engine, prompts, prompt_len, seed):
+    for p in random_prompts(engine, prompts, prompt_len, seed):
         n = len(p)
         h = m.hidden(np.asarray(p), np.arange(n), np.zeros(n, np.int64))
         logits = {}
@@ -149,7 +156,7 @@ def head_agreement(model: str, prompts: int = 8, prompt_len: int = 128, threads:
         total += n
         srt = np.sort(exact, axis=1)
         margins += (srt[:, -1] - srt[:, -2])[~same].tolist()  # how close the exact top-2 were on misses
-    first_difference = _greedy_divergence(engine, _prompts(engine, prompts, prompt_len, seed), gen) if gen else []
+    first_difference = _greedy_divergence(engine, random_prompts(engine, prompts, prompt_len, seed), gen) if gen else []
     return {"model": str(model), "positions": total, "top1_agreement": agree / total,
             "misses": total - agree, "median_exact_margin_on_misses": float(np.median(margins)) if margins else None,
             "logit_spread": float(np.std(exact)), "seconds": times, "greedy_tokens": gen,

@@ -19,11 +19,12 @@ import mmap
 
 import numpy as np
 
-from ternpool.kernels import (attention, bf16_matmul, bf16_to_f32, dequant_factors, f32_to_bf16, quantize_rows,
-                              ternary_linear)
+from ternpool.kernels import attention, bf16_matmul, bf16_to_f32, dequant_factors, f32_to_bf16, ternary_linears
 from ternpool.kernels.base3 import base3_linear
 from ternpool.kernels.head8 import head_i8, quantize_head
 from ternpool.kernels.kv8 import quantize_kv, row_width
+from ternpool.kernels.norm import norm_quantize, rms_norm
+from ternpool.kernels.rope import apply_rope
 
 from .config import ModelConfig
 from .options import DEFAULT_HEAD, HEADS, KV_CACHES
@@ -50,12 +51,6 @@ def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x (N, C) float32 -> (N, C); fp32, weight without +1 offset."""
-    var = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)  # (N, 1)
-    return weight * (x * (np.float32(1.0) / np.sqrt(var + np.float32(eps))))
-
-
 def rope_tables(cfg: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (length, head_dim // 2) float32, computed like transformers (fp32 angles).
 
@@ -71,25 +66,20 @@ def rope_tables(cfg: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x (N, heads, D); cos/sin (N, D/2) -> rotated (N, heads, D), rotate_half convention."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return np.concatenate((x1 * c - x2 * s, x2 * c + x1 * s), axis=-1)
-
-
 class Quantized:
-    """Activations quantized once and shared by every linear that reads them."""
+    """Activations normed and quantized once (`norm_quantize`) and shared by every linear that reads them."""
 
-    def __init__(self, x: np.ndarray):
-        self.q, self.qsum, self.scale = quantize_rows(x)
+    def __init__(self, x: np.ndarray, norm: np.ndarray, eps: float, gate: np.ndarray | None = None):
+        self.q, self.qsum, self.scale = norm_quantize(x, norm, eps, gate)
 
-    def __call__(self, lin: TernaryLinear) -> np.ndarray:
-        div, mul = dequant_factors(self.scale, lin.weight_scale, lin.divides)
-        if lin.layout == "b3":
-            return base3_linear(lin.packed, self.q, self.qsum, div, mul)
-        return ternary_linear(lin.packed, self.q, self.qsum, div, mul)
+    def __call__(self, *lins: TernaryLinear) -> np.ndarray | list[np.ndarray]:
+        """The output of each linear (one array for one linear); 2-bit linears share one kernel call."""
+        factors = [dequant_factors(self.scale, lin.weight_scale, lin.divides) for lin in lins]
+        if lins[0].layout == "b3":
+            outs = [base3_linear(lin.packed, self.q, self.qsum, div, mul) for lin, (div, mul) in zip(lins, factors)]
+        else:
+            outs = ternary_linears([lin.packed for lin in lins], self.q, self.qsum, *zip(*factors))
+        return outs[0] if len(lins) == 1 else outs
 
 
 class BitNetModel:
@@ -142,27 +132,27 @@ class BitNetModel:
         tokens = np.asarray(tokens, dtype=np.int64)
         pos = np.asarray(pos, dtype=np.int64)
         slots = np.asarray(slots, dtype=np.int64)
-        N, D = tokens.shape[0], cfg.head_dim
+        N, D, eps = tokens.shape[0], cfg.head_dim, cfg.rms_norm_eps
         cos, sin = self.cos[pos], self.sin[pos]  # (N, D/2)
         x = bf16_to_f32(w.embed[tokens])  # (N, hidden)
         for li, layer in enumerate(w.layers):
-            a = Quantized(rms_norm(x, layer.input_norm, cfg.rms_norm_eps))
-            q = apply_rope(a(layer.q_proj).reshape(N, -1, D), cos, sin)  # (N, H, D)
-            k = apply_rope(a(layer.k_proj).reshape(N, -1, D), cos, sin)  # (N, KVH, D)
-            v = a(layer.v_proj).reshape(N, -1, D)  # (N, KVH, D)
+            a = Quantized(x, layer.input_norm, eps)
+            q, k, v = a(layer.q_proj, layer.k_proj, layer.v_proj)
+            q = apply_rope(q.reshape(N, -1, D), cos, sin)  # (N, H, D)
+            k = apply_rope(k.reshape(N, -1, D), cos, sin)  # (N, KVH, D)
+            v = v.reshape(N, -1, D)  # (N, KVH, D)
             kc, vc = self.k_cache[li], self.v_cache[li]  # (S, KVH, C, D or D + 4)
             kc[slots, :, pos, :] = self._to_cache(k)
             vc[slots, :, pos, :] = self._to_cache(v)
             att = attention(q, kc, vc, slots, pos, self.scale).reshape(N, -1)  # (N, H*D)
-            att = rms_norm(att, layer.attn_sub_norm, cfg.rms_norm_eps)
-            x = x + Quantized(att)(layer.o_proj)  # (N, hidden)
-            m = Quantized(rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps))
-            g = np.maximum(m(layer.gate_proj), np.float32(0.0))  # (N, intermediate)
-            u = rms_norm(np.square(g) * m(layer.up_proj), layer.ffn_sub_norm, cfg.rms_norm_eps)
-            x = x + Quantized(u)(layer.down_proj)  # (N, hidden)
+            x = x + Quantized(att, layer.attn_sub_norm, eps)(layer.o_proj)  # (N, hidden)
+            m = Quantized(x, layer.post_attention_norm, eps)
+            gate, up = m(layer.gate_proj, layer.up_proj)
+            ffn = Quantized(up, layer.ffn_sub_norm, eps, gate=gate)  # normed relu(gate)**2 * up
+            x = x + ffn(layer.down_proj)  # (N, hidden)
         if logit_rows is not None:
             x = x[np.asarray(logit_rows, dtype=np.int64)]
-        return rms_norm(x, w.norm, cfg.rms_norm_eps)  # (M, hidden)
+        return rms_norm(x, w.norm, eps)  # (M, hidden)
 
     def _to_cache(self, x: np.ndarray) -> np.ndarray:
         """K or V (N, KVH, D) float32 in the cache's dtype (bf16: rounded to nearest even; int8: rows

@@ -24,8 +24,13 @@ from numba import prange, types
 from numba.extending import overload
 
 from .bf16 import bf16_to_f32
-from .config import NJIT_PARALLEL_FAST, njit
+from .config import NJIT_FAST, NJIT_PARALLEL_FAST, njit
 from .kv8 import SCALE_BYTES, dequantize_kv, dequantize_row
+
+# query x key products (over all tokens, heads and dims) from which the tasks are split across threads;
+# below, the calling thread does them (a decode step of one sequence at short context: waking the
+# other threads costs more than the work)
+PARALLEL_WORK = 1 << 20
 
 CACHE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int8))  # float32, bf16 bits, int8 rows
 
@@ -49,54 +54,66 @@ def _row_impl(cache, s, kvh, j, bits, row):
     return lambda cache, s, kvh, j, bits, row: cache[s, kvh, j]
 
 
-@njit(**NJIT_PARALLEL_FAST)
-def _attention(q, k_cache, v_cache, slots, pos, scale, per_task, out):  # pragma: no cover - compiled
+@njit(**NJIT_FAST)
+def _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, task):  # pragma: no cover - compiled
+    """Task `task`: `per_task` query heads of one KV head for one token."""
     N, H, D = q.shape
     group = H // k_cache.shape[1]
     tasks_per_token = H // per_task
-    T = N * tasks_per_token
+    n = task // tasks_per_token
+    h0 = (task - n * tasks_per_token) * per_task  # first of this task's query heads
+    kvh = h0 // group
+    s = slots[n]
+    length = pos[n] + 1
+    bits = np.empty(D, dtype=np.uint32)
+    row = bits.view(np.float32)
+    scores = np.empty((per_task, length), dtype=np.float32)  # (G, L)
+    for j in range(length):
+        k = _row(k_cache, s, kvh, j, bits, row)  # (D,): read once for the G heads
+        for g in range(per_task):
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += q[n, h0 + g, d] * k[d]
+            acc *= scale
+            scores[g, j] = acc
+    totals = np.empty(per_task, dtype=np.float64)
+    for g in range(per_task):  # softmax of each head's row: exp and its sum in float64
+        best = -np.inf
+        for j in range(length):
+            if scores[g, j] > best:
+                best = scores[g, j]
+        total = 0.0
+        for j in range(length):
+            e = np.exp(scores[g, j] - best)
+            scores[g, j] = e
+            total += e
+        totals[g] = total
+    acc_out = np.zeros((per_task, D), dtype=np.float32)  # (G, D)
+    for j in range(length):
+        v = _row(v_cache, s, kvh, j, bits, row)  # (D,): read once for the G heads
+        for g in range(per_task):
+            p = scores[g, j] / totals[g]  # float64
+            for d in range(D):
+                acc_out[g, d] += p * v[d]
+    for g in range(per_task):
+        for d in range(D):
+            out[n, h0 + g, d] = acc_out[g, d]
+
+
+@njit(**NJIT_FAST)
+def _attention_serial(q, k_cache, v_cache, slots, pos, scale, per_task, out):  # pragma: no cover - compiled
+    for task in range(q.shape[0] * (q.shape[1] // per_task)):
+        _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, task)
+
+
+@njit(**NJIT_PARALLEL_FAST)
+def _attention_parallel(q, k_cache, v_cache, slots, pos, scale, per_task, out):  # pragma: no cover - compiled
+    T = q.shape[0] * (q.shape[1] // per_task)
     for i in prange(T):
         # pair cheap and costly tasks (a prefill chunk's positions grow along it), so that each
         # thread's contiguous share of the range gets as much work: i -> 0, T-1, 1, T-2, ...
-        task = i // 2 if i % 2 == 0 else T - 1 - i // 2
-        n = task // tasks_per_token
-        h0 = (task - n * tasks_per_token) * per_task  # first of this task's query heads
-        kvh = h0 // group
-        s = slots[n]
-        length = pos[n] + 1
-        bits = np.empty(D, dtype=np.uint32)
-        row = bits.view(np.float32)
-        scores = np.empty((per_task, length), dtype=np.float32)  # (G, L)
-        for j in range(length):
-            k = _row(k_cache, s, kvh, j, bits, row)  # (D,): read once for the G heads
-            for g in range(per_task):
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += q[n, h0 + g, d] * k[d]
-                acc *= scale
-                scores[g, j] = acc
-        totals = np.empty(per_task, dtype=np.float64)
-        for g in range(per_task):  # softmax of each head's row: exp and its sum in float64
-            best = -np.inf
-            for j in range(length):
-                if scores[g, j] > best:
-                    best = scores[g, j]
-            total = 0.0
-            for j in range(length):
-                e = np.exp(scores[g, j] - best)
-                scores[g, j] = e
-                total += e
-            totals[g] = total
-        acc_out = np.zeros((per_task, D), dtype=np.float32)  # (G, D)
-        for j in range(length):
-            v = _row(v_cache, s, kvh, j, bits, row)  # (D,): read once for the G heads
-            for g in range(per_task):
-                p = scores[g, j] / totals[g]  # float64
-                for d in range(D):
-                    acc_out[g, d] += p * v[d]
-        for g in range(per_task):
-            for d in range(D):
-                out[n, h0 + g, d] = acc_out[g, d]
+        j = np.int64(i)
+        _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, j // 2 if j % 2 == 0 else T - 1 - j // 2)
 
 
 def heads_per_task(tokens: int, kv_heads: int, group: int, threads: int) -> int:
@@ -125,8 +142,11 @@ def attention(q, k_cache, v_cache, slots, pos, scale: float) -> np.ndarray:
     if N and int(np.max(pos)) >= k_cache.shape[2]:
         raise ValueError(f"position {int(np.max(pos))} is past the cache length {k_cache.shape[2]}")
     out = np.empty((N, H, D), dtype=np.float32)
-    per_task = heads_per_task(N, KVH, H // KVH, numba.get_num_threads())
-    _attention(np.ascontiguousarray(q, np.float32), k_cache, v_cache, np.asarray(slots, np.int64),
+    work = (int(np.sum(np.asarray(pos, np.int64) + 1)) if N else 0) * H * D  # query x key products
+    parallel = work >= PARALLEL_WORK
+    per_task = heads_per_task(N, KVH, H // KVH, numba.get_num_threads()) if parallel else H // KVH
+    run = _attention_parallel if parallel else _attention_serial
+    run(np.ascontiguousarray(q, np.float32), k_cache, v_cache, np.asarray(slots, np.int64),
                np.asarray(pos, np.int64), np.float32(scale), per_task, out)
     return out
 

@@ -29,18 +29,25 @@ log = logging.getLogger(__name__)
 
 
 # Numba's default threading layer on Linux is OpenMP (GNU libgomp), whose threads spin for a while
-# after every parallel kernel waiting for the next one. A decode step calls ~200 kernels; on a node
-# where another process wants the cores, the spinning threads take its time slices and the step waits
+# after every parallel kernel waiting for the next one. A decode step calls ~150 kernels; on a node
+# where another process wants the cores, threads that spin long take its time slices and the step waits
 # for a descheduled thread at every kernel (2-thread decode of the 2b4t model fell to 0.14 tokens/s on
-# a shared 2-core machine, against 1.16 with passive waits; see README). Passive waits (sleep at once)
-# are set here, before Numba loads its OpenMP layer on the first `set_threads` or parallel kernel;
-# a value the user set wins. An OpenMP runtime already loaded into the process keeps its own.
+# a shared 2-core machine, against 1.16 with passive waits; see README), while threads that sleep at
+# once must be woken at every kernel (~12 ms of a 80 ms decode step on an idle node). So threads spin
+# for a short while and then sleep: GOMP_SPINCOUNT=SPIN_COUNT (libgomp's spins, ~100 a microsecond,
+# cover the gap between two kernels of a step; libgomp lets it override the policy) and
+# OMP_WAIT_POLICY=passive (for other OpenMP runtimes). Set here, before Numba loads its OpenMP layer on
+# the first `set_threads` or parallel kernel; if the user set either variable, both are left alone. An
+# OpenMP runtime already loaded into the process keeps its own.
 WAIT_POLICY = "passive"
+SPIN_COUNT = "5000"  # measured: README, "The bandwidth ceiling"
 
 
-def quiet_thread_waits(environ=os.environ) -> str:
-    """Set OMP_WAIT_POLICY to WAIT_POLICY in `environ` unless it is set; returns the value in force."""
-    return environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+def quiet_thread_waits(environ=os.environ) -> tuple[str | None, str | None]:
+    """Set OMP_WAIT_POLICY and GOMP_SPINCOUNT in `environ` unless either is set; returns the two in force."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["OMP_WAIT_POLICY"], environ["GOMP_SPINCOUNT"] = WAIT_POLICY, SPIN_COUNT
+    return environ.get("OMP_WAIT_POLICY"), environ.get("GOMP_SPINCOUNT")
 
 
 quiet_thread_waits()
@@ -149,6 +156,7 @@ NJIT_PARALLEL = dict(NJIT, parallel=True)
 # Float reductions (dot products) may be vectorized by re-association. Each
 # output element is still computed by the same instruction sequence whatever
 # the batch size, so results stay batch-invariant and deterministic.
+NJIT_FAST = dict(NJIT, fastmath=True)
 NJIT_PARALLEL_FAST = dict(NJIT_PARALLEL, fastmath=True)
 
 

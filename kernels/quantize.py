@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .config import NJIT_PARALLEL, njit
+from .config import NJIT, NJIT_PARALLEL, njit
 
 _EPS = np.float32(1e-5)
 
@@ -26,30 +26,36 @@ def quantize_rows_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return q, qsum, s
 
 
+@njit(**NJIT)
+def quantize_row(y, t, q, qsum, scale):  # pragma: no cover - compiled
+    """Quantize the float32 row y (K,) into q[t], qsum[t], scale[t]."""
+    K = y.shape[0]
+    amax = np.float32(0.0)
+    for k in range(K):
+        a = abs(y[k])
+        if a > amax:
+            amax = a
+    if amax < _EPS:
+        amax = _EPS
+    s = np.float32(127.0) / amax
+    acc = 0
+    for k in range(K):
+        v = np.rint(y[k] * s)
+        if v > 127.0:
+            v = np.float32(127.0)
+        elif v < -128.0:
+            v = np.float32(-128.0)
+        iv = np.int8(v)
+        q[t, k] = iv
+        acc += np.int32(iv)
+    qsum[t] = np.int32(acc)
+    scale[t] = s
+
+
 @njit(**NJIT_PARALLEL)
 def _quantize_rows(x, q, qsum, scale):  # pragma: no cover - compiled
-    T, K = x.shape
-    for t in prange(T):
-        amax = np.float32(0.0)
-        for k in range(K):
-            a = abs(x[t, k])
-            if a > amax:
-                amax = a
-        if amax < _EPS:
-            amax = _EPS
-        s = np.float32(127.0) / amax
-        acc = 0
-        for k in range(K):
-            v = np.rint(x[t, k] * s)
-            if v > 127.0:
-                v = np.float32(127.0)
-            elif v < -128.0:
-                v = np.float32(-128.0)
-            iv = np.int8(v)
-            q[t, k] = iv
-            acc += np.int32(iv)
-        qsum[t] = np.int32(acc)
-        scale[t] = s
+    for t in prange(x.shape[0]):
+        quantize_row(x[t], t, q, qsum, scale)
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -110,12 +110,29 @@ def _put4(out, t, r, a0, a1, a2, a3, s, d, mul):  # pragma: no cover - compiled
     store(out, t, 3 * R + r, a3, s, d, mul)
 
 
+@njit(**NJIT)
+def _locate(packs, g):  # pragma: no cover - compiled
+    """(i, r): the linear and packed row that row g of all of packs' rows, one after the other, is."""
+    i = 0
+    while g >= packs[i].shape[0]:
+        g -= packs[i].shape[0]
+        i += 1
+    return i, g
+
+
 @njit(**NJIT_PARALLEL)
-def _ternary_kernel(packed, q, qsum, div, mul, out):  # pragma: no cover - compiled
-    """out (T, 4R) from the code-weighted sums of packed (R, K) with q (T, K), through `store`
-    (exact int32 or dequantized float32, by out's dtype)."""
+def _ternary_kernel(packs, q, qsum, divs, muls, outs):  # pragma: no cover - compiled
+    """outs[i] (T, 4R_i) from the code-weighted sums of packs[i] (R_i, K) with q (T, K), through `store`
+    (exact int32 or dequantized float32, by the outputs' dtype; divs[i], muls[i] dequantize outs[i]).
+    Several linears that read the same activations (q/k/v, gate/up) share one parallel loop over all
+    their packed rows: one wake-up of the threads instead of one per linear."""
     T = q.shape[0]
-    for r in prange(packed.shape[0]):
+    rows = 0
+    for i in range(len(packs)):
+        rows += packs[i].shape[0]
+    for g in prange(rows):
+        i, r = _locate(packs, np.int64(g))
+        packed, out, div, mul = packs[i], outs[i], divs[i], muls[i]
         for t in range(0, T - 1, 2):
             s = _sums2(packed, r, q, t)
             _put4(out, t, r, s[0], s[1], s[2], s[3], qsum[t], div[t], mul)
@@ -125,12 +142,23 @@ def _ternary_kernel(packed, q, qsum, div, mul, out):  # pragma: no cover - compi
             _put4(out, T - 1, r, s1[0], s1[1], s1[2], s1[3], qsum[T - 1], div[T - 1], mul)
 
 
-def _run(packed, q, qsum, div, mul, out) -> None:
-    """out from the tile kernel of this instruction set for many tokens, else `_ternary_kernel`."""
+def _run(packs, q, qsum, divs, muls, outs) -> None:
+    """outs from the tile kernel of this instruction set for many tokens (one call per linear), else one
+    call of `_ternary_kernel` for all of them."""
     if TILE_TOKENS and q.shape[0] >= TILE_TOKENS:
-        amx_ternary(packed, q, qsum, div, mul, out)
+        for packed, div, mul, out in zip(packs, divs, muls, outs):
+            amx_ternary(packed, q, qsum, div, mul, out)
     else:
-        _ternary_kernel(packed, q, qsum, div, mul, out)
+        _ternary_kernel(tuple(_readonly(p) for p in packs), q, qsum, np.ascontiguousarray(divs, np.float32),
+                        np.ascontiguousarray(muls, np.float32), tuple(outs))
+
+
+def _readonly(packed: np.ndarray) -> np.ndarray:
+    """A read-only C-contiguous view: weights mapped from a file are read-only, weights made in memory
+    are not, and Numba needs one array type for every linear of a call."""
+    view = np.ascontiguousarray(packed).view()
+    view.setflags(write=False)
+    return view
 
 
 def _check(packed: np.ndarray, q: np.ndarray) -> None:
@@ -147,7 +175,8 @@ def ternary_matmul(packed: np.ndarray, q: np.ndarray, qsum: np.ndarray | None = 
     if qsum is None:
         qsum = q.astype(np.int32).sum(axis=1).astype(np.int32)
     out = np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.int32)
-    _run(packed, q, qsum, *unused_factors(q.shape[0]), out)
+    div, mul = unused_factors(q.shape[0])
+    _run([packed], q, qsum, div[None], [mul], [out])
     return out
 
 
@@ -163,13 +192,24 @@ def dequant_factors(scale: np.ndarray, weight_scale: float, divides: bool) -> tu
     return np.asarray(scale, np.float32), ws
 
 
+def ternary_linears(packs, q, qsum, divs, muls) -> list[np.ndarray]:
+    """Several linears on the same activations q (T, K), in one parallel call: dequantized float32
+    (T, 4R_i) = (q @ W_i.T) / divs[i][:, None] * muls[i] for each packed W_i (R_i, K)."""
+    q = np.ascontiguousarray(q)
+    for packed in packs:
+        _check(packed, q)
+    outs = [np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.float32) for packed in packs]
+    _run(packs, q, qsum, np.asarray(divs, np.float32).reshape(len(packs), q.shape[0]), muls, outs)
+    return outs
+
+
 def ternary_linear(packed, q, qsum, div, mul, out=None) -> np.ndarray:
     """Dequantized float32 (T, 4R): (q @ W.T) / div[:, None] * mul."""
     q = np.ascontiguousarray(q)
     _check(packed, q)
     if out is None:
         out = np.empty((q.shape[0], 4 * packed.shape[0]), dtype=np.float32)
-    _run(packed, q, qsum, np.asarray(div, np.float32), np.float32(mul), out)
+    _run([packed], q, qsum, np.asarray(div, np.float32)[None], [mul], [out])
     return out
 
 

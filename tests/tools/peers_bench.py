@@ -66,7 +66,7 @@ def ours_worker(a: argparse.Namespace) -> None:
     aggregate decode at each stream count as `ternpool bench model` does (engine.bench's runner: decode
     rates count decode-only steps). Prints one JSON line."""
     from ternpool.engine import Engine
-    from ternpool.engine.bench import _prompts, _run
+    from ternpool.engine.bench import random_prompts, timed_run, warm_up
     from ternpool.kernels.bench import kernel_path
 
     fmt, head = a.config.split(":")
@@ -76,12 +76,12 @@ def ours_worker(a: argparse.Namespace) -> None:
                          max_context=max(a.prompt_len, a.batched_prompt_len) + gen + 1,
                          step_tokens=max(512, a.prompt_len), head=head, weights_format=fmt)
     engine.stop_ids = frozenset()  # random models may sample an end token: always generate the tokens asked
-    _run(engine, _prompts(engine, 1, 8, 0), 2)  # warm up (compiles nothing new: the kernels are cached)
-    out = {"prefill": a.prompt_len / _run(engine, _prompts(engine, 1, a.prompt_len, 1), 1)["ttft_s"],
-           "decode_1": _run(engine, _prompts(engine, 1, a.prompt_len, 2), a.gen)["decode_tokens_per_s"]}
+    warm_up(engine, a.prompt_len)
+    out = {"prefill": a.prompt_len / timed_run(engine, random_prompts(engine, 1, a.prompt_len, 1), 1)["ttft_s"],
+           "decode_1": timed_run(engine, random_prompts(engine, 1, a.prompt_len, 2), a.gen)["decode_tokens_per_s"]}
     for s in streams:
-        prompts = _prompts(engine, s, a.batched_prompt_len, 10 + s)
-        out[f"decode_{s}"] = _run(engine, prompts, a.batched_gen)["decode_tokens_per_s"]
+        prompts = random_prompts(engine, s, a.batched_prompt_len, 10 + s)
+        out[f"decode_{s}"] = timed_run(engine, prompts, a.batched_gen)["decode_tokens_per_s"]
     out["kernel_path"] = kernel_path()
     out["weights_format"] = engine.model.weights.weights_format
     print(json.dumps(out), flush=True)

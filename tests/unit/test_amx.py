@@ -47,7 +47,7 @@ for rows, cols in [(4, 1), (12, 33), (52, 64), (516, 129), (36, 200), (32, 2560)
         tiles = np.empty((tokens, rows), np.float32)
         amx_ternary(packed, q8, qs, div, mul, tiles)
         vnni = np.empty_like(tiles)
-        _ternary_kernel(packed, q8, qs, div, mul, vnni)
+        _ternary_kernel((packed,), q8, qs, div[None], np.array([mul], np.float32), (vnni,))
         assert np.array_equal(tiles, vnni), (rows, cols, tokens)
         assert np.array_equal(tiles, ternary_linear_ref(packed, q8, div, mul)), (rows, cols, tokens)
         batched = ternary_linear(packed, q8, qs, div, mul)  # tiles from TILE_TOKENS tokens on

@@ -204,15 +204,16 @@ def test_attention_bf16_cache_is_its_widened_float32_cache():
 def test_attention_int8_cache_batches_exactly(heads, kv_heads, dim):
     """With an int8 cache (kernels/kv8.py rows: values and scale) every heads-per-task split gives the same
     bits, and each token alone gets what it gets in the batch."""
-    from ternpool.kernels.attention import _attention
+    from ternpool.kernels.attention import _attention_parallel, _attention_serial
 
     q, kc, vc, slots, pos = _attention_inputs(heads, kv_heads, dim, "int8")
     assert kc.dtype == np.int8 and kc.shape[-1] == dim + 4
     batched = attention(q, readonly(kc), readonly(vc), slots, pos, 0.1)
     for per_task in (p for p in range(1, heads // kv_heads + 1) if (heads // kv_heads) % p == 0):
-        out = np.empty_like(q)
-        _attention(q, kc, vc, slots, pos, np.float32(0.1), per_task, out)
-        assert np.array_equal(out, batched), per_task
+        for run in (_attention_serial, _attention_parallel):
+            out = np.empty_like(q)
+            run(q, kc, vc, slots, pos, np.float32(0.1), per_task, out)
+            assert np.array_equal(out, batched), (per_task, run)
     for n in range(len(q)):
         assert np.array_equal(attention(q[n:n + 1], kc, vc, slots[n:n + 1], pos[n:n + 1], 0.1)[0], batched[n])
     with pytest.raises(ValueError, match="does not fit cache shapes"):
@@ -234,16 +235,18 @@ def test_attention_int8_cache_is_its_dequantized_float32_cache(heads, kv_heads, 
 
 def test_attention_heads_per_task_does_not_change_a_bit():
     """However many query heads of a group one task takes (the whole group, reading each K/V row once
-    for all of them, or fewer when there are too few tasks for the threads), every head's arithmetic is
-    the same: the result is bit for bit the same, and each token's does not depend on the batch."""
-    from ternpool.kernels.attention import _attention
+    for all of them, or fewer when there are too few tasks for the threads), and whether the tasks run on
+    the calling thread or on all of them, every head's arithmetic is the same: the result is bit for bit
+    the same, and each token's does not depend on the batch."""
+    from ternpool.kernels.attention import _attention_parallel, _attention_serial
 
     q, kc, vc, slots, pos = _attention_inputs(20, 5, 128, "f32")
     outs = []
     for per_task in (1, 2, 4):
-        out = np.empty_like(q)
-        _attention(q, kc, vc, slots, pos, np.float32(0.1), per_task, out)
-        outs.append(out)
+        for run in (_attention_serial, _attention_parallel):
+            out = np.empty_like(q)
+            run(q, kc, vc, slots, pos, np.float32(0.1), per_task, out)
+            outs.append(out)
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
     for n in range(len(q)):  # one token alone (a split group on 2 threads) as in the batch
         assert np.array_equal(attention(q[n:n + 1], kc, vc, slots[n:n + 1], pos[n:n + 1], 0.1)[0], outs[0][n])
