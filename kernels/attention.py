@@ -57,7 +57,7 @@ def _row_impl(cache, s, kvh, j, bits, row):
 @njit(**NJIT_FAST)
 def _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, task):  # pragma: no cover - compiled
     """Task `task`: `per_task` query heads of one KV head for one token."""
-    N, H, D = q.shape
+    _, H, D = q.shape
     group = H // k_cache.shape[1]
     tasks_per_token = H // per_task
     n = task // tasks_per_token

@@ -48,7 +48,7 @@ def _rope_parallel(x, cos, sin, out):  # pragma: no cover - compiled
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """x (N, heads, D) float32; cos/sin (N, D/2) float32 -> rotated (N, heads, D); `apply_rope_ref` bit for bit."""
     x = np.ascontiguousarray(x, np.float32)
-    N, H, D = x.shape
+    N, _, D = x.shape
     cos, sin = np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
     if D % 2 or cos.shape != (N, D // 2) or sin.shape != cos.shape:
         raise ValueError(f"rotary tables of shape {cos.shape}, {sin.shape} do not fit x of shape {x.shape}")

@@ -40,7 +40,7 @@ def test_norm_and_norm_quantize_are_their_references_bit_for_bit(tokens, cols, g
 
 
 def test_norm_quantize_is_quantize_rows_of_the_norm_and_close_to_float64():
-    x, gate, weight = _inputs(16, 2560)
+    x, _, weight = _inputs(16, 2560)
     y = rms_norm(x, weight, 1e-5)
     for got, want in zip(norm_quantize(x, weight, 1e-5), quantize_rows(y)):
         assert np.array_equal(got, want)
