@@ -54,6 +54,37 @@ def _row_impl(cache, s, kvh, j, bits, row):
     return lambda cache, s, kvh, j, bits, row: cache[s, kvh, j]
 
 
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                          1.6666665459e-1, 5.0000001201e-1))
+
+
+@njit(**NJIT_FAST)
+def _exp_shifted(x, best, ibuf):  # pragma: no cover - compiled
+    """x[j] = exp(x[j] - best) in place (x <= best), returns their sum in float64. Cephes' expf in
+    loops that vectorize (libm's exp is one call per score): x - best = n ln2 + r, |r| <= ln2 / 2,
+    exp(r) by a degree-7 polynomial, times 2**n built in the exponent bits; within 3 float32 epsilons
+    of exp (relative).
+    Arguments below -87 (a weight under 1e-38 next to the best's 1) give 2**-126 times the polynomial."""
+    n = x.shape[0]
+    for j in range(n):
+        a = max(x[j] - best, np.float32(-87.0))
+        f = np.rint(a * _LOG2E)
+        r = (a - f * _LN2_HI) - f * _LN2_LO
+        c0, c1, c2, c3, c4, c5 = _EXP_POLY
+        p = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
+        x[j] = (p * r) * r + r + np.float32(1.0)
+        ibuf[j] = (np.int32(f) + np.int32(127)) << np.int32(23)
+    scale = ibuf[:n].view(np.float32)
+    total = 0.0
+    for j in range(n):
+        e = x[j] * scale[j]
+        x[j] = e
+        total += e
+    return total
+
+
 @njit(**NJIT_FAST)
 def _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, task):  # pragma: no cover - compiled
     """Task `task`: `per_task` query heads of one KV head for one token."""
@@ -77,22 +108,20 @@ def _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, task):  # pragm
             acc *= scale
             scores[g, j] = acc
     totals = np.empty(per_task, dtype=np.float64)
-    for g in range(per_task):  # softmax of each head's row: exp and its sum in float64
+    ibuf = np.empty(length, dtype=np.int32)  # 2**n of each exp, as float32 bits
+    for g in range(per_task):  # softmax of each head's row: float32 exp, its sum in float64
         best = -np.inf
         for j in range(length):
-            if scores[g, j] > best:
-                best = scores[g, j]
-        total = 0.0
+            best = max(best, scores[g, j])
+        total = _exp_shifted(scores[g, :length], best, ibuf)
+        inv = np.float32(1.0 / total)
         for j in range(length):
-            e = np.exp(scores[g, j] - best)
-            scores[g, j] = e
-            total += e
-        totals[g] = total
+            scores[g, j] *= inv
     acc_out = np.zeros((per_task, D), dtype=np.float32)  # (G, D)
     for j in range(length):
         v = _row(v_cache, s, kvh, j, bits, row)  # (D,): read once for the G heads
         for g in range(per_task):
-            p = scores[g, j] / totals[g]  # float64
+            p = scores[g, j]
             for d in range(D):
                 acc_out[g, d] += p * v[d]
     for g in range(per_task):

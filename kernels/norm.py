@@ -17,15 +17,41 @@ the other threads costs more than the work (`PARALLEL_ELEMENTS`).
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from .config import NJIT, NJIT_PARALLEL, njit
+from .llvmir import array_data, as_i64, i64, load, loop
 from .quantize import quantize_row, quantize_rows_ref
 
 LANES = 8
 # rows x columns from which the rows are split across threads; below, one thread does them all
 # (one row of 2560 takes ~2 us, a parallel call's wake-up of a waiting thread tens of us)
 PARALLEL_ELEMENTS = 1 << 16
+
+
+_F32S, _F64S = ir.VectorType(ir.FloatType(), LANES), ir.VectorType(ir.DoubleType(), LANES)
+
+
+@intrinsic
+def _square_lanes(typingctx, row, blocks):
+    """(l0, ..., l7): lane j is the sum, in column order, of the float64 squares of the float32 row's
+    columns 8i + j for i < blocks. One <8 x double> accumulator: LLVM keeps a scalar loop's float sums
+    in order (no reassociation without fast-math), so it would not vectorize them itself."""
+    ret = types.UniTuple(types.float64, LANES)
+
+    def codegen(context, builder, signature, args):
+        base = array_data(context, builder, signature.args[0], args[0])
+
+        def block(i, accs):
+            v = builder.fpext(load(builder, base, builder.mul(i, i64(4 * LANES)), _F32S), _F64S)
+            return [builder.fadd(accs[0], builder.fmul(v, v))]
+
+        (acc,) = loop(builder, "squares", i64(0), as_i64(builder, args[1]), [ir.Constant(_F64S, [0.0] * LANES)], block)
+        return context.make_tuple(builder, ret, [builder.extract_element(acc, i64(j)) for j in range(LANES)])
+
+    return ret(row, blocks), codegen
 
 
 def _gated_ref(x: np.ndarray, gate: np.ndarray | None) -> np.ndarray:
@@ -64,19 +90,8 @@ def _norm_row(x, gate, gated, weight, eps, t, y):  # pragma: no cover - compiled
             g = max(gate[t, k], np.float32(0.0))
             v = (g * g) * v
         y[k] = v
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
     main = K - K % LANES
-    for k in range(0, main, LANES):
-        f0, f1, f2, f3 = np.float64(y[k]), np.float64(y[k + 1]), np.float64(y[k + 2]), np.float64(y[k + 3])
-        f4, f5, f6, f7 = np.float64(y[k + 4]), np.float64(y[k + 5]), np.float64(y[k + 6]), np.float64(y[k + 7])
-        a0 += f0 * f0
-        a1 += f1 * f1
-        a2 += f2 * f2
-        a3 += f3 * f3
-        a4 += f4 * f4
-        a5 += f5 * f5
-        a6 += f6 * f6
-        a7 += f7 * f7
+    a0, a1, a2, a3, a4, a5, a6, a7 = _square_lanes(y, main // LANES)
     r = K - main  # the last columns, each to its lane
     if r > 0:
         a0 += np.float64(y[main]) * np.float64(y[main])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .config import NJIT, NJIT_PARALLEL, njit
+from .config import NJIT, NJIT_FAST, NJIT_PARALLEL, njit
 
 _EPS = np.float32(1e-5)
 
@@ -27,28 +27,41 @@ def quantize_rows_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 @njit(**NJIT)
-def quantize_row(y, t, q, qsum, scale):  # pragma: no cover - compiled
-    """Quantize the float32 row y (K,) into q[t], qsum[t], scale[t]."""
-    K = y.shape[0]
-    amax = np.float32(0.0)
-    for k in range(K):
-        a = abs(y[k])
-        if a > amax:
-            amax = a
-    if amax < _EPS:
-        amax = _EPS
-    s = np.float32(127.0) / amax
-    acc = 0
-    for k in range(K):
-        v = np.rint(y[k] * s)
-        if v > 127.0:
-            v = np.float32(127.0)
-        elif v < -128.0:
-            v = np.float32(-128.0)
+def _amax(y):  # pragma: no cover - compiled
+    """max |y| (0 for an empty row) as the largest of the float32 bit patterns without their sign: for
+    values >= 0, IEEE order is integer order, and an integer maximum vectorizes (a float one does not:
+    LLVM keeps its NaN order). A NaN is the largest pattern, so it comes out as np.max's does."""
+    bits = y.view(np.int32)
+    m = np.int32(0)
+    for k in range(bits.shape[0]):
+        b = bits[k] & np.int32(0x7FFFFFFF)
+        if b > m:
+            m = b
+    out = np.empty(1, np.int32)
+    out[0] = m
+    return out.view(np.float32)[0]
+
+
+@njit(**NJIT_FAST)
+def _codes(y, s, q, t):  # pragma: no cover - compiled
+    """q[t] = clamp(rint(y * s), -128, 127); returns their sum. Fast-math (no NaN, no signed zeros)
+    lets LLVM vectorize the clamp and the integer sum; each value is still one correctly rounded
+    product and rint, so the codes are the in-order loop's."""
+    acc = np.int32(0)
+    for k in range(y.shape[0]):
+        v = min(max(np.rint(y[k] * s), np.float32(-128.0)), np.float32(127.0))
         iv = np.int8(v)
         q[t, k] = iv
-        acc += np.int32(iv)
-    qsum[t] = np.int32(acc)
+        acc = np.int32(acc + np.int32(iv))  # int32 lanes (|sum| <= 128 K)
+    return acc
+
+
+@njit(**NJIT)
+def quantize_row(y, t, q, qsum, scale):  # pragma: no cover - compiled
+    """Quantize the float32 row y (K,) into q[t], qsum[t], scale[t]."""
+    amax = max(_amax(y), _EPS)
+    s = np.float32(127.0) / amax  # exactly rounded: outside the fast-math helpers
+    qsum[t] = _codes(y, s, q, t)
     scale[t] = s
 
 

@@ -28,7 +28,7 @@ from .config import ISA, NJIT, NJIT_PARALLEL, njit
 from .epilogue import store, unused_factors
 from .isa import ISAS
 from .simd import BLOCK, dot4_tile1, dot4_tile2
-from .ternary_amx import amx_ternary
+from .ternary_amx import amx_ternaries
 
 TILE_TOKENS = ISAS[ISA].tile_tokens  # calls with at least this many tokens run on tiles (0: never)
 
@@ -146,8 +146,7 @@ def _run(packs, q, qsum, divs, muls, outs) -> None:
     """outs from the tile kernel of this instruction set for many tokens (one call per linear), else one
     call of `_ternary_kernel` for all of them."""
     if TILE_TOKENS and q.shape[0] >= TILE_TOKENS:
-        for packed, div, mul, out in zip(packs, divs, muls, outs):
-            amx_ternary(packed, q, qsum, div, mul, out)
+        amx_ternaries(packs, q, qsum, divs, muls, outs)
     else:
         _ternary_kernel(tuple(_readonly(p) for p in packs), q, qsum, np.ascontiguousarray(divs, np.float32),
                         np.ascontiguousarray(muls, np.float32), tuple(outs))

@@ -197,4 +197,11 @@ def _amx_kernel(packed, qv, qsum, div, mul, out, threads):  # pragma: no cover -
 
 def amx_ternary(packed, q, qsum, div, mul, out) -> None:
     """`ternary._ternary_kernel` on AMX tiles: out (T, 4R), int32 or dequantized float32."""
-    _amx_kernel(packed, vnni_tokens(q), qsum, div, mul, out, numba.get_num_threads())
+    amx_ternaries([packed], q, qsum, [div], [mul], [out])
+
+
+def amx_ternaries(packs, q, qsum, divs, muls, outs) -> None:
+    """`amx_ternary` for several linears on the same activations, re-laid into tiles once."""
+    tiles, threads = vnni_tokens(q), numba.get_num_threads()
+    for packed, div, mul, out in zip(packs, divs, muls, outs):
+        _amx_kernel(packed, tiles, qsum, div, mul, out, threads)

@@ -163,7 +163,7 @@ def test_bf16_head_is_batch_invariant():
         assert np.array_equal(bf16_matmul(w, h[t:t + 1])[0], full[t])
 
 
-ATTENTION_TOL = dict(rtol=1e-5, atol=1e-5)  # float32 kernel (float64 softmax) against the float64 reference
+ATTENTION_TOL = dict(rtol=1e-5, atol=1e-5)  # float32 kernel (softmax sum in float64) against the float64 reference
 
 
 def _attention_inputs(heads, kv_heads, dim, cache, seed=0):
@@ -299,3 +299,19 @@ def test_host_isa_is_detected():
 
     assert config.ISA in ISAS
     assert config.ISA == (os.environ.get("TERNPOOL_ISA") or host_isa())
+
+
+def test_attention_exp_is_within_three_float32_epsilons_of_exp_and_sums_in_float64():
+    from ternpool.kernels.attention import _exp_shifted
+
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.uniform(-87, 0, 4001), [0.0, -1e-8, -0.3465, -0.3466, -86.9, -87.0]]).astype(np.float32)
+    best = np.float32(2.5)
+    got = x + best
+    total = _exp_shifted(got, best, np.empty(len(x), np.int32))
+    want = np.exp((x + best).astype(np.float64) - np.float64(best))
+    assert np.max(np.abs(got - want) / want) <= 3 * 2.0 ** -23  # measured 2.4
+    assert total == pytest.approx(np.sum(got.astype(np.float64)), rel=1e-15)
+    far = np.array([-200.0, -1e30, -np.inf], np.float32)  # weights under 1e-38: (next to) zero, never NaN
+    _exp_shifted(far, np.float32(0.0), np.empty(3, np.int32))
+    assert np.all(np.isfinite(far)) and np.all(far < 1e-37)
