@@ -33,9 +33,10 @@ from numba.extending import intrinsic
 
 from .config import ISA
 from .isa import ISAS
-from .llvmir import I32, array_data, array_items, as_i64, block_sums, hsum, i64, int32_sums, load, matrix_rows, splat
+from .llvmir import I32, array_data, array_items, as_i64, block_sums, hsum, i64, int32_sums, load, matrix_rows, prefetch, splat
 
 BLOCK = ISAS[ISA].width  # columns per block in this process
+MAX_COLS = 1 << 17  # 64 * 2 * 128 * K < 2**31: the in-place top field's sums (`emit_dot4`) fit int32
 CHUNK = 32  # blocks summed in int16 lanes before widening: 32 * |2 * 3 * -128| = 24576 < 32767
 
 
@@ -48,21 +49,38 @@ def unpack_codes(builder, packed):
     return codes
 
 
+def masked_codes(builder, packed):
+    """The four 2-bit fields of a vector of packed bytes left in place (field i is 4**i times its
+    code): one AND each, where shifting them down takes a shift or a GF(2) affine op each on the port
+    that `vpdpbusd` needs. Only for madds into int32 lanes (the sums are 4**i times too large; a
+    field of 128 would saturate 16-bit pairs)."""
+    return [builder.and_(packed, splat(packed.type, 3 << (2 * i))) for i in range(4)]
+
+
 def emit_dot4(builder, isa, packed, xs, nblocks):
     """4 * len(xs) int32 sums, token-major: the codes of the packed row at byte pointer `packed`
-    against each activation row of `xs` (byte pointers), over `nblocks` (i64) blocks."""
+    against each activation row of `xs` (byte pointers), over `nblocks` (i64) blocks.
+
+    Without short lanes (VNNI) the fields are masked in place (`masked_codes`) and each sum is shifted
+    down by 2i at the end, exactly (4**i divides it); |4**3 * sum| < 2**31 needs rows of fewer than
+    MAX_COLS columns (`ternary._check`)."""
     vec = isa.byte_type
+    fields = unpack_codes if isa.short_pairs else masked_codes
 
     def block(idx, pairs):
         off = builder.mul(idx, i64(isa.width))
-        codes = unpack_codes(builder, load(builder, packed, off, vec))
+        prefetch(builder, packed, off)
+        codes = fields(builder, load(builder, packed, off, vec))
         new = []
         for j, xp in enumerate(xs):
             x = load(builder, xp, off, vec)
             new += [isa.madd(builder, pairs[4 * j + i], codes[i], x) for i in range(4)]
         return new
 
-    return [hsum(builder, a) for a in block_sums(builder, "dot4", isa, nblocks, 4 * len(xs), block, CHUNK)]
+    sums = [hsum(builder, a) for a in block_sums(builder, "dot4", isa, nblocks, 4 * len(xs), block, CHUNK)]
+    if isa.short_pairs:
+        return sums
+    return [builder.ashr(v, ir.Constant(I32, 2 * (k % 4))) for k, v in enumerate(sums)]
 
 
 def emit_dot_s8(builder, isa, a, bs, bsums, nblocks):

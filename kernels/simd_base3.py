@@ -42,7 +42,7 @@ from numba.extending import intrinsic
 
 from .config import ISA
 from .isa import ISAS
-from .llvmir import V32I8, array_data, as_i64, block_sums, concat, hsum, i64, int32_sums, load, load32, loop, splat
+from .llvmir import V32I8, array_data, as_i64, block_sums, concat, hsum, i64, int32_sums, load, load32, loop, prefetch, splat
 
 BLOCK = 160  # columns per block
 BLOCK_BYTES = 32  # packed bytes per block
@@ -71,6 +71,8 @@ def _span(isa, builder, packed, xs, b0, present: int, pairs):
     blocks = [builder.add(b0, i64(b)) if b else b0 for b in range(present)] + [None] * (per_vector - present)
     ws = [_vector(builder, isa, p, [None if b is None else builder.mul(b, i64(BLOCK_BYTES)) for b in blocks])
           for p in packed]
+    for p in packed:
+        prefetch(builder, p, builder.mul(b0, i64(BLOCK_BYTES)))
     states = [isa.base3_start(builder, w) for w in ws]
     x_offs = [None if b is None else builder.mul(b, i64(BLOCK)) for b in blocks]
     pairs = list(pairs)

@@ -27,7 +27,7 @@ from numba import prange
 from .config import ISA, NJIT, NJIT_PARALLEL, njit
 from .epilogue import store, unused_factors
 from .isa import ISAS
-from .simd import BLOCK, dot4_tile1, dot4_tile2
+from .simd import BLOCK, MAX_COLS, dot4_tile1, dot4_tile2
 from .ternary_amx import amx_ternaries
 
 TILE_TOKENS = ISAS[ISA].tile_tokens  # calls with at least this many tokens run on tiles (0: never)
@@ -165,6 +165,8 @@ def _check(packed: np.ndarray, q: np.ndarray) -> None:
         raise ValueError(f"packed weights must be 2-D uint8, got {packed.dtype} {packed.shape}")
     if q.dtype != np.int8 or q.ndim != 2 or q.shape[1] != packed.shape[1]:
         raise ValueError(f"activations must be int8 (T, {packed.shape[1]}), got {q.dtype} {q.shape}")
+    if packed.shape[1] >= MAX_COLS:
+        raise ValueError(f"rows of {packed.shape[1]} columns are too long for int32 sums (at most {MAX_COLS - 1})")
 
 
 def ternary_matmul(packed: np.ndarray, q: np.ndarray, qsum: np.ndarray | None = None) -> np.ndarray:

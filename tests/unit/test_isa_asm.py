@@ -201,3 +201,9 @@ def test_lut_lookups_are_int16_adds_of_the_strategy_width(name, cpu, present, ab
     for width in ("zmm", "ymm"):  # (SSE2's paddw takes aligned memory only: generic loads the row first)
         if f"vpaddw:{width}" in present:
             assert re.search(rf"vpaddw\s+-?\d*\(%\w+,%\w+\), %{width}", asm), "the table row must be the add's memory operand"
+
+
+@pytest.mark.parametrize("name,cpu", sorted({(row[0], row[1]) for row in ASM_EXPECTATIONS}))
+def test_the_2bit_kernels_prefetch_their_weights_ahead(name, cpu):
+    """emit_dot4 asks for the packed bytes llvmir.PREFETCH_AHEAD ahead (batch-1 decode streams its weights)."""
+    assert "prefetcht0" in _instructions(_assembly(ISAS[name], cpu, ("dot4_tile2",)))
