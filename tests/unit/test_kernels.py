@@ -18,6 +18,7 @@ from ternpool.kernels import (
     quantize_rows_ref,
     set_threads,
     ternary_linear,
+    ternary_linears,
     ternary_linear_ref,
     ternary_matmul,
     ternary_matmul_ref,
@@ -315,3 +316,22 @@ def test_attention_exp_is_within_three_float32_epsilons_of_exp_and_sums_in_float
     far = np.array([-200.0, -1e30, -np.inf], np.float32)  # weights under 1e-38: (next to) zero, never NaN
     _exp_shifted(far, np.float32(0.0), np.empty(3, np.int32))
     assert np.all(np.isfinite(far)) and np.all(far < 1e-37)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 17, 40])
+@pytest.mark.parametrize("cols", [1, 33, 2560])
+def test_linears_sharing_activations_in_one_call_are_each_their_reference(tokens, cols):
+    """q/k/v and gate/up run as one parallel call (`ternary_linears`): each output is bit for bit its own
+    `ternary_linear` and the NumPy reference, whatever mix of row counts, scales and read-only weights
+    (mapped files) and writable ones (made in memory); many tokens take the tiles where there are tiles."""
+    rng = np.random.default_rng(tokens * 100 + cols)
+    packs = [pack_ternary(rng.integers(-1, 2, (rows, cols)).astype(np.int8)) for rows in (8, 4, 12)]
+    packs[1] = readonly(packs[1])
+    q, qsum, scale = quantize_rows(rng.standard_normal((tokens, cols)).astype(np.float32))
+    factors = [dequant_factors(scale, ws, divides) for ws, divides in ((0.5, False), (0.7, True), (1.3, False))]
+    outs = ternary_linears(packs, q, qsum, *zip(*factors))
+    for packed, (div, mul), out in zip(packs, factors, outs):
+        assert out.tobytes() == ternary_linear_ref(packed, q, div, mul).tobytes()
+        assert out.tobytes() == ternary_linear(packed, q, qsum, div, mul).tobytes()
+    with pytest.raises(ValueError, match="too long for int32 sums"):
+        ternary_matmul(np.zeros((1, 1 << 17), np.uint8), np.zeros((1, 1 << 17), np.int8))
