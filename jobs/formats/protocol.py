@@ -14,6 +14,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 
+# A column a format may add: non-null when the row cannot become a request (its reason, naming the
+# line and field). `rows.to_requests` makes such a row an error row; it is never passed through.
+ROW_ERROR = "_ternpool_row_error"
+
+
 @dataclass(frozen=True)
 class FileLayout:
     """One input file as its format describes it, before any row is read."""
@@ -31,6 +36,9 @@ class InputFormat(Protocol):
     name: str  # the registry key, e.g. "parquet"
     label: str  # what messages call its files, e.g. "Parquet"
     suffixes: tuple[str, ...]  # the names a directory listing takes as this format, e.g. (".parquet",)
+
+    # A format that shares a suffix with another also has `claims(first) -> bool`: True when it
+    # reads a file whose first line (parsed JSON) is `first` (see `formats.detect`).
 
     def describe(self, fs: pafs.FileSystem, path: str, size: int) -> FileLayout:
         """Rows, chunk boundaries and schema of the file at `path` (`size` bytes, -1 when the
