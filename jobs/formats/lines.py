@@ -42,17 +42,23 @@ def _lines(stream, start: int, stop: int | None, first_number: int) -> Iterator[
                 break
             if stop is not None and offset >= stop:
                 return
+            if end > MAX_LINE_BYTES:
+                raise _too_long(number)
             yield number, offset, buffer[:end]
             buffer = buffer[end + 1:]
             offset += end + 1
             number += 1
         if len(buffer) > MAX_LINE_BYTES:
-            raise JobInputError(f"line {number} is longer than {MAX_LINE_BYTES >> 20} MiB "
-                                "(not a JSON Lines file?)")
+            raise _too_long(number)
         if not block:
             if buffer and (stop is None or offset < stop):
                 yield number, offset, buffer
             return
+
+
+def _too_long(number: int) -> JobInputError:
+    return JobInputError(f"line {number} is longer than {MAX_LINE_BYTES:,} bytes, the most ternpool reads as one "
+                         "line (not a JSON Lines file?)")
 
 
 def parse(number: int, raw: bytes) -> Any:
