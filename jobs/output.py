@@ -28,7 +28,8 @@ OUTPUT_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
 _OUTPUT_TYPES = dict(OUTPUT_SCHEMA_FIELDS)
 OUTPUT_COLUMNS = tuple(_OUTPUT_TYPES)  # an input column of one of these names is refused
 
-__all__ = ["OUTPUT_COLUMNS", "OUTPUT_SCHEMA_FIELDS", "error_results", "part_name", "read_complete_output", "read_output",
+__all__ = ["OUTPUT_COLUMNS", "OUTPUT_SCHEMA_FIELDS", "error_results", "part_name",
+           "read_complete_output", "read_output",
            "result_table", "write_part"]
 
 

@@ -70,4 +70,5 @@ register(ParquetFormat())
 register(OpenAIBatchFormat())  # before JSON Lines: both read .jsonl, the first line decides
 register(JsonLinesFormat())
 
-__all__ = ["FORMATS", "ROW_ERROR", "FileLayout", "detect", "InputFormat", "is_listed", "labels", "named", "of_path", "register"]
+__all__ = ["FORMATS", "ROW_ERROR", "FileLayout", "InputFormat", "detect", "is_listed", "labels", "named", "of_path",
+           "register"]

@@ -39,8 +39,8 @@ def _logprobs(row_index: int) -> list[dict] | None:
 
 def finished_job(tmp_path, lines: list[dict], *, logprobs: bool = False, shard_rows: int = 2,
                  output_format: str = "parquet") -> str:
-    """A finished job on a directory holding one input file of `lines`, without Ray: every request that converts 'generates'
-    the text `out-<row_index>` (2 tokens); every third row fails in the engine."""
+    """A finished job on a directory holding one input file of `lines`, without Ray: every request that
+    converts 'generates' the text `out-<row_index>` (2 tokens); every third row fails in the engine."""
     src = tmp_path / "in" / "batch.jsonl"
     src.parent.mkdir(parents=True, exist_ok=True)
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
