@@ -31,28 +31,26 @@ class Line:
 def _lines(stream, start: int, stop: int | None, first_number: int) -> Iterator[tuple[int, int, bytes]]:
     """(line number, offset, bytes without the newline) of the lines of `stream` (positioned at
     byte `start`) that start before `stop` (None: the end), one block read at a time."""
-    buffer = b""
+    tail = b""  # the unfinished line at the end of the blocks read so far
     offset, number = start, first_number
     while True:
         block = stream.read(_BLOCK)
-        buffer += block
-        while True:
-            end = buffer.find(b"\n")
-            if end < 0:
-                break
+        buffer, pos = tail + block, 0
+        while (end := buffer.find(b"\n", pos)) >= 0:
             if stop is not None and offset >= stop:
                 return
-            if end > MAX_LINE_BYTES:
+            if end - pos > MAX_LINE_BYTES:
                 raise _too_long(number)
-            yield number, offset, buffer[:end]
-            buffer = buffer[end + 1:]
-            offset += end + 1
+            yield number, offset, buffer[pos:end]
+            offset += end - pos + 1
             number += 1
-        if len(buffer) > MAX_LINE_BYTES:
+            pos = end + 1
+        tail = buffer[pos:]
+        if len(tail) > MAX_LINE_BYTES:
             raise _too_long(number)
         if not block:
-            if buffer and (stop is None or offset < stop):
-                yield number, offset, buffer
+            if tail and (stop is None or offset < stop):
+                yield number, offset, tail
             return
 
 
