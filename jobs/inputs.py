@@ -88,10 +88,12 @@ def open_inputs(uri: str, input_format: str | None = None) -> InputSet:
         raise JobInputError(f"no {formats.labels()} files found at {uri!r}")
     files: list[InputFile] = []
     schemas: list[pa.Schema] = []
+    keys: dict[str, tuple[str, int]] = {}  # request key -> (file, line) over all files
     for info in infos:
-        input_file, schema = _describe(fs, info, chosen)
+        input_file, layout = _describe(fs, info, chosen)
         files.append(input_file)
-        schemas.append(schema)
+        schemas.append(layout.schema)
+        _check_keys_unique(keys, input_file.path, layout.keys or {})
     schema = schemas[0]
     text_column, sampling_columns, passthrough = _check_schema(files[0].path, schema)
     for other_file, other in zip(files[1:], schemas[1:]):
@@ -216,8 +218,20 @@ def _match_parts(parts: list[str], pattern: list[str]) -> bool:
 # -- metadata and schema ---------------------------------------------------------------------
 
 
+def _check_keys_unique(seen: dict[str, tuple[str, int]], path: str, keys: dict[str, int]) -> None:
+    """JobInputError naming both files and lines when a request key (custom_id) of `path` is already
+    used by another input file (a format refuses a key repeated within one file itself)."""
+    repeated = [key for key in keys if key in seen]
+    if repeated:
+        shown = "; ".join(f"{key!r} on line {seen[key][1]} of {seen[key][0]} and line {keys[key]} of {path}"
+                          for key in repeated[:5])
+        raise JobInputError(f"{len(repeated)} custom_id(s) appear in more than one input file ({shown}"
+                            f"{'; ...' if len(repeated) > 5 else ''}); every request of a job needs its own")
+    seen.update((key, (path, line)) for key, line in keys.items())
+
+
 def _describe(fs: pafs.FileSystem, info: pafs.FileInfo,
-              chosen: formats.InputFormat | None) -> tuple[InputFile, pa.Schema]:
+              chosen: formats.InputFormat | None) -> tuple[InputFile, formats.FileLayout]:
     """One file as its format describes it; JobInputError naming the file when it cannot."""
     path = info.path
     size = info.size if info.size is not None else -1
@@ -227,8 +241,7 @@ def _describe(fs: pafs.FileSystem, info: pafs.FileInfo,
     if sum(layout.chunk_rows) != layout.num_rows:
         raise JobInputError(f"input file {path}: its chunks hold {sum(layout.chunk_rows)} rows but "
                             f"the file has {layout.num_rows}")
-    return InputFile(path, size, mtime, layout.num_rows, layout.chunk_rows, input_format.name), \
-        layout.schema
+    return InputFile(path, size, mtime, layout.num_rows, layout.chunk_rows, input_format.name), layout
 
 
 def _is_text(t: pa.DataType) -> bool:

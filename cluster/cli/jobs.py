@@ -1,4 +1,5 @@
-"""`ternpool submit | status | cancel | demo`: batch jobs on a Ray worker pool, and reading their state."""
+"""`ternpool submit | status | cancel | export | demo`: batch jobs on a Ray worker pool, reading their state and
+writing their output again."""
 
 from __future__ import annotations
 

@@ -247,7 +247,7 @@ class OpenAIBatchFormat:
                               for cid, nums in list(repeated.items())[:10])
             raise JobInputError(f"input file {path}: {len(repeated)} custom_id(s) appear more than once "
                                 f"({shown}{'; ...' if len(repeated) > 10 else ''}); each request needs its own")
-        return FileLayout(sum(counts.values()), lines.chunk_rows(counts), schema(endpoint))
+        return FileLayout(sum(counts.values()), lines.chunk_rows(counts), schema(endpoint), first_line)
 
     def read_chunks(self, fs: pafs.FileSystem, path: str, chunk_rows: tuple[int, ...],
                     chunks: list[int], read_ahead: int) -> tuple[pa.Table, list[int]]:

@@ -7,7 +7,7 @@ format. Formats are registered in `ternpool.jobs.formats`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import pyarrow as pa
@@ -26,6 +26,9 @@ class FileLayout:
     num_rows: int
     chunk_rows: tuple[int, ...]  # rows in each chunk, in file order (they add up to num_rows)
     schema: pa.Schema
+    # the file's request keys (OpenAI's custom_id) -> their line, when the format has them: a key used
+    # in two files of one job is refused (`inputs.open_inputs`)
+    keys: dict[str, int] | None = field(default=None, compare=False, repr=False)
 
 
 class InputFormat(Protocol):

@@ -243,3 +243,14 @@ def test_shards_read_only_their_byte_ranges(tmp_path, monkeypatch, fmt):
     covered = [c for first, stop in sorted(set(opened)) for c in range(first, stop)]
     assert covered == sorted(set(covered))
     assert {c for c, n in enumerate(inputs.files[0].chunk_rows) if n} <= set(covered)
+
+
+def test_a_custom_id_in_two_files_of_one_job_is_refused_naming_both(tmp_path):
+    (tmp_path / "d").mkdir()
+    write_lines(tmp_path / "d" / "a.jsonl", [chat("x"), chat("y")])
+    write_lines(tmp_path / "d" / "b.jsonl", [chat("z"), chat("y")])
+    with pytest.raises(JobInputError) as e:
+        open_inputs(str(tmp_path / "d"))
+    assert f"'y' on line 2 of {tmp_path / 'd' / 'a.jsonl'} and line 2 of {tmp_path / 'd' / 'b.jsonl'}" in str(e.value)
+    (tmp_path / "d" / "b.jsonl").write_text(json.dumps(chat("z")) + "\n")
+    assert open_inputs(str(tmp_path / "d")).num_rows == 3
