@@ -140,6 +140,7 @@ def test_duplicate_custom_ids_are_refused_at_plan_time_naming_the_lines(tmp_path
     (b'{"custom_id": "a", "body": {}}\n{"custom_id": 5, "body": {}}\n', "line 2: 'custom_id' is an integer"),
     (b'{"custom_id": "a", "body": {}}\n{"custom_id": "\xff\xfe", "body": {}}\n', "line 2 is not valid UTF-8"),
     (b'{"custom_id": "a", "body": {}}\n\n{"custom_id": "b", "body": {}}\n', "line 2 is blank"),
+    (b'{"custom_id": "a", "body": {}}\n' + b"[" * 100000 + b"]" * 100000 + b"\n", "line 2 nests JSON too deeply"),
 ])
 def test_hostile_openai_files_are_refused_with_the_line(tmp_path, content, message):
     path = tmp_path / "b.jsonl"

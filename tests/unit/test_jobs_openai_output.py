@@ -189,3 +189,26 @@ def test_export_formats_refusals_and_force(tmp_path, capsys):
 
     assert pq.read_table(tmp_path / "all.parquet").equals(read_output(out))
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temporaries left behind
+
+
+def test_submit_options_reach_the_job_spec():
+    from ternpool.cluster.cli import build_parser
+    from ternpool.cluster.cli.jobs import _job_kwargs
+    from ternpool.jobs.openai_output import wants_openai
+
+    args = build_parser().parse_args(["submit", "in.parquet", "-m", "m", "-o", "o", "--output-format", "openai",
+                                      "--input-format", "jsonl"])
+    spec = JobSpec("in.parquet", "o", "m", **_job_kwargs(args))
+    assert (spec.input_format, spec.output_format) == ("jsonl", "openai")
+    default = JobSpec("in.parquet", "o", "m", **_job_kwargs(build_parser().parse_args(
+        ["submit", "in.parquet", "-m", "m", "-o", "o"])))
+    assert (default.input_format, default.output_format) == (None, "parquet")
+
+    class Inputs:
+        def __init__(self, *names):
+            self.files = [type("F", (), {"format": n})() for n in names]
+
+    assert wants_openai(spec, Inputs("parquet")) and wants_openai(default, Inputs("parquet", "openai"))
+    assert not wants_openai(default, Inputs("parquet", "jsonl"))
+    with pytest.raises(ValueError, match="output_format"):
+        JobSpec("in.parquet", "o", "m", output_format="csv")
