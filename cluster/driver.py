@@ -22,6 +22,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ternpool.jobs import JobSpec, Manifest
+from ternpool.jobs.openai_output import wants_openai, write_openai_files
 from ternpool.jobs.progress import (cancel_requested, claim_output, clear_cancel, read_progress, request_cancel,
                                     write_progress)
 from ternpool.jobs.runlock import OutputLock
@@ -242,6 +243,8 @@ class JobHandle:
                 except RayError as e:  # already gone
                     log.info("actor %s of job %s was already gone at the end: %s", actor, self.job_id, e)
             self._workers.clear()
+            if state == "finished" and wants_openai(self.plan.spec, self.plan.inputs):
+                self._write_openai_files()
             if state == "cancelled":
                 clear_cancel(self.output)
             if state == "failed":  # status shows failed and why
@@ -258,6 +261,17 @@ class JobHandle:
                     ray.shutdown()
             self._lock.release()
             self._done.set()
+
+    def _write_openai_files(self) -> None:
+        """OUT/output.jsonl and errors.jsonl from the finished job's parts; a failure is the job's error."""
+        try:
+            paths = write_openai_files(self.output)
+            log.info("wrote %s and %s", *paths)
+        except (OSError, ValueError) as e:
+            log.error("job %s: the OpenAI output files could not be written: %s", self.job_id, e)
+            if self._error is None:
+                self._error = OSError(f"the job finished but its OpenAI output files could not be written ({e}); "
+                                      "rerun the same command to write them")
 
     def _stats_from_manifest(self, state: str) -> JobStats:
         stats = JobStats.from_manifest(Manifest.load(self.output))

@@ -47,7 +47,7 @@ def prepare(spec: JobSpec) -> Plan:
     """All checks before compute that need no cluster: inputs, model, that ternpool may write OUT
     and, when OUT holds a manifest, that it is this job (then the plan resumes it). Writes nothing:
     `JobHandle` creates or claims OUT once every check has passed."""
-    inputs = open_inputs(spec.inputs)
+    inputs = open_inputs(spec.inputs, spec.input_format)
     model_dir = str(resolve_model_dir(spec.model))
     cfg = validate_model(model_dir)  # config, tensor headers, tokenizer and chat template: before any worker
     shards = plan_shards(inputs, spec.shard_rows)

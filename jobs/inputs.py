@@ -71,25 +71,29 @@ class InputSet:
         return [{"path": f.path, "size": f.size, "mtime": f.mtime} for f in self.files]
 
 
-def open_inputs(uri: str) -> InputSet:
+def open_inputs(uri: str, input_format: str | None = None) -> InputSet:
     """Resolve `uri` (an input file, a directory of them, a glob, or a URI pyarrow.fs opens),
-    describe every file with its format (`formats.of_path`) and check the schema. Reads no rows
+    describe every file with its format (`input_format`, a registered name, or else detected:
+    `formats.detect`) and check the schema. Reads no rows
     (for Parquet: no data pages).
 
     Raises JobInputError naming the file and column for anything that would make the job fail.
     """
     if not isinstance(uri, str) or not uri:
         raise JobInputError(f"input location must be a non-empty string, got {uri!r}")
+    chosen = None if input_format is None else formats.named(input_format)
     location = storage.normalize(uri)
     fs, infos = _list_files(location)
     if not infos:
         raise JobInputError(f"no {formats.labels()} files found at {uri!r}")
     files: list[InputFile] = []
     schemas: list[pa.Schema] = []
+    keys: dict[str, tuple[str, int]] = {}  # request key -> (file, line) over all files
     for info in infos:
-        input_file, schema = _describe(fs, info)
+        input_file, layout = _describe(fs, info, chosen)
         files.append(input_file)
-        schemas.append(schema)
+        schemas.append(layout.schema)
+        _check_keys_unique(keys, input_file.path, layout.keys or {})
     schema = schemas[0]
     text_column, sampling_columns, passthrough = _check_schema(files[0].path, schema)
     for other_file, other in zip(files[1:], schemas[1:]):
@@ -214,18 +218,30 @@ def _match_parts(parts: list[str], pattern: list[str]) -> bool:
 # -- metadata and schema ---------------------------------------------------------------------
 
 
-def _describe(fs: pafs.FileSystem, info: pafs.FileInfo) -> tuple[InputFile, pa.Schema]:
+def _check_keys_unique(seen: dict[str, tuple[str, int]], path: str, keys: dict[str, int]) -> None:
+    """JobInputError naming both files and lines when a request key (custom_id) of `path` is already
+    used by another input file (a format refuses a key repeated within one file itself)."""
+    repeated = [key for key in keys if key in seen]
+    if repeated:
+        shown = "; ".join(f"{key!r} on line {seen[key][1]} of {seen[key][0]} and line {keys[key]} of {path}"
+                          for key in repeated[:5])
+        raise JobInputError(f"{len(repeated)} custom_id(s) appear in more than one input file ({shown}"
+                            f"{'; ...' if len(repeated) > 5 else ''}); every request of a job needs its own")
+    seen.update((key, (path, line)) for key, line in keys.items())
+
+
+def _describe(fs: pafs.FileSystem, info: pafs.FileInfo,
+              chosen: formats.InputFormat | None) -> tuple[InputFile, formats.FileLayout]:
     """One file as its format describes it; JobInputError naming the file when it cannot."""
     path = info.path
     size = info.size if info.size is not None else -1
     mtime = info.mtime_ns / 1e9 if info.mtime_ns is not None else None
-    input_format = formats.of_path(path)
+    input_format = chosen or formats.detect(fs, path)
     layout = input_format.describe(fs, path, size)
     if sum(layout.chunk_rows) != layout.num_rows:
         raise JobInputError(f"input file {path}: its chunks hold {sum(layout.chunk_rows)} rows but "
                             f"the file has {layout.num_rows}")
-    return InputFile(path, size, mtime, layout.num_rows, layout.chunk_rows, input_format.name), \
-        layout.schema
+    return InputFile(path, size, mtime, layout.num_rows, layout.chunk_rows, input_format.name), layout
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -308,7 +324,7 @@ def _check_schema(path: str, schema: pa.Schema) -> tuple[str, tuple[str, ...], t
                     f"input file {path}: column {name!r} has type {found}, expected "
                     f"{_EXPECTED_SAMPLING_TYPES[name]}")
     sampling = tuple(c for c in SAMPLING_COLUMNS if c in seen)
-    passthrough = tuple(n for n in names if n != text_column and n not in SAMPLING_COLUMNS)
+    passthrough = tuple(n for n in names if n not in (text_column, formats.ROW_ERROR) and n not in SAMPLING_COLUMNS)
     return text_column, sampling, passthrough
 
 

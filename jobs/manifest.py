@@ -33,6 +33,11 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _about(spec: JobSpec, inputs: InputSet) -> dict[str, Any]:
+    return {"input_uri": inputs.uri, "text_column": inputs.text_column,
+            "model_name": spec.model.rstrip("/").rsplit("/", 1)[-1], "output_format": spec.output_format}
+
+
 def _sampling_record(spec: JobSpec) -> dict[str, Any]:
     return {**spec.sampling_defaults(), "shard_rows": spec.shard_rows, "truncate": spec.truncate}
 
@@ -53,6 +58,8 @@ class Manifest:
     created: float = 0.0
     finished: float | None = None
     resumed: bool = field(default=False, compare=False)  # found in OUT by for_job (not saved)
+    # what the OpenAI output files and `ternpool export` need from the job (informative: not compared)
+    about: dict = field(default_factory=dict)  # {"input_uri", "text_column", "model_name", "output_format"}
 
     @classmethod
     def open(cls, output: str, spec: JobSpec, inputs: InputSet, plan: list[Shard],
@@ -82,6 +89,7 @@ class Manifest:
             completed={},
             job_id=uuid.uuid4().hex,
             created=time.time(),
+            about=_about(spec, inputs),
         )
         fs, base = storage.resolve(output)
         if not storage.exists(fs, storage.join(base, MANIFEST_FILE)):
@@ -99,6 +107,7 @@ class Manifest:
         if existing.finished is not None and len(existing.done_shards()) < existing.num_shards:
             existing.finished = None
         existing.resumed = True
+        existing.about = wanted.about  # the options of this run (e.g. --output-format)
         return existing
 
     def create(self) -> None:
@@ -196,6 +205,7 @@ class Manifest:
             "job_id": self.job_id,
             "created": self.created,
             "finished": self.finished,
+            "about": self.about,
         }
 
     def save(self) -> None:
@@ -241,7 +251,8 @@ class Manifest:
         return cls(output=storage.normalize(output), inputs=data["inputs"], model=data["model"],
                    sampling=data["sampling"], num_shards=data["num_shards"],
                    num_rows=data["num_rows"], completed=completed, job_id=data["job_id"],
-                   created=data["created"], finished=data.get("finished"))
+                   created=data["created"], finished=data.get("finished"),
+                   about=data.get("about") if isinstance(data.get("about"), dict) else {})
 
 
 def model_fingerprint(model_dir: str) -> dict[str, Any]:

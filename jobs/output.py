@@ -28,7 +28,8 @@ OUTPUT_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
 _OUTPUT_TYPES = dict(OUTPUT_SCHEMA_FIELDS)
 OUTPUT_COLUMNS = tuple(_OUTPUT_TYPES)  # an input column of one of these names is refused
 
-__all__ = ["OUTPUT_COLUMNS", "OUTPUT_SCHEMA_FIELDS", "error_results", "part_name", "read_output",
+__all__ = ["OUTPUT_COLUMNS", "OUTPUT_SCHEMA_FIELDS", "error_results", "part_name",
+           "read_complete_output", "read_output",
            "result_table", "write_part"]
 
 
@@ -125,3 +126,16 @@ def read_output(output: str) -> pa.Table:
     if not tables:
         return pa.schema([pa.field(n, t) for n, t in OUTPUT_SCHEMA_FIELDS]).empty_table()
     return pa.concat_tables(tables, promote_options="default").sort_by("row_index")
+
+
+def read_complete_output(output: str):
+    """`(manifest, read_output(output))` of a job whose every row is written; JobInputError saying
+    so when the job is not complete."""
+    from .manifest import Manifest
+
+    manifest = Manifest.load(output)
+    table = read_output(output)
+    if table.num_rows != manifest.num_rows:
+        raise JobInputError(f"output {output} holds {table.num_rows} of the job's {manifest.num_rows} rows: "
+                            "the job is not complete (rerun its submit command to finish it)")
+    return manifest, table

@@ -46,14 +46,23 @@ def read_shard(inputs: InputSet, shard: Shard, cache: "ChunkCache | None" = None
         table = _read_chunks(inputs, shard.file_index, chunks, where)[0]
     else:
         table = cache.get(inputs, shard.file_index, chunks, where)
-    table = table.slice(shard.row_start - starts[first_chunk], shard.num_rows)
-    if table.schema.names != inputs.schema.names:  # same columns in another order than the first file
-        table = table.select(inputs.schema.names)
+    table = _conform(table.slice(shard.row_start - starts[first_chunk], shard.num_rows), inputs.schema)
     if table.num_rows != shard.num_rows:
         raise JobInputError(f"{where}: read {table.num_rows} rows, expected {shard.num_rows}")
     row_index = pa.array(range(shard.first_row_index, shard.first_row_index + shard.num_rows),
                          pa.int64())
     return table.add_column(0, pa.field("row_index", pa.int64(), nullable=False), row_index)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with the planned `schema`: its columns in that order (another file may have them in
+    another), cast to the planned types, and a column missing from this chunk as nulls (a text
+    format's chunk has the fields its own lines have)."""
+    if table.schema.equals(schema):
+        return table
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
+               else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _read_chunks(inputs: InputSet, file_index: int, chunks: list[int], where: str,
@@ -127,8 +136,8 @@ def to_requests(table: pa.Table, spec: JobSpec, text_column: str) -> list[RowReq
     """One `RowRequest` per row of a `read_shard` table, in order. The request key is the
     row_index; sampling parameters are the job defaults overridden by the row's non-null
     sampling columns; a row without a seed gets `derive_seed(job seed, row_index)`.
-    A bad row (null or empty prompt, empty or incomplete messages, impossible sampling values)
-    becomes a RowRequest with `error` set instead of an exception."""
+    A bad row (null or empty prompt, empty or incomplete messages, impossible sampling values, a
+    reason in the `formats.ROW_ERROR` column) becomes a RowRequest with `error` set instead of an exception."""
     for needed in ("row_index", text_column):
         if needed not in table.column_names:
             raise ValueError(f"to_requests: the table has no {needed!r} column "
@@ -140,10 +149,15 @@ def to_requests(table: pa.Table, spec: JobSpec, text_column: str) -> list[RowReq
     texts = table.column(text_column).to_pylist()
     overrides = {name: table.column(name).to_pylist()
                  for name in SAMPLING_COLUMNS if name in table.column_names}
+    format_errors = table.column(formats.ROW_ERROR).to_pylist() if formats.ROW_ERROR in table.column_names \
+        else [None] * table.num_rows
     out: list[RowRequest] = []
     for i, row_index in enumerate(row_indices):
         if row_index is None:
             raise ValueError(f"to_requests: row {i} of the table has a null row_index")
+        if format_errors[i] is not None:  # found by the input format while reading the row
+            out.append(RowRequest(row_index, None, f"row {row_index}: {format_errors[i]}"))
+            continue
         try:
             out.append(_row_request(row_index, text_column, texts[i], spec.sampling,
                                     {name: values[i] for name, values in overrides.items() if values[i] is not None}))

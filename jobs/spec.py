@@ -14,6 +14,7 @@ from ternpool.engine.requests import SamplingParams
 SAMPLING_COLUMNS = tuple(f.name for f in fields(SamplingParams))
 
 _SEED_LIMIT = 2 ** 63
+OUTPUT_FORMATS = ("parquet", "openai")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class JobSpec:
     shard_rows: int = 64  # max rows per shard
     max_retries: int = 3
     truncate: str = "error"  # "error": a too-long prompt is an error row; "left": keep its end
+    input_format: str | None = None  # a registered input format's name; None: detected per file
+    output_format: str = "parquet"  # "openai": also OUT/output.jsonl + errors.jsonl (always for OpenAI inputs)
 
     def __post_init__(self):
         for name in ("inputs", "output", "model"):
@@ -48,6 +51,8 @@ class JobSpec:
                 or self.max_retries < 0:
             raise ValueError(f"JobSpec.max_retries must be an integer >= 0, "
                              f"got {self.max_retries!r}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"JobSpec.output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         if self.truncate not in TRUNCATE_MODES:
             raise ValueError(f"JobSpec.truncate must be one of {TRUNCATE_MODES}, "
                              f"got {self.truncate!r}")

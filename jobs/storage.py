@@ -21,8 +21,11 @@ CANCEL_FILE = "_cancel"  # written by `ternpool cancel`, polled by the driver
 OWNER_FILE = "_owner"  # the run that may write this output now (fencing against a stale run)
 LOCK_FILE = "_lock"  # flock'ed by the live driver for the job's whole life (local outputs)
 METRICS_FILE = "_metrics.prom"  # the job's final metrics
+OPENAI_OUTPUT_FILE = "output.jsonl"  # OpenAI Batch output lines, written at the end from the parts
+OPENAI_ERRORS_FILE = "errors.jsonl"  # OpenAI Batch error lines (the failed requests)
 # Every name ternpool writes in an output directory besides part files: nothing else is ours.
-FIXED_NAMES = frozenset({MANIFEST_FILE, PROGRESS_FILE, CANCEL_FILE, OWNER_FILE, LOCK_FILE, METRICS_FILE})
+FIXED_NAMES = frozenset({MANIFEST_FILE, PROGRESS_FILE, CANCEL_FILE, OWNER_FILE, LOCK_FILE, METRICS_FILE,
+                         OPENAI_OUTPUT_FILE, OPENAI_ERRORS_FILE})
 _PART = re.compile(r"part-(\d{5,})\.parquet")
 # write_atomic's temporaries: ".NAME.tmp-<32 hex>", and the manifest's fixed "_manifest.json.tmp"
 _TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9a-f]{32}")

@@ -1,5 +1,5 @@
 """The `ternpool` command line, at the top of the import graph: one module per command group
-(`run`: generate; `models`: make-model, convert; `jobs`: submit, status, cancel, demo; `bench`),
+(`run`: generate; `models`: make-model, convert; `jobs`: submit, status, cancel, export, demo; `bench`),
 registered here. Each command parses, calls a function of the layers below and prints. Imports
 are lazy: `status`, `cancel` and every `--help` load neither Numba nor Ray."""
 

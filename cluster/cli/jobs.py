@@ -1,4 +1,5 @@
-"""`ternpool submit | status | cancel | demo`: batch jobs on a Ray worker pool, and reading their state."""
+"""`ternpool submit | status | cancel | export | demo`: batch jobs on a Ray worker pool, reading their state and
+writing their output again."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 import threading
 
 from ternpool.engine.options import TRUNCATE_MODES
+from ternpool.jobs.formats import FORMATS
+from ternpool.jobs.spec import OUTPUT_FORMATS
 
 from .options import add_engine_options, add_sampling_options, engine_config, sampling_params
 
@@ -26,6 +29,12 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="number of worker actors (default: one per node)")
     add_engine_options(p, pool=True)
     add_sampling_options(p, job=True)
+    p.add_argument("--input-format", choices=tuple(FORMATS),
+                   help="read the inputs as this format (default: by suffix; a .jsonl file whose first line has "
+                   "'custom_id' or 'body' is an OpenAI Batch file, any other a JSON Lines file of columns)")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="parquet",
+                   help="openai: also write OUT/output.jsonl and OUT/errors.jsonl (OpenAI Batch output and error "
+                   "lines) when the job finishes; the default for OpenAI Batch inputs (default: parquet parts only)")
     p.add_argument("--shard-rows", type=int, default=64, help="rows per shard at most (default: 64)")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose worker is lost (default: 3)")
     p.add_argument("--truncate", choices=TRUNCATE_MODES, default="error",
@@ -45,7 +54,7 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
 
 def _job_kwargs(args) -> dict:
     return dict(sampling=sampling_params(args), shard_rows=args.shard_rows, max_retries=args.max_retries,
-                truncate=args.truncate)
+                truncate=args.truncate, input_format=args.input_format, output_format=args.output_format)
 
 
 def _pool(args):
@@ -140,10 +149,12 @@ def print_summary(summary) -> None:
     print(f"output: {s.output} (read with ternpool.jobs.read_output)")
 
 
+
 def cmd_submit(args) -> int:
     from ternpool.cluster.driver import JobHandle, prepare
     from ternpool.cluster.sizing import size_on_cluster
     from ternpool.jobs import JobSpec
+    from ternpool.jobs.openai_output import openai_paths, wants_openai, write_openai_files
 
     spec = JobSpec(inputs=args.input, output=args.output, model=args.model, **_job_kwargs(args))
     plan = prepare(spec)
@@ -154,11 +165,16 @@ def cmd_submit(args) -> int:
         return 0 if sizing.fits else 2
     if not plan.todo:
         print(f"nothing to do: all {len(plan.shards)} shards of {args.output} are complete")
+        if wants_openai(plan.spec, plan.inputs):
+            for path in write_openai_files(args.output):
+                print(f"openai: {path}")
         return 0
     handle = JobHandle(plan, pool)
     print(f"job {handle.job_id}: {len(plan.todo)} shards to run; metrics: {handle.metrics_url or 'off'}", flush=True)
     summary = _run(handle, show_progress=not args.no_progress and sys.stderr.isatty())
     print_summary(summary)
+    if summary.state == "finished" and wants_openai(plan.spec, plan.inputs):
+        print(f"openai: {openai_paths(args.output)[0]} and {openai_paths(args.output)[1]}")
     if summary.error:
         print(f"error: {summary.error}", file=sys.stderr)
         return 1
@@ -226,12 +242,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ternpool.jobs.export import export
+
+    for path, count in export(args.output, args.format, args.to, force=args.force):
+        print(f"wrote {path} ({count} {'lines' if args.format != 'parquet' else 'rows'})")
+    return 0
+
+
 def add_commands(sub) -> None:
-    s = sub.add_parser("submit", help="run a batch job over Parquet prompts on a Ray worker pool",
-                       description="Generate for every row of INPUT (a Parquet file, directory, glob or URI with a "
-                       "'prompt' or 'messages' column) and write OUT/part-*.parquet + OUT/_manifest.json, one "
-                       "output row per input row. Rerunning the same command resumes.")
-    s.add_argument("input", help="Parquet file, directory, glob or URI")
+    s = sub.add_parser("submit", help="run a batch job over Parquet, JSON Lines or OpenAI Batch prompts on a Ray "
+                       "worker pool",
+                       description="Generate for every row of INPUT (Parquet or JSON Lines with a 'prompt' or "
+                       "'messages' column, or OpenAI Batch input files; a file, directory, glob or URI) and write "
+                       "OUT/part-*.parquet + OUT/_manifest.json, one output row per input row (for OpenAI Batch "
+                       "inputs also OUT/output.jsonl and OUT/errors.jsonl). Rerunning the same command resumes.")
+    s.add_argument("input", help="Parquet, JSON Lines or OpenAI Batch file, directory, glob or URI")
     s.add_argument("--model", "-m", required=True, help="model directory (on every node) or Hub id")
     add_job_options(s)
     s.set_defaults(func=cmd_submit)
@@ -257,6 +283,19 @@ def add_commands(sub) -> None:
         "to resume.")
     c.add_argument("output", help="the job's output directory")
     c.set_defaults(func=cmd_cancel)
+
+    e = sub.add_parser(
+        "export", help="write a finished job's output again as one file (OpenAI Batch lines, JSON Lines, Parquet)",
+        description="Read the Parquet parts of the finished job in OUT (in input order) and write them to FILE: "
+        "--format openai writes OpenAI Batch output lines to FILE and error lines to FILE with '.errors' before its "
+        "suffix (results.jsonl -> results.errors.jsonl), exactly one line per request across both; jsonl writes one "
+        "JSON object per output row; parquet one Parquet file. Written atomically (temporary name, then rename). "
+        "An existing FILE is refused unless --force; a FILE inside OUT or inside the job's inputs always is.")
+    e.add_argument("output", help="the job's output directory")
+    e.add_argument("--format", choices=("openai", "jsonl", "parquet"), required=True, help="what to write")
+    e.add_argument("--to", required=True, metavar="FILE", help="the file to write (local path or URI)")
+    e.add_argument("--force", action="store_true", help="replace FILE (and its .errors file) if it exists")
+    e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="make a tiny model and example prompts, run a job on the embedded cluster",
                        description="Everything in DIR: a tiny random model, an example prompts Parquet, and the "

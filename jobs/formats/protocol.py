@@ -7,11 +7,16 @@ format. Formats are registered in `ternpool.jobs.formats`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+
+# A column a format may add: non-null when the row cannot become a request (its reason, naming the
+# line and field). `rows.to_requests` makes such a row an error row; it is never passed through.
+ROW_ERROR = "_ternpool_row_error"
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,9 @@ class FileLayout:
     num_rows: int
     chunk_rows: tuple[int, ...]  # rows in each chunk, in file order (they add up to num_rows)
     schema: pa.Schema
+    # the file's request keys (OpenAI's custom_id) -> their line, when the format has them: a key used
+    # in two files of one job is refused (`inputs.open_inputs`)
+    keys: dict[str, int] | None = field(default=None, compare=False, repr=False)
 
 
 class InputFormat(Protocol):
@@ -31,6 +39,9 @@ class InputFormat(Protocol):
     name: str  # the registry key, e.g. "parquet"
     label: str  # what messages call its files, e.g. "Parquet"
     suffixes: tuple[str, ...]  # the names a directory listing takes as this format, e.g. (".parquet",)
+
+    # A format that shares a suffix with another also has `claims(first) -> bool`: True when it
+    # reads a file whose first line (parsed JSON) is `first` (see `formats.detect`).
 
     def describe(self, fs: pafs.FileSystem, path: str, size: int) -> FileLayout:
         """Rows, chunk boundaries and schema of the file at `path` (`size` bytes, -1 when the

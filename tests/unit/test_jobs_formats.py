@@ -116,7 +116,7 @@ def test_a_format_registered_in_a_test_is_listed_planned_and_read(tmp_path, csv_
 
 def test_errors_of_a_new_format_name_the_file_column_and_shard(tmp_path, csv_format, no_parquet_reading):
     message = str(pytest.raises(JobInputError, open_inputs, str(tmp_path / "none-*.csv")).value)
-    assert "no Parquet or CSV files found" in message and "none-*.csv" in message
+    assert "no Parquet, OpenAI Batch, JSON Lines or CSV files found" in message and "none-*.csv" in message
 
     bad = tmp_path / "bad.csv"
     bad.write_text("id,text\n1,hello\n")

@@ -105,7 +105,7 @@ def test_uri_and_uri_glob(tmp_path):
 
 def test_no_files_matched_names_the_uri(tmp_path):
     message = error_of(tmp_path / "nothing-*.parquet")
-    assert "no Parquet files" in message and "nothing-*.parquet" in message
+    assert "no Parquet, OpenAI Batch or JSON Lines files" in message and "nothing-*.parquet" in message
     (tmp_path / "empty-dir").mkdir()
     assert str(tmp_path / "empty-dir") in error_of(tmp_path / "empty-dir")
     message = error_of(tmp_path / "missing.parquet")

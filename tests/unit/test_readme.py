@@ -68,6 +68,7 @@ OTHER_PROGRAMS = {
 # A Python block containing one of these is parsed and its imports run, but not the block.
 SKIP_PYTHON = {
     "submit(": "starts an embedded Ray cluster: tests/cluster/test_submit.py runs submit() and the handle",
+    "client.batches.create(": "OpenAI's own Batch API (the 'Moving from OpenAI Batch' comparison), not reachable here",
 }
 
 
