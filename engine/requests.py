@@ -109,6 +109,12 @@ class TokenLogprob:
     logprob: float | None
     top: tuple[TopLogprob, ...] = ()
 
+    def to_dict(self) -> dict[str, Any]:
+        """{token_id, token, logprob, top_logprobs: [{token_id, token, logprob}]}: the shape of the
+        Parquet columns and of `ternpool generate --json`."""
+        return {"token_id": self.token_id, "token": self.token, "logprob": self.logprob,
+                "top_logprobs": [{"token_id": a.token_id, "token": a.token, "logprob": a.logprob} for a in self.top]}
+
 
 @dataclass(frozen=True)
 class Result:

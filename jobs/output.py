@@ -95,9 +95,7 @@ def _logprob_rows(logprobs: tuple | None) -> list[dict] | None:
     """TokenLogprobs as TOKEN_LOGPROB_TYPE values (None stays None: the row did not ask)."""
     if logprobs is None:
         return None
-    return [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
-             "top_logprobs": [{"token_id": a.token_id, "token": a.token, "logprob": a.logprob} for a in t.top]}
-            for t in logprobs]
+    return [t.to_dict() for t in logprobs]
 
 
 def error_results(row_indices: Iterable[int], message: str) -> dict[int, Result]:
