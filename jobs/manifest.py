@@ -52,6 +52,8 @@ class Manifest:
     job_id: str = ""
     created: float = 0.0
     finished: float | None = None
+    # the cost figures of the run that last ended (ternpool.cluster.cost.JobCost.to_dict()), None before
+    cost: dict | None = field(default=None, compare=False)
     resumed: bool = field(default=False, compare=False)  # found in OUT by for_job (not saved)
 
     @classmethod
@@ -196,6 +198,7 @@ class Manifest:
             "job_id": self.job_id,
             "created": self.created,
             "finished": self.finished,
+            **({} if self.cost is None else {"cost": self.cost}),
         }
 
     def save(self) -> None:
@@ -241,7 +244,7 @@ class Manifest:
         return cls(output=storage.normalize(output), inputs=data["inputs"], model=data["model"],
                    sampling=data["sampling"], num_shards=data["num_shards"],
                    num_rows=data["num_rows"], completed=completed, job_id=data["job_id"],
-                   created=data["created"], finished=data.get("finished"))
+                   created=data["created"], finished=data.get("finished"), cost=data.get("cost"))
 
 
 def model_fingerprint(model_dir: str) -> dict[str, Any]:
