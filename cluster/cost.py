@@ -96,7 +96,7 @@ class CostEstimate:
         text = (f"estimate: {self.rows} rows, ~{self.prompt_tokens:,} prompt + at most {self.generated_tokens:,} "
                 f"generated tokens; measured on this node: prefill {self.prefill_tokens_per_s:,.1f} tokens/s, decode "
                 f"{self.decode_tokens_per_s:,.1f} tokens/s a worker; on {self.nodes} node(s) about "
-                f"{self.hours:,.3f} hours ({self.hours * 3600:,.0f} s)")
+                f"{self.hours:,.3f} hours ({self.hours * 3600:,.1f} s)")
         if self.dollars is not None:
             text += f", ${self.dollars:,.2f} at ${self.node_price:g} a node-hour"
         return text
