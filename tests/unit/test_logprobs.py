@@ -199,3 +199,14 @@ def test_a_job_writes_the_logprob_columns(tmp_path, tiny_engine):
     assert len(scored) == rows[2]["prompt_tokens"] and scored[0]["logprob"] is None
     assert all(t["logprob"] < 0 and len(t["top_logprobs"]) == 1 for t in scored[1:])
     assert rows[3]["error"] == "row 3: column 'top_logprobs': top_logprobs must be an integer in 0..20, got 25"
+
+
+def test_logprob_defaults_are_part_of_a_jobs_identity_only_when_asked_for(tmp_path):
+    from ternpool.jobs import JobSpec
+
+    plain = JobSpec(str(tmp_path / "in"), str(tmp_path / "out"), "model")
+    assert set(plain.sampling_defaults()) == {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+    asked = JobSpec(str(tmp_path / "in"), str(tmp_path / "out"), "model",
+                    sampling=SamplingParams(top_logprobs=2, prompt_logprobs=0))
+    assert asked.sampling_defaults() == dict(plain.sampling_defaults(), logprobs=True, top_logprobs=2,
+                                             prompt_logprobs=0)
