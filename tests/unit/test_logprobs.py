@@ -210,3 +210,22 @@ def test_logprob_defaults_are_part_of_a_jobs_identity_only_when_asked_for(tmp_pa
                     sampling=SamplingParams(top_logprobs=2, prompt_logprobs=0))
     assert asked.sampling_defaults() == dict(plain.sampling_defaults(), logprobs=True, top_logprobs=2,
                                              prompt_logprobs=0)
+
+
+def test_a_prompt_that_cannot_be_scored_fails_only_its_own_row(tiny_engine, monkeypatch):
+    from ternpool.engine import engine as engine_mod
+
+    real = engine_mod.token_logprob
+
+    def failing(logits, token_id, k, text):
+        if k == 7:  # the scored prompt's positions only
+            raise ValueError("the model produced non-finite logits (max nan)")
+        return real(logits, token_id, k, text)
+
+    monkeypatch.setattr(engine_mod, "token_logprob", failing)
+    bad, good = _engine(tiny_engine, step_tokens=3).generate([
+        Request("bad", prompt=PROMPTS[3], params=SamplingParams(max_tokens=4, prompt_logprobs=7)),
+        Request("good", prompt=PROMPTS[0], params=SamplingParams(max_tokens=4, top_logprobs=1))])
+    assert bad.finish_reason == "error" and bad.error.startswith("ValueError: the model produced non-finite")
+    assert bad.completion_tokens == 0
+    assert good.error is None and good.completion_tokens == 4 and len(good.logprobs) == 4
