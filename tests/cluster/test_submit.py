@@ -41,7 +41,8 @@ def test_end_to_end_on_the_embedded_cluster(tmp_path, tiny_model, make_prompts):
     table = _check_exactly_once(out, 300, bad)
     assert table.column_names[:2] == ["row_index", "id"]
     assert table.column_names == ["row_index", "id", "meta", "generated_text", "finish_reason", "prompt_tokens",
-                                  "completion_tokens", "error"]  # prompt and sampling columns do not pass through
+                                  "completion_tokens", "error", "generated_logprobs",
+                                  "prompt_token_logprobs"]  # prompt and sampling columns do not pass through
     assert table.column("meta").to_pylist()[7] == {"n": 7, "tag": "t1"}
     assert summary.generated_tokens == sum(table.column("completion_tokens").to_pylist())
 
