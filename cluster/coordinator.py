@@ -62,6 +62,7 @@ class _WorkerState:
     registered: float = field(default_factory=time.monotonic)
     lease_wait_s: float = 0.0  # the worker's own counts of time its engine stood still waiting on us:
     idle_s: float = 0.0  # in lease calls, and with nothing to run
+    core_s: float = 0.0  # the worker's running total of its process's CPU seconds
 
 
 class Coordinator:
@@ -69,8 +70,9 @@ class Coordinator:
 
     def __init__(self, spec, inputs, shards: list[Shard], manifest: Manifest, max_retries: int,
                  metrics_host: str = "127.0.0.1", metrics_port: int | None = None, pushgateway: str | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, node_price: float | None = None):
         self.spec, self.inputs, self.manifest = spec, inputs, manifest
+        self.node_price = node_price  # dollars per node-hour, for the cost figures
         self.run_id = run_id  # OUT/_owner must still name this run before anything is written
         self.metrics = JobMetrics(manifest.job_id, manifest.num_rows)
         self.metrics_port = None if metrics_port is None else self.metrics.serve(metrics_host, metrics_port)
@@ -147,7 +149,8 @@ class Coordinator:
             setattr(self, what, getattr(self, what) + seconds)
             self.metrics.coordinator_busy(seconds)
 
-    def heartbeat(self, worker_id: str, running: int | None = None, waits: tuple | None = None) -> None:
+    def heartbeat(self, worker_id: str, running: int | None = None, waits: tuple | None = None,
+                  core_s: float | None = None) -> None:
         with self.lock:
             w = self.workers.get(worker_id)
             if w is not None:
@@ -155,6 +158,13 @@ class Coordinator:
                 if running is not None:
                     self.metrics.worker_heartbeat(worker_id, w.node, running)
                 self._waited(worker_id, w, waits)
+                self._used_cpu(worker_id, w, core_s)
+
+    def _used_cpu(self, worker_id: str, w: _WorkerState, core_s: float | None) -> None:
+        """Workers send the running total of their process's CPU seconds."""
+        if core_s is not None and core_s > w.core_s:
+            self.metrics.worker_cpu(worker_id, w.node, core_s - w.core_s)
+            w.core_s = core_s
 
     def _waited(self, worker_id: str, w: _WorkerState, waits: tuple | None) -> None:
         """Workers send running totals of seconds spent waiting on the coordinator: (in lease calls, idle)."""
@@ -167,15 +177,16 @@ class Coordinator:
         w.lease_wait_s, w.idle_s = lease_s, idle_s
 
     def complete(self, worker_id: str, key: tuple[int, int], results: list[Result],
-                 waits: tuple | None = None) -> bool:
+                 waits: tuple | None = None, core_s: float | None = None) -> bool:
         """A worker finished a piece. Returns False when the lease was no longer its own."""
         t0 = time.perf_counter()
         try:
-            return self._complete(worker_id, key, results, waits)
+            return self._complete(worker_id, key, results, waits, core_s)
         finally:
             self._busy("complete_s", time.perf_counter() - t0)
 
-    def _complete(self, worker_id: str, key: tuple[int, int], results: list[Result], waits: tuple | None) -> bool:
+    def _complete(self, worker_id: str, key: tuple[int, int], results: list[Result], waits: tuple | None,
+                  core_s: float | None = None) -> bool:
         with self.lock:
             w = self.workers.get(worker_id)
             piece = w.leased.pop(tuple(key), None) if w else None
@@ -183,6 +194,7 @@ class Coordinator:
                 return False  # lost and requeued meanwhile: the requeued copy will be written
             w.last_seen = time.monotonic()
             self._waited(worker_id, w, waits)
+            self._used_cpu(worker_id, w, core_s)
             if not w.leased:
                 w.busy_since = None
             w.rows += len(results)
@@ -337,7 +349,7 @@ class Coordinator:
             in_flight = sum(len(w.leased) for w in self.workers.values())
             self.eta_s = self.metrics.queue(len(self.queue), in_flight, len(self.workers), self.rows_done,
                                             self.manifest.num_rows)
-            return JobStats(
+            stats = JobStats(
                 job_id=self.manifest.job_id,
                 rows_total=self.manifest.num_rows,
                 rows_done=self.rows_done,
@@ -363,9 +375,12 @@ class Coordinator:
                                            self.shard_s, self.pieces_leased),
                 workers={wid: WorkerStats(w.node, w.rows, w.prompt_tokens, w.generated_tokens, len(w.leased),
                                           wid in self.lost, w.lease_wait_s, w.idle_s,
-                                          (w.last_seen if wid in self.lost else now) - w.registered)
+                                          (w.last_seen if wid in self.lost else now) - w.registered, w.core_s)
                          for wid, w in list(self.workers.items()) + list(self.lost.items())},
+                node_price=self.node_price,
             )
+            self.metrics.cost(stats.cost)
+            return stats
 
     def write_progress(self, state: str) -> JobStats:
         """Save what is pending, write OUT/_progress.json (`JobStats.to_dict()` with `state`, `updated`
@@ -373,6 +388,9 @@ class Coordinator:
         s = self.stats()
         if state == "finished" and self.manifest.finished is None:
             self.manifest.finished = time.time()
+            self._unsaved += 1
+        if state != "running" and s.workers:  # the run ends: its cost goes into the manifest
+            self.manifest.cost = s.cost.to_dict()
             self._unsaved += 1
         # records batched since the last save (a final state tries once more a save that failed)
         self._save_manifest(force=state != "running", retrying=state != "running")

@@ -51,6 +51,16 @@ SPEC = {
     "ternpool_coordinator_busy_seconds": ("counter", J, "Seconds the coordinator spent handing out shards and "
                                           "writing finished ones"),
     "ternpool_eta_seconds": ("gauge", J, "Estimated seconds until every row is written"),
+    "ternpool_worker_cpu_seconds": ("counter", W, "CPU seconds of a worker's process (all its threads) since its "
+                                    "warm-up: core-seconds"),
+    "ternpool_core_seconds_per_million_generated_tokens": ("gauge", J, "This run's worker core-seconds per million "
+                                                           "generated tokens"),
+    "ternpool_core_seconds_per_million_prompt_tokens": ("gauge", J, "This run's worker core-seconds per million "
+                                                        "prompt tokens"),
+    "ternpool_dollars_per_million_generated_tokens": ("gauge", J, "Dollars (nodes x processing time x --node-price) "
+                                                      "per million generated tokens"),
+    "ternpool_dollars_per_million_prompt_tokens": ("gauge", J, "Dollars (nodes x processing time x --node-price) "
+                                                   "per million prompt tokens"),
     "ternpool_shard_duration_seconds": ("histogram", J, "Seconds from a shard's first lease to its part file"),
     "ternpool_request_latency_seconds": ("histogram", W, "Seconds from a row's admission to its result"),
     "ternpool_time_to_first_token_seconds": ("histogram", W, "Seconds from a row's admission to its first token"),
@@ -158,12 +168,26 @@ class JobMetrics:
         self._w("ternpool_generated_tokens", worker, node)
         self._w("ternpool_prompt_tokens", worker, node)
         self._w("ternpool_worker_wait_seconds", worker, node)
+        self._w("ternpool_worker_cpu_seconds", worker, node)
 
     def worker_heartbeat(self, worker: str, node: str, running: int) -> None:
         self._w("ternpool_kv_slots_in_use", worker, node).set(running)
 
     def worker_waited(self, worker: str, node: str, seconds: float) -> None:
         self._w("ternpool_worker_wait_seconds", worker, node).inc(seconds)
+
+    def worker_cpu(self, worker: str, node: str, seconds: float) -> None:
+        self._w("ternpool_worker_cpu_seconds", worker, node).inc(seconds)
+
+    def cost(self, cost) -> None:
+        """The per-million-token figures of a `cluster.cost.JobCost` (a figure that is not known yet, or
+        dollars without a node price, is left unset)."""
+        for name, value in (("core_seconds_per_million_generated_tokens", cost.core_s_per_m_generated_tokens),
+                            ("core_seconds_per_million_prompt_tokens", cost.core_s_per_m_prompt_tokens),
+                            ("dollars_per_million_generated_tokens", cost.dollars_per_m_generated_tokens),
+                            ("dollars_per_million_prompt_tokens", cost.dollars_per_m_prompt_tokens)):
+            if value is not None:
+                self._j("ternpool_" + name).set(value)
 
     def coordinator_busy(self, seconds: float) -> None:
         self._j("ternpool_coordinator_busy_seconds").inc(seconds)

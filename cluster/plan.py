@@ -27,6 +27,7 @@ class PoolConfig:
     metrics_host: str = "127.0.0.1"  # where the coordinator serves Prometheus metrics
     metrics_port: int | None = None  # None: 9469, or a free port when that is taken; 0: a free port; -1: none
     pushgateway: str | None = None  # push the final metrics there
+    node_price: float | None = None  # dollars per node-hour: adds dollar figures to the job's cost
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .cost import JobCost
+
 
 def processed_tokens(results) -> tuple[int, int]:
     """(prompt, generated) tokens of the rows that succeeded. A failed row (too long, bad sampling
@@ -42,6 +44,7 @@ class WorkerStats:
     lease_wait_s: float = 0.0  # its engine stood still waiting on the coordinator: in lease calls,
     idle_s: float = 0.0  # and with nothing to run (the worker's own running totals)
     alive_s: float = 0.0  # registration to now (to its last sign of life when lost)
+    core_s: float = 0.0  # its process's CPU seconds since its warm-up (the worker's running total)
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,22 @@ class JobStats:
     active_workers: int
     scheduling: SchedulingStats = field(default_factory=SchedulingStats)
     workers: dict[str, WorkerStats] = field(default_factory=dict)  # this run's, lost ones included
+    node_price: float | None = None  # dollars per node-hour (`--node-price`), None: no dollar figures
 
     @property
     def tokens_per_s(self) -> float:
         return tokens_per_s(self.generated_tokens, self.processing_s)
 
+    @property
+    def cost(self) -> JobCost:
+        """This run's: its workers' CPU seconds, and the nodes they ran on for its processing time."""
+        nodes = len({w.node for w in self.workers.values()})
+        return JobCost(sum(w.core_s for w in self.workers.values()), nodes * self.processing_s,
+                       self.prompt_tokens, self.generated_tokens, self.node_price)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able, nested dataclasses as dicts, `tokens_per_s` included."""
-        return dict(asdict(self), tokens_per_s=self.tokens_per_s)
+        """JSON-able, nested dataclasses as dicts, `tokens_per_s` and `cost` included."""
+        return dict(asdict(self), tokens_per_s=self.tokens_per_s, cost=self.cost.to_dict())
 
     @classmethod
     def from_manifest(cls, manifest) -> JobStats:
@@ -134,6 +145,7 @@ class JobSummary:
     rows_this_run: int = 0
     prompt_tokens_this_run: int = 0
     generated_tokens_this_run: int = 0
+    cost: JobCost | None = None  # this run's (None when the coordinator was gone at the end)
 
     @property
     def tokens_per_s(self) -> float:
@@ -152,4 +164,4 @@ def summarize(output: str, job_id: str, state: str, stats: JobStats, wall_s: flo
         output, job_id, state, stats.rows_done, stats.failed_rows, stats.job_prompt_tokens,
         stats.job_generated_tokens, wall_s, stats.retries, worker_restarts, stats.workers, error,
         stats.processing_s, stats.scheduling, stats.rows_done_this_run, stats.prompt_tokens,
-        stats.generated_tokens)
+        stats.generated_tokens, stats.cost if stats.workers else None)

@@ -58,6 +58,7 @@ class Worker:
         self.last_beat = 0.0
         # seconds the engine stood still waiting on the coordinator: in lease calls, and idle with no work
         self.lease_s = self.idle_s = 0.0
+        self.cpu_at_start = time.process_time()  # the job's core-seconds count from here (after the warm-up)
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "node": self.node, "pid": os.getpid(), "threads": self.engine.threads}
@@ -67,10 +68,14 @@ class Worker:
         now = time.monotonic()
         if now - self.last_beat >= _HEARTBEAT_S:
             self.last_beat = now
-            self.coordinator.heartbeat.remote(self.worker_id, self.engine.running, self._waits())
+            self.coordinator.heartbeat.remote(self.worker_id, self.engine.running, self._waits(), self._core_s())
 
     def _waits(self) -> tuple[float, float]:
         return self.lease_s, self.idle_s
+
+    def _core_s(self) -> float:
+        """CPU seconds of this process (every thread: Numba's included) since the warm-up."""
+        return time.process_time() - self.cpu_at_start
 
     def _source(self):
         """The engine's requests, one per row of the leased pieces (None while the coordinator says WAIT),
@@ -115,7 +120,7 @@ class Worker:
             del self.pending[key]
             # not awaited here: the engine goes on while the coordinator writes the shard
             self.sent.append(self.coordinator.complete.remote(self.worker_id, key, list(p.results.values()),
-                                                              self._waits()))
+                                                              self._waits(), self._core_s()))
             self._check_sent()
 
     def _check_sent(self, wait: bool = False) -> None:

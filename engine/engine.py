@@ -26,7 +26,8 @@ from .options import DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, DEFAULT_STEP_TOKENS, TR
 from .shapes import kv_bytes_per_slot
 from .hub import resolve_model_dir
 from .model import BitNetModel
-from .requests import Request, Result, SamplingParams
+from .logprobs import PROMPT_ROWS_PER_BLOCK, token_logprob
+from .requests import Request, Result, SamplingParams, TokenLogprob
 from .sampling import make_rng, sample
 from .tokenizer import Tokenizer
 from .modelfiles import check_links
@@ -50,6 +51,8 @@ class _Seq:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     error: str | None = None  # why the sequence failed (finish "error")
+    logprobs: list[TokenLogprob] | None = None  # of generated tokens, when the request asks
+    prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens, when the request asks
 
     @property
     def pending(self) -> list[int]:
@@ -195,7 +198,15 @@ class Engine:
                                           f"{self.model.max_context} including at least one generated token; "
                                           "--truncate left (truncate=\"left\" in Python) keeps its end",
                                  prompt_tokens=len(ids))
-        return _Seq(req, slot, ids, rng)
+        seq = _Seq(req, slot, ids, rng)
+        if req.params.logprobs:
+            seq.logprobs = []
+        if req.params.prompt_logprobs is not None:  # nothing predicts the first token
+            seq.prompt_logprobs = [TokenLogprob(ids[0], self._token_text(ids[0]), None)]
+        return seq
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
     def _truncate_left(self, ids: list[int], max_tokens: int) -> list[int]:
         """Keep the end of a prompt, leaving room for min(max_tokens, context / 2) new tokens."""
@@ -208,7 +219,9 @@ class Engine:
         now = time.perf_counter()
         ttft = None if s.first_token_at is None else s.first_token_at - s.started
         return Result(s.request.key, s.text, tuple(s.generated), len(s.prompt_ids), len(s.generated),
-                      s.finish or "length", s.error, tuple(s.prompt_ids), ttft, now - s.started)
+                      s.finish or "length", s.error, tuple(s.prompt_ids), ttft, now - s.started,
+                      None if s.logprobs is None else tuple(s.logprobs),
+                      None if s.prompt_logprobs is None else tuple(s.prompt_logprobs))
 
     def _accept(self, s: _Seq, token: int) -> None:
         """Record a sampled token and decide whether the sequence is finished."""
@@ -281,6 +294,8 @@ class Engine:
         pos: list[int] = []
         slots: list[int] = []
         sampled: list[tuple[_Seq, int]] = []  # sequences that get a next token, and their logit row
+        scored: list[tuple[_Seq, int, int]] = []  # (sequence, logit row, prompt token it predicts)
+        done: list[_Seq] = []
         budget = self.step_tokens
         # decoding sequences first (one token each), then prefill chunks in arrival order
         for s in sorted(active, key=lambda s: s.fed < len(s.prompt_ids)):
@@ -289,26 +304,60 @@ class Engine:
                 if budget <= 0:
                     continue
                 chunk = chunk[:budget]
+            if s.prompt_logprobs is not None:  # rows of prompt positions that predict a prompt token
+                scored.extend((s, len(tokens) + i, p + 1) for i, p in enumerate(range(s.fed, s.fed + len(chunk)))
+                              if p + 1 < len(s.prompt_ids))
             tokens.extend(chunk)
             pos.extend(range(s.fed, s.fed + len(chunk)))
             slots.extend([s.slot] * len(chunk))
             s.fed += len(chunk)
             budget -= len(chunk)
             if s.fed >= len(s.prompt_ids):
-                sampled.append((s, len(tokens) - 1))
-        logits = self.model.forward(np.array(tokens), np.array(pos), np.array(slots),
-                                    np.array([row for _, row in sampled]))
-        done = []
+                if s.request.params.max_tokens == 0:  # a scoring request: the prompt is all it reads
+                    s.finish = "length"
+                    done.append(s)
+                else:
+                    sampled.append((s, len(tokens) - 1))
+        rows = [row for _, row in sampled] + [row for _, row, _ in scored]
+        hidden = self.model.hidden(np.array(tokens), np.array(pos), np.array(slots), np.array(rows, dtype=np.int64))
+        if scored:
+            self._score_prompts(scored, hidden[len(sampled):])
+            for s in {id(s): s for s, _, _ in scored}.values():
+                if s.finish == "error" and not any(s is d for d in done):
+                    done.append(s)
+        logits = self.model.logits(hidden[:len(sampled)])
         for (s, _), row in zip(sampled, logits):
+            if s.finish == "error":  # its prompt could not be scored
+                continue
             try:
-                self._accept(s, sample(row, s.request.params, s.rng))
+                token = sample(row, s.request.params, s.rng)
+                if s.logprobs is not None:
+                    s.logprobs.append(token_logprob(row, token, s.request.params.top_logprobs, self._token_text))
+                self._accept(s, token)
             except Exception as e:  # e.g. non-finite logits: this sequence fails, the others go on
-                log.warning("request %r failed at token %d: %s: %s", s.request.key, len(s.generated),
-                            type(e).__name__, e)
-                s.finish, s.error = "error", f"{type(e).__name__}: {e}"
+                self._fail(s, f"at token {len(s.generated)}", e)
             if s.finish:
                 done.append(s)
         return done, len(tokens)
+
+    def _score_prompts(self, scored: list[tuple[_Seq, int, int]], hidden: np.ndarray) -> None:
+        """Append the log-probability of each scored prompt token to its sequence (in position order),
+        turning `hidden` into logits a block of rows at a time."""
+        for start in range(0, len(scored), PROMPT_ROWS_PER_BLOCK):
+            block = scored[start:start + PROMPT_ROWS_PER_BLOCK]
+            for (s, _, target), row in zip(block, self.model.logits(hidden[start:start + len(block)])):
+                if s.finish == "error":
+                    continue
+                try:
+                    s.prompt_logprobs.append(token_logprob(row, s.prompt_ids[target], s.request.params.prompt_logprobs,
+                                                           self._token_text))
+                except Exception as e:
+                    self._fail(s, f"at prompt token {target}", e)
+
+    @staticmethod
+    def _fail(s: _Seq, where: str, e: Exception) -> None:
+        log.warning("request %r failed %s: %s: %s", s.request.key, where, type(e).__name__, e)
+        s.finish, s.error = "error", f"{type(e).__name__}: {e}"
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Blocking: results in the order of `requests` (keys need not be unique)."""

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any, Hashable, Sequence
 
 FINISH_REASONS = ("stop", "length", "error")
+MAX_LOGPROBS = 20  # most alternatives a token's logprobs list (OpenAI's limit for top_logprobs)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 class SamplingValueError(ValueError):
@@ -20,6 +26,11 @@ class SamplingValueError(ValueError):
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. temperature 0 means greedy; top_k 0 means off.
+    `logprobs`: report each generated token's log-probability, with its `top_logprobs` (0..20; > 0
+    implies logprobs) most likely alternatives; `prompt_logprobs` K (None: off): each prompt token's
+    log-probability and its top K alternatives. Both are of the model's raw distribution (the
+    log_softmax of its logits, before temperature, top-k and top-p). max_tokens may be 0 when
+    prompt_logprobs is set: a scoring request that only reads the prompt.
     An impossible value raises SamplingValueError naming its field."""
 
     max_tokens: int = 128
@@ -28,6 +39,9 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         stop = self.stop
@@ -38,8 +52,9 @@ class SamplingParams:
         def bad(field: str, message: str) -> SamplingValueError:
             return SamplingValueError(field, f"{message}, got {getattr(self, field)!r}")
 
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", "max_tokens must be an integer >= 1")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < least:
+            raise bad("max_tokens", "max_tokens must be an integer >= 1 (>= 0 with prompt_logprobs)")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
                 or self.temperature < 0:
             raise bad("temperature", "temperature must be a finite number >= 0")
@@ -50,6 +65,14 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or self.seed < 0):
             raise bad("seed", "seed must be a non-negative integer or None")
+        if not isinstance(self.logprobs, bool):
+            raise bad("logprobs", "logprobs must be true or false")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise bad("top_logprobs", f"top_logprobs must be an integer in 0..{MAX_LOGPROBS}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise bad("prompt_logprobs", f"prompt_logprobs must be None or an integer in 0..{MAX_LOGPROBS}")
+        object.__setattr__(self, "logprobs", bool(self.logprobs) or self.top_logprobs > 0)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingValueError("stop", f"stop strings must be non-empty strings, got {s!r}")
@@ -68,6 +91,32 @@ class Request:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token and its log-probability under the model's raw distribution."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token of a sequence, its log-probability (None for a prompt's first token, which nothing
+    predicts) and the `top` most likely tokens at its position, most likely first."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: tuple[TopLogprob, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """{token_id, token, logprob, top_logprobs: [{token_id, token, logprob}]}: the shape of the
+        Parquet columns and of `ternpool generate --json`."""
+        return {"token_id": self.token_id, "token": self.token, "logprob": self.logprob,
+                "top_logprobs": [{"token_id": a.token_id, "token": a.token, "logprob": a.logprob} for a in self.top]}
+
+
+@dataclass(frozen=True)
 class Result:
     """The outcome of one request. `text` excludes the stop string and the stop token;
     `token_ids` are all generated ids (including an end-of-sequence token that stopped it)."""
@@ -82,6 +131,10 @@ class Result:
     prompt_token_ids: tuple[int, ...] = ()
     time_to_first_token: float | None = None  # seconds from admission to the first generated token
     latency: float | None = None  # seconds from admission to the result
+    # one TokenLogprob per generated token when params.logprobs, else None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    # one per prompt token when params.prompt_logprobs is set (the first one's logprob is None), else None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @classmethod
     def failed(cls, key: Hashable, error: str, prompt_tokens: int = 0) -> "Result":

@@ -21,7 +21,7 @@ from .spec import SAMPLING_COLUMNS
 log = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("prompt", "messages")
-INTEGER_SAMPLING_COLUMNS = ("max_tokens", "top_k", "seed")  # integer or float with integral values
+INTEGER_SAMPLING_COLUMNS = ("max_tokens", "top_k", "seed", "top_logprobs", "prompt_logprobs")  # integer or float with integral values
 _GLOB_CHARS = ("*", "?", "[")
 
 _EXPECTED_SAMPLING_TYPES = {
@@ -31,6 +31,9 @@ _EXPECTED_SAMPLING_TYPES = {
     "top_k": "an integer or floating point type (with integral values)",
     "seed": "an integer or floating point type (with integral values)",
     "stop": "string or list<string>",
+    "logprobs": "bool",
+    "top_logprobs": "an integer or floating point type (with integral values)",
+    "prompt_logprobs": "an integer or floating point type (with integral values)",
 }
 
 
@@ -279,6 +282,8 @@ def _sampling_type_ok(name: str, t: pa.DataType) -> bool:
         return pa.types.is_floating(t) or pa.types.is_integer(t)
     if name == "stop":
         return _is_text(t) or (_is_list(t) and _is_text(t.value_type))
+    if name == "logprobs":
+        return pa.types.is_boolean(t)
     raise AssertionError(f"unknown sampling column {name!r}")
 
 

@@ -57,6 +57,8 @@ class Manifest:
     job_id: str = ""
     created: float = 0.0
     finished: float | None = None
+    # the cost figures of the run that last ended (ternpool.cluster.cost.JobCost.to_dict()), None before
+    cost: dict | None = field(default=None, compare=False)
     resumed: bool = field(default=False, compare=False)  # found in OUT by for_job (not saved)
     # what the OpenAI output files and `ternpool export` need from the job (informative: not compared)
     about: dict = field(default_factory=dict)  # {"input_uri", "text_column", "model_name", "output_format"}
@@ -206,6 +208,7 @@ class Manifest:
             "created": self.created,
             "finished": self.finished,
             "about": self.about,
+            **({} if self.cost is None else {"cost": self.cost}),
         }
 
     def save(self) -> None:
@@ -251,7 +254,7 @@ class Manifest:
         return cls(output=storage.normalize(output), inputs=data["inputs"], model=data["model"],
                    sampling=data["sampling"], num_shards=data["num_shards"],
                    num_rows=data["num_rows"], completed=completed, job_id=data["job_id"],
-                   created=data["created"], finished=data.get("finished"),
+                   created=data["created"], finished=data.get("finished"), cost=data.get("cost"),
                    about=data.get("about") if isinstance(data.get("about"), dict) else {})
 
 

@@ -17,6 +17,11 @@ from .storage import part_name
 
 log = logging.getLogger(__name__)
 
+# a token's log-probability and the most likely tokens at its position (engine.requests.TokenLogprob)
+TOP_LOGPROB_TYPE = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
+TOKEN_LOGPROB_TYPE = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32()),
+                                ("top_logprobs", pa.list_(TOP_LOGPROB_TYPE))])
+
 OUTPUT_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("row_index", pa.int64()),
     ("generated_text", pa.string()),
@@ -24,6 +29,9 @@ OUTPUT_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()),
     ("error", pa.string()),
+    # null for rows that did not ask (logprobs / top_logprobs, prompt_logprobs)
+    ("generated_logprobs", pa.list_(TOKEN_LOGPROB_TYPE)),
+    ("prompt_token_logprobs", pa.list_(TOKEN_LOGPROB_TYPE)),  # the first prompt token's logprob is null
 )
 _OUTPUT_TYPES = dict(OUTPUT_SCHEMA_FIELDS)
 OUTPUT_COLUMNS = tuple(_OUTPUT_TYPES)  # an input column of one of these names is refused
@@ -37,7 +45,7 @@ def result_table(shard_table: pa.Table, results: dict[int, Result],
                  passthrough: tuple[str, ...]) -> pa.Table:
     """The output rows of a shard, one per row of `shard_table` (a `read_shard` table) in its
     order: `row_index`, the passthrough columns unchanged, then generated_text, finish_reason,
-    prompt_tokens, completion_tokens and error. `results` maps row_index -> Result; a row
+    prompt_tokens, completion_tokens, error, generated_logprobs and prompt_token_logprobs. `results` maps row_index -> Result; a row
     without a result raises ValueError (rows are never dropped). A failed result has
     generated_text "" and finish_reason "error". Results for other rows are ignored."""
     if "row_index" not in shard_table.column_names:
@@ -54,6 +62,7 @@ def result_table(shard_table: pa.Table, results: dict[int, Result],
         raise ValueError(f"result_table: no result for {len(missing)} of {len(row_indices)} "
                          f"row(s): row_index {shown}")
     texts, reasons, prompt_tokens, completion_tokens, errors = [], [], [], [], []
+    generated_logprobs, prompt_token_logprobs = [], []
     for row_index in row_indices:
         result = results[row_index]
         failed = result.error is not None or result.finish_reason == "error"
@@ -65,6 +74,8 @@ def result_table(shard_table: pa.Table, results: dict[int, Result],
             errors.append("the engine reported finish_reason 'error' without a message")
         else:
             errors.append(result.error)
+        generated_logprobs.append(_logprob_rows(result.logprobs))
+        prompt_token_logprobs.append(_logprob_rows(result.prompt_logprobs))
     fields = [pa.field("row_index", pa.int64(), nullable=False)]
     columns: list[pa.ChunkedArray | pa.Array] = [shard_table.column("row_index").cast(pa.int64())]
     for name in passthrough:
@@ -73,10 +84,19 @@ def result_table(shard_table: pa.Table, results: dict[int, Result],
         columns.append(column)
     for name, values in (("generated_text", texts), ("finish_reason", reasons),
                          ("prompt_tokens", prompt_tokens),
-                         ("completion_tokens", completion_tokens), ("error", errors)):
+                         ("completion_tokens", completion_tokens), ("error", errors),
+                         ("generated_logprobs", generated_logprobs),
+                         ("prompt_token_logprobs", prompt_token_logprobs)):
         fields.append(pa.field(name, _OUTPUT_TYPES[name]))
         columns.append(pa.array(values, _OUTPUT_TYPES[name]))
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def _logprob_rows(logprobs: tuple | None) -> list[dict] | None:
+    """TokenLogprobs as TOKEN_LOGPROB_TYPE values (None stays None: the row did not ask)."""
+    if logprobs is None:
+        return None
+    return [t.to_dict() for t in logprobs]
 
 
 def error_results(row_indices: Iterable[int], message: str) -> dict[int, Result]:

@@ -112,7 +112,8 @@ def owns_output(output: str, run_id: str) -> bool:
 def status(output: str) -> dict[str, Any]:
     """The state of the job in `output` from its manifest and progress file:
     job_id, state ("running" | "finished" | "cancelled" | "failed" | "incomplete"), rows_total,
-    rows_done, shards_total, shards_done, failed_rows, tokens_per_s (None without progress),
+    rows_done, shards_total, shards_done, failed_rows, tokens_per_s (None without progress), cost
+    (core-seconds and dollars per million tokens, see cluster/cost.py; None before any),
     updated (time of the last progress update, else of the manifest's finish or creation),
     eta_s (seconds to go while running, None until known; 0 when finished), error (why the job
     failed, or that its driver is gone; else None) and driver (the live driver's pid, host and
@@ -155,6 +156,8 @@ def status(output: str) -> dict[str, Any]:
         "shards_done": len(done),
         "failed_rows": sum(int(e.get("failed_rows", 0)) for e in entries),
         "tokens_per_s": progress.get("tokens_per_s"),
+        # this run's cost figures (cluster.cost.JobCost.to_dict()), else the last finished run's, else None
+        "cost": progress.get("cost") or manifest.cost,
         "updated": updated,
         "error": error,
         "driver": driver,

@@ -61,8 +61,14 @@ class JobSpec:
         """The job's sampling defaults as a JSON-able dict (recorded in the manifest: part of the
         job's identity, so its keys and value types stay as they are)."""
         s = self.sampling
-        return {"max_tokens": s.max_tokens, "temperature": float(s.temperature), "top_p": float(s.top_p),
-                "top_k": s.top_k, "seed": s.seed, "stop": list(s.stop)}
+        out = {"max_tokens": s.max_tokens, "temperature": float(s.temperature), "top_p": float(s.top_p),
+               "top_k": s.top_k, "seed": s.seed, "stop": list(s.stop)}
+        # logprob defaults only when asked for: a manifest written before they existed stays this job's
+        if s.logprobs:
+            out.update(logprobs=True, top_logprobs=s.top_logprobs)
+        if s.prompt_logprobs is not None:
+            out["prompt_logprobs"] = s.prompt_logprobs
+        return out
 
 
 def derive_seed(job_seed: int, row_index: int) -> int:

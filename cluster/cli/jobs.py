@@ -48,8 +48,25 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address the metrics endpoint binds to (default: 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--pushgateway", help="also push the final metrics to this Prometheus Pushgateway URL")
-    p.add_argument("--dry-run", action="store_true", help="validate input and model, print the plan, do not run")
+    p.add_argument("--node-price", type=_price, metavar="DOLLARS_PER_NODE_HOUR",
+                   help="what a node costs an hour: adds dollars (nodes x processing time x price) and dollars per "
+                   "million tokens to the cost figures of the summary, status, _manifest.json and metrics")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate input and model, print the plan and an estimate of the job's hours (and dollars "
+                   "with --node-price) measured with a short calibration of the model on this node; do not run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _price(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected dollars per node-hour, a number >= 0, got {text!r}")
+    return value
 
 
 def _job_kwargs(args) -> dict:
@@ -63,7 +80,7 @@ def _pool(args):
     return PoolConfig(address=args.address, workers=args.workers, engine=engine_config(args),
                       hang_timeout=args.hang_timeout,
                       metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-                      pushgateway=args.pushgateway,
+                      pushgateway=args.pushgateway, node_price=args.node_price,
                       object_store_memory=None if args.object_store_mb is None else args.object_store_mb << 20)
 
 
@@ -146,6 +163,8 @@ def print_summary(summary) -> None:
         rate = w.generated_tokens / s.processing_s if s.processing_s else 0.0
         lost = " (lost)" if w.lost else ""
         print(f"  {wid}{lost}: {w.rows} rows, {w.generated_tokens} tokens, {rate:.1f} tokens/s")
+    if s.cost is not None:
+        print(s.cost.line())
     print(f"output: {s.output} (read with ternpool.jobs.read_output)")
 
 
@@ -162,6 +181,12 @@ def cmd_submit(args) -> int:
     if args.dry_run:  # the same sizing as submit, against the nodes of the cluster submit would use
         sizing = size_on_cluster(plan, pool)
         _print_plan(plan, pool, sizing)
+        if sizing.fits and plan.todo:
+            from ternpool.cluster.calibrate import estimate
+
+            fitting = [n for n in sizing.nodes if n.fits]
+            nodes = min(pool.workers or len(fitting), len(fitting))
+            print(estimate(plan, pool, sizing.slots or min(n.slots for n in fitting), nodes).line())
         return 0 if sizing.fits else 2
     if not plan.todo:
         print(f"nothing to do: all {len(plan.shards)} shards of {args.output} are complete")
@@ -202,6 +227,11 @@ def cmd_status(args) -> int:
           f"{s['shards_done']}/{s['shards_total']} shards, {s.get('failed_rows', 0)} failed rows"
           + (f", {s['tokens_per_s']:.1f} tokens/s" if s.get("tokens_per_s") else "")
           + (f", ETA {format_eta(s['eta_s'])}" if s.get("eta_s") is not None and s["state"] == "running" else ""))
+    if s.get("cost"):
+        from ternpool.cluster.cost import JobCost
+
+        c = s["cost"]
+        print(JobCost(c["core_s"], c["node_s"], c["prompt_tokens"], c["generated_tokens"], c.get("node_price")).line())
     if s.get("driver"):
         d = s["driver"]
         print(f"driver: pid {d.get('pid', '?')} on host {d.get('host', '?')}")

@@ -75,9 +75,21 @@ def add_sampling_options(p: argparse.ArgumentParser, *, job: bool) -> None:
         p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--stop", action="append",
                    help=f"{of}stop string (repeatable); not included in the text")
+    p.add_argument("--logprobs", type=int, metavar="K",
+                   help="report each generated token's log-probability and its K most likely alternatives "
+                   "(0..20; 0: the token's only), of the model's raw distribution (before temperature, top-k, "
+                   "top-p)" + (", in the generated_logprobs column (the job's default: a row's logprobs / "
+                               "top_logprobs columns override it)" if job else ""))
+    p.add_argument("--prompt-logprobs", type=int, metavar="K",
+                   help="report each prompt token's log-probability and its K most likely alternatives "
+                   "(0..20); with --max-tokens 0 the prompt is only scored"
+                   + (", in the prompt_token_logprobs column (the job's default: a row's prompt_logprobs column "
+                      "overrides it)" if job else ""))
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams of `add_sampling_options`' arguments."""
-    return SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)
-                             if f.name != "stop"}, stop=tuple(args.stop or ()))
+    special = ("stop", "logprobs", "top_logprobs")
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams) if f.name not in special},
+                          stop=tuple(args.stop or ()), logprobs=args.logprobs is not None,
+                          top_logprobs=args.logprobs or 0)

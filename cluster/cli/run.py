@@ -30,10 +30,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {res.error}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"prompt_ids": list(res.prompt_token_ids), "output_ids": list(res.token_ids),
-                          "text": res.text, "finish_reason": res.finish_reason}, ensure_ascii=False))
+        out = {"prompt_ids": list(res.prompt_token_ids), "output_ids": list(res.token_ids), "text": res.text,
+               "finish_reason": res.finish_reason}
+        for name, lps in (("logprobs", res.logprobs), ("prompt_logprobs", res.prompt_logprobs)):
+            if lps is not None:
+                out[name] = [t.to_dict() for t in lps]
+        print(json.dumps(out, ensure_ascii=False))
     else:
         print(res.text)
+    if res.time_to_first_token is None:  # a scoring request (--max-tokens 0): nothing generated
+        log.info("%d prompt tokens scored in %.3f s", res.prompt_tokens, res.latency)
+        return 0
     decode = res.completion_tokens - 1
     rate = decode / (res.latency - res.time_to_first_token) if decode > 0 else float("nan")
     log.info("%d prompt tokens, first token after %.3f s (%.1f prompt tokens/s), %d more tokens at %.2f "
@@ -58,5 +65,7 @@ def add_commands(sub) -> None:
     add_sampling_options(g, job=False)
     add_engine_options(g, pool=False)
     g.add_argument("--json", action="store_true",
-                   help="print one JSON object: prompt_ids, output_ids, text, finish_reason")
+                   help="print one JSON object: prompt_ids, output_ids, text, finish_reason, and with --logprobs / "
+                   "--prompt-logprobs also logprobs / prompt_logprobs: one {token_id, token, logprob, top_logprobs} "
+                   "a token")
     g.set_defaults(func=cmd_generate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -36,7 +37,7 @@ def test_final_metrics_equal_the_output(tmp_path, tiny_model, make_prompts):
     bad = make_prompts(src, 200, seed=7)
     out = tmp_path / "out"
     handle = submit(str(src), tiny_model, str(out), sampling=SamplingParams(max_tokens=8), shard_rows=25,
-                    pool=PoolConfig(engine=EngineConfig(slots=4, threads=1), metrics_port=0))
+                    pool=PoolConfig(engine=EngineConfig(slots=4, threads=1), metrics_port=0, node_price=0.5))
     assert handle.metrics_url.startswith("http://127.0.0.1:")
     live = urllib.request.urlopen(handle.metrics_url, timeout=10).read().decode()
     assert "ternpool_rows_total" in live
@@ -63,6 +64,17 @@ def test_final_metrics_equal_the_output(tmp_path, tiny_model, make_prompts):
     assert _total(samples, "ternpool_coordinator_busy_seconds_total") > 0
     waits = [s for s in samples if s.name == "ternpool_worker_wait_seconds_total"]
     assert waits and all(s.labels["worker"] for s in waits) and sum(s.value for s in waits) > 0
+
+    # cost: the workers' CPU seconds against the tokens, the nodes' time against the price
+    cost, generated = summary.cost, _total(samples, "ternpool_generated_tokens_total")
+    core_s = _total(samples, "ternpool_worker_cpu_seconds_total")
+    assert core_s == pytest.approx(cost.core_s, rel=0.05) and 0 < core_s <= summary.wall_s * os.cpu_count()
+    assert (cost.generated_tokens, cost.prompt_tokens) == (generated, _total(samples, "ternpool_prompt_tokens_total"))
+    assert cost.node_s == pytest.approx(summary.processing_s)  # one node
+    assert _total(samples, "ternpool_core_seconds_per_million_generated_tokens") == pytest.approx(
+        core_s / generated * 1e6, rel=0.05)
+    assert _total(samples, "ternpool_dollars_per_million_generated_tokens") == pytest.approx(
+        summary.processing_s / 3600 * 0.5 / generated * 1e6, rel=0.05)
 
 
 def test_a_taken_port_is_a_clear_error(tmp_path, tiny_model):

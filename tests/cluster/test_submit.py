@@ -41,7 +41,8 @@ def test_end_to_end_on_the_embedded_cluster(tmp_path, tiny_model, make_prompts):
     table = _check_exactly_once(out, 300, bad)
     assert table.column_names[:2] == ["row_index", "id"]
     assert table.column_names == ["row_index", "id", "meta", "generated_text", "finish_reason", "prompt_tokens",
-                                  "completion_tokens", "error"]  # prompt and sampling columns do not pass through
+                                  "completion_tokens", "error", "generated_logprobs",
+                                  "prompt_token_logprobs"]  # prompt and sampling columns do not pass through
     assert table.column("meta").to_pylist()[7] == {"n": 7, "tag": "t1"}
     assert summary.generated_tokens == sum(table.column("completion_tokens").to_pylist())
 
@@ -201,6 +202,13 @@ def test_bad_jobs_fail_before_compute_with_named_errors(tmp_path, tiny_model):
     assert r.returncode == 0 and "3 rows" in r.stdout and "shards:  1" in r.stdout, r.stdout
     # the dry run judges every node with submit's own check (it connects to Ray to see them)
     assert len([ln for ln in r.stdout.splitlines() if ln.startswith("node ") and ": fits: " in ln]) == 1, r.stdout
+    # and estimates the job from a calibration of the model on this node
+    r = run_cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o4"), "--dry-run",
+                "--node-price", "0.4", "--max-tokens", "5")
+    assert r.returncode == 0 and "estimate: 3 rows, ~" in r.stdout and "at most 15 generated tokens" in r.stdout
+    assert " at $0.4 a node-hour" in r.stdout and not (tmp_path / "o4").exists(), r.stdout
+    r = run_cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o4"), "--node-price", "-1")
+    assert r.returncode == 2 and "--node-price: expected dollars per node-hour" in r.stderr, r.stderr
     r = run_cli("submit", str(good), "--model", tiny_model, "--output", str(tmp_path / "o6"), "--dry-run",
              "--slots", "1000000")
     assert r.returncode == 2 and ": does not fit: one worker needs" in r.stdout and "Would fit: --slots" in r.stdout

@@ -86,6 +86,20 @@ def test_cli_make_model_and_generate_json(tmp_path, capsys):
                  "--json"]) == 0
     chat = json.loads(capsys.readouterr().out)
     assert len(chat["prompt_ids"]) > len(out["prompt_ids"])
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--max-tokens", "6",
+                 "--json", "--logprobs", "3"]) == 0
+    lp = json.loads(capsys.readouterr().out)
+    assert lp["output_ids"] == out["output_ids"] and "prompt_logprobs" not in lp
+    assert [t["token_id"] for t in lp["logprobs"]] == lp["output_ids"]
+    assert all(len(t["top_logprobs"]) == 3 and t["top_logprobs"][0]["token_id"] == t["token_id"]  # greedy
+               and t["logprob"] <= 0 for t in lp["logprobs"])
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--max-tokens", "0",
+                 "--json", "--prompt-logprobs", "1"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["output_ids"] == [] and [t["token_id"] for t in scored["prompt_logprobs"]] == out["prompt_ids"]
+    assert scored["prompt_logprobs"][0]["logprob"] is None and "logprobs" not in scored
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--logprobs", "21"]) == 2
+    assert "top_logprobs must be an integer in 0..20" in capsys.readouterr().err
 
 
 def test_cli_errors_are_short_and_named(tmp_path, capsys):

@@ -235,7 +235,7 @@ def test_status_states(tmp_path):
     assert st == {"job_id": manifest.job_id, "state": "incomplete", "rows_total": 10,
                   "rows_done": 0, "shards_total": 3, "shards_done": 0, "failed_rows": 0,
                   "tokens_per_s": None, "updated": manifest.created, "eta_s": None, "error": None,
-                  "driver": None}
+                  "driver": None, "cost": None}
     touch_part(manifest, 0)
     manifest.record(0, 4, 1)
     write_progress(out, {"state": "running", "tokens_per_s": 33.0})

@@ -230,7 +230,8 @@ def test_result_table_order_and_passthrough():
                99: ok("not in this shard")}
     out = result_table(shard, results, ("id", "meta"))
     assert out.column_names == ["row_index", "id", "meta", "generated_text", "finish_reason",
-                                "prompt_tokens", "completion_tokens", "error"]
+                                "prompt_tokens", "completion_tokens", "error", "generated_logprobs",
+                                "prompt_token_logprobs"]
     assert out.schema.field("id").type == pa.int32()
     assert out.schema.field("meta").type == nested_type
     for name, arrow_type in OUTPUT_SCHEMA_FIELDS:
@@ -341,7 +342,8 @@ def test_read_output_is_ordered_like_input(tmp_path):
     assert out["generated_text"].to_pylist() == [f"A {i}" for i in range(7)] + \
         [f"B {i}" for i in range(5)]
     assert out.column_names == ["row_index", "id", "generated_text", "finish_reason",
-                                "prompt_tokens", "completion_tokens", "error"]
+                                "prompt_tokens", "completion_tokens", "error", "generated_logprobs",
+                                "prompt_token_logprobs"]
 
 
 def test_read_output_ignores_stray_parts(tmp_path):
@@ -388,7 +390,8 @@ def test_files_with_columns_in_another_order_read_and_write_by_name(tmp_path):
         manifest.record(shard.shard_id, table.num_rows, 0)
     out = read_output(job.output)
     assert out.column_names == ["row_index", "id", "meta", "generated_text", "finish_reason",
-                                "prompt_tokens", "completion_tokens", "error"]
+                                "prompt_tokens", "completion_tokens", "error", "generated_logprobs",
+                                "prompt_token_logprobs"]
     assert out["id"].to_pylist() == ["a0", "a1", "b0"]
     assert out["meta"].to_pylist() == [1, 2, 3]
     assert out["generated_text"].to_pylist() == ["a 0/5", "a 1/6", "b 0/7"]

@@ -153,17 +153,17 @@ def test_a_chat_template_that_raises_fails_only_that_request(tiny_engine, raisin
 
 
 def test_non_finite_logits_fail_only_that_sequence(tiny_engine, monkeypatch):
-    real = tiny_engine.model.forward
+    real = tiny_engine.model.logits  # the output head, on the rows that sample
     calls = {"n": 0}
 
-    def forward(*args):
-        logits = np.array(real(*args))
+    def head(*args, **kwargs):
+        logits = np.array(real(*args, **kwargs))
         calls["n"] += 1
         if calls["n"] == 2:  # the second step: the first sequence's row goes NaN
             logits[0] = np.nan
         return logits
 
-    monkeypatch.setattr(tiny_engine.model, "forward", forward)
+    monkeypatch.setattr(tiny_engine.model, "logits", head)
     p = SamplingParams(max_tokens=4)
     a, b = tiny_engine.generate([Request("a", prompt="river", params=p), Request("b", prompt="mill", params=p)])
     assert (a.finish_reason, a.completion_tokens) == ("error", 1)
