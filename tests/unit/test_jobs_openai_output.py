@@ -61,10 +61,11 @@ def finished_job(tmp_path, lines: list[dict], *, logprobs: bool = False, shard_r
                 results[r.row_index] = Result(r.row_index, f"out-{r.row_index}", (1, 2), 5 + r.row_index, 2,
                                               "length" if r.row_index % 2 else "stop")
         part = result_table(table, results, inputs.passthrough)
-        if logprobs:
-            part = part.append_column(pa.field("generated_logprobs", LOGPROBS_TYPE),
-                                      pa.array([_logprobs(i) for i in part.column("row_index").to_pylist()],
-                                               LOGPROBS_TYPE))
+        if logprobs:  # what an engine asked for logprobs writes in the column result_table made
+            at = part.schema.get_field_index("generated_logprobs")
+            part = part.set_column(at, pa.field("generated_logprobs", LOGPROBS_TYPE),
+                                   pa.array([_logprobs(i) for i in part.column("row_index").to_pylist()],
+                                            LOGPROBS_TYPE))
         write_part(spec.output, shard.shard_id, part)
         manifest.record(shard.shard_id, part.num_rows, 0)
     return spec.output
