@@ -92,22 +92,12 @@ def _norm_row(x, gate, gated, weight, eps, t, y):  # pragma: no cover - compiled
         y[k] = v
     main = K - K % LANES
     a0, a1, a2, a3, a4, a5, a6, a7 = _square_lanes(y, main // LANES)
-    r = K - main  # the last columns, each to its lane
-    if r > 0:
-        a0 += np.float64(y[main]) * np.float64(y[main])
-    if r > 1:
-        a1 += np.float64(y[main + 1]) * np.float64(y[main + 1])
-    if r > 2:
-        a2 += np.float64(y[main + 2]) * np.float64(y[main + 2])
-    if r > 3:
-        a3 += np.float64(y[main + 3]) * np.float64(y[main + 3])
-    if r > 4:
-        a4 += np.float64(y[main + 4]) * np.float64(y[main + 4])
-    if r > 5:
-        a5 += np.float64(y[main + 5]) * np.float64(y[main + 5])
-    if r > 6:
-        a6 += np.float64(y[main + 6]) * np.float64(y[main + 6])
-    ss = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    rest = np.zeros(LANES, np.float32)  # the last columns, each at its lane, then zeros (exact to add)
+    rest[:K - main] = y[main:]
+    b = _square_lanes(rest, 1)
+    l0, l1, l2, l3 = a0 + b[0], a1 + b[1], a2 + b[2], a3 + b[3]
+    l4, l5, l6, l7 = a4 + b[4], a5 + b[5], a6 + b[6], a7 + b[7]
+    ss = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
     var = np.float32(ss / K)
     inv = np.float32(1.0) / np.sqrt(var + eps)
     for k in range(K):

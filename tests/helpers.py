@@ -183,3 +183,24 @@ def rewrite_safetensors(model_dir: Path, drop=(), replace: dict | None = None, a
     specs = [TensorSpec(n, d, tuple(a.shape)) for n, (d, a) in arrays.items()]
     write_safetensors(file.with_name("new.safetensors"), specs, lambda s: arrays[s.name][1])
     file.with_name("new.safetensors").replace(file)
+
+
+def run_one_shard(tmp_path: Path, columns: dict, engine):
+    """A job over a Parquet file of `columns` in one shard, leased and completed through a real Coordinator
+    with `engine` (rows that fail to convert are failed results). Returns (coordinator, results, output dir)."""
+    from ternpool.cluster.coordinator import Coordinator
+    from ternpool.engine.requests import Result
+    from ternpool.jobs import Manifest, to_requests
+
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table(columns), src)
+    spec = JobSpec(str(src), str(tmp_path / "out"), "model", shard_rows=len(next(iter(columns.values()))))
+    inputs = open_inputs(spec.inputs)
+    plan = plan_shards(inputs, spec.shard_rows)
+    coord = Coordinator(spec, inputs, plan, Manifest.open(spec.output, spec, inputs, plan, {"m": 1}), 2)
+    coord.register("w", "node-a")
+    key, table = coord.lease("w")
+    results = [Result.failed(rr.row_index, rr.error) if rr.request is None else engine.generate([rr.request])[0]
+               for rr in to_requests(table, spec, inputs.text_column)]
+    assert coord.complete("w", key, results)
+    return coord, results, spec.output

@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ternpool.cluster import coordinator as coordinator_mod
 from ternpool.cluster.bench_cluster import coordinator_capacity
 from ternpool.cluster.coordinator import DONE, Coordinator
 from ternpool.engine.requests import Result
-from ternpool.jobs import JobSpec, Manifest, open_inputs, plan_shards, read_output
+from ternpool.jobs import Manifest, read_output
 from ternpool.jobs.output import write_part as real_write_part
 from ternpool.jobs.runlock import OutputLock
 
-from helpers import make_job
+from helpers import make_job, run_one_shard
 
 pytestmark = pytest.mark.unit
 
@@ -233,25 +232,12 @@ def test_a_manifest_save_that_fails_is_retried_and_then_fails_the_job(tmp_path, 
 def test_failed_rows_tokens_are_not_counted(tmp_path, tiny_engine):
     from ternpool.engine import Engine
     from ternpool.engine.model import BitNetModel
-    from ternpool.jobs import to_requests
 
     engine = Engine(BitNetModel(tiny_engine.model.weights, slots=2, max_context=32), tiny_engine.tokenizer,
                     tiny_engine.threads)
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["Hello", "word " * 100, "World", "Bye"],
-                             "max_tokens": pa.array([3, None, 0, 2], pa.int64())}), src)
-    spec = JobSpec(str(src), str(tmp_path / "out"), "model", shard_rows=4)
-    inputs = open_inputs(spec.inputs)
-    plan = plan_shards(inputs, 4)
-    coord = Coordinator(spec, inputs, plan, Manifest.open(spec.output, spec, inputs, plan, {"m": 1}), 2)
-    coord.register("w", "node-a")
-    key, table = coord.lease("w")
-    results = []
-    for rr in to_requests(table, spec, inputs.text_column):
-        results.append(Result.failed(rr.row_index, rr.error) if rr.request is None
-                       else engine.generate([rr.request])[0])
-    assert coord.complete("w", key, results)
-    out = read_output(spec.output).to_pydict()
+    coord, _, output = run_one_shard(tmp_path, {"prompt": ["Hello", "word " * 100, "World", "Bye"],
+                                                "max_tokens": pa.array([3, None, 0, 2], pa.int64())}, engine)
+    out = read_output(output).to_pydict()
     assert [e is None for e in out["error"]] == [True, False, False, True]
     assert "too long" in out["error"][1] and out["prompt_tokens"][1] > 32  # the output keeps the count
     good_prompt = out["prompt_tokens"][0] + out["prompt_tokens"][3]

@@ -9,13 +9,14 @@ import math
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ternpool.engine import Engine, Request, SamplingParams
 from ternpool.engine.logprobs import log_softmax, top_ids
 from ternpool.engine.model import BitNetModel
 from ternpool.engine.requests import SamplingValueError
+
+from helpers import run_one_shard
 
 pytestmark = pytest.mark.unit
 
@@ -162,29 +163,16 @@ def test_max_tokens_0_scores_the_prompt_and_generates_nothing(tiny_engine):
 
 
 def test_a_job_writes_the_logprob_columns(tmp_path, tiny_engine):
-    from ternpool.cluster.coordinator import Coordinator
-    from ternpool.jobs import JobSpec, Manifest, open_inputs, plan_shards, read_output, to_requests
-    from ternpool.engine.requests import Result
+    from ternpool.jobs import read_output
     from ternpool.jobs.output import OUTPUT_SCHEMA_FIELDS
 
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["Hello", "World wide", "Bye", "Again"],
-                             "top_logprobs": pa.array([2, None, 0, 25.0], pa.float64()),
-                             "logprobs": pa.array([None, True, None, None], pa.bool_()),
-                             "prompt_logprobs": pa.array([None, None, 1, None], pa.int64()),
-                             "max_tokens": pa.array([3, 2, 0, 2], pa.int64())}), src)
-    spec = JobSpec(str(src), str(tmp_path / "out"), "model", shard_rows=4)
-    inputs = open_inputs(spec.inputs)
-    plan = plan_shards(inputs, 4)
-    coord = Coordinator(spec, inputs, plan, Manifest.open(spec.output, spec, inputs, plan, {"m": 1}), 2)
-    coord.register("w", "node-a")
-    key, table = coord.lease("w")
-    results = []
-    for rr in to_requests(table, spec, inputs.text_column):
-        results.append(Result.failed(rr.row_index, rr.error) if rr.request is None
-                       else tiny_engine.generate([rr.request])[0])
-    assert coord.complete("w", key, results)
-    out = read_output(spec.output)
+    _, results, output = run_one_shard(tmp_path, {
+        "prompt": ["Hello", "World wide", "Bye", "Again"],
+        "top_logprobs": pa.array([2, None, 0, 25.0], pa.float64()),
+        "logprobs": pa.array([None, True, None, None], pa.bool_()),
+        "prompt_logprobs": pa.array([None, None, 1, None], pa.int64()),
+        "max_tokens": pa.array([3, 2, 0, 2], pa.int64())}, tiny_engine)
+    out = read_output(output)
     for name, arrow_type in OUTPUT_SCHEMA_FIELDS:
         assert out.schema.field(name).type == arrow_type
     rows = out.to_pylist()
