@@ -19,7 +19,8 @@ import mmap
 
 import numpy as np
 
-from ternpool.kernels import attention, bf16_matmul, bf16_to_f32, dequant_factors, f32_to_bf16, ternary_linears
+from ternpool.kernels import (attention, bf16_matmul, bf16_to_f32, dequant_factors, f32_to_bf16, quantize_rows,
+                              ternary_linears)
 from ternpool.kernels.base3 import base3_linear
 from ternpool.kernels.head8 import head_i8, quantize_head
 from ternpool.kernels.kv8 import quantize_kv, row_width
@@ -69,8 +70,12 @@ def rope_tables(cfg: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
 class Quantized:
     """Activations normed and quantized once (`norm_quantize`) and shared by every linear that reads them."""
 
-    def __init__(self, x: np.ndarray, norm: np.ndarray, eps: float, gate: np.ndarray | None = None):
-        self.q, self.qsum, self.scale = norm_quantize(x, norm, eps, gate)
+    def __init__(self, x: np.ndarray, norm: np.ndarray | None = None, eps: float = 0.0,
+                 gate: np.ndarray | None = None):
+        """x normed by `norm` (its weight; gated by relu(gate)**2 first, if given) and quantized, or x
+        quantized as it is when `norm` is None."""
+        self.q, self.qsum, self.scale = (quantize_rows(x) if norm is None and gate is None
+                                         else norm_quantize(x, norm, eps, gate))
 
     def __call__(self, *lins: TernaryLinear) -> np.ndarray | list[np.ndarray]:
         """The output of each linear (one array for one linear); 2-bit linears share one kernel call."""

@@ -49,17 +49,37 @@ def rms_norm64(x, weight, eps):
     return weight * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
 
 
+def _normed(x, norm, eps, gate):
+    """What a linear reads (engine.model.Quantized's input): relu(gate)**2 * x if gated, normed by the model
+    module's `rms_norm` as it stands (ours, or rms_norm64 when that step is swapped) unless norm is None."""
+    if gate is not None:
+        x = np.square(np.maximum(gate, 0)) * x
+    return x if norm is None else ours_model.rms_norm(x, norm, eps)
+
+
 class Quantized64:
     """`engine.model.Quantized` in float64: scale and rounding in float64, the integer product exact."""
 
-    def __init__(self, x):
-        x = np.asarray(x, np.float64)
+    def __init__(self, x, norm=None, eps=0.0, gate=None):
+        x = np.asarray(_normed(x, norm, eps, gate), np.float64)
         self.s = 127.0 / np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-5)
         self.q = np.clip(np.rint(x * self.s), -128, 127).astype(np.int8)
 
-    def __call__(self, lin):
+    def __call__(self, *lins):
+        outs = [self._one(lin) for lin in lins]
+        return outs[0] if len(outs) == 1 else outs
+
+    def _one(self, lin):
         acc = ternary_matmul(lin.packed, self.q).astype(np.float64)
         return acc / (self.s * lin.weight_scale) if lin.divides else acc / self.s * lin.weight_scale
+
+
+class NormThenQuantize(ours_model.Quantized):
+    """Our quantization of an input normed apart (by the module's `rms_norm`): how the rms_norm swap reaches
+    the norms that ours fuses with the quantization."""
+
+    def __init__(self, x, norm=None, eps=0.0, gate=None):
+        super().__init__(f32(_normed(x, norm, eps, gate)))
 
 
 def rope64(model):
@@ -70,7 +90,7 @@ def rope64(model):
 
 
 SWAPS = {  # name -> what it replaces in engine/model.py (module attributes), or a model edit
-    "rms_norm": {"rms_norm": rms_norm64},
+    "rms_norm": {"rms_norm": rms_norm64, "Quantized": NormThenQuantize},
     "activation quantization + dequantization": {"Quantized": Quantized64},
     "rotary tables (exact angles)": rope64,
     "attention (scores, softmax, sum)": {"attention": attention_ref},
