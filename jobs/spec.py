@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ternpool.engine.options import TRUNCATE_MODES
-from ternpool.engine.requests import SamplingParams
+from ternpool.engine.requests import CONSTRAINT_FIELDS, SamplingParams
 
 # per-row columns that override the job's sampling defaults: SamplingParams' fields
 SAMPLING_COLUMNS = tuple(f.name for f in fields(SamplingParams))
@@ -68,6 +68,10 @@ class JobSpec:
             out.update(logprobs=True, top_logprobs=s.top_logprobs)
         if s.prompt_logprobs is not None:
             out["prompt_logprobs"] = s.prompt_logprobs
+        for name in CONSTRAINT_FIELDS:  # structured output, likewise only when asked for
+            value = getattr(s, name)
+            if value is not None:
+                out[name] = list(value) if name == "guided_choice" else value
         return out
 
 
