@@ -245,3 +245,22 @@ def test_cli_generate_with_a_json_schema_file_and_its_errors(tmp_path, tiny_mode
     schema.write_text('{"type": ')
     r = run_cli("generate", "--model", tiny_model, "--prompt", "Hi", "--json-schema", str(schema))
     assert r.returncode != 0 and str(schema) in r.stderr and "line 1" in r.stderr
+
+
+def test_json_lines_rows_carry_the_constraint_fields(tmp_path, tiny_engine):
+    src = tmp_path / "p.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in [
+        {"prompt": "a", "guided_choice": ["up", "down"]},
+        {"prompt": "b", "response_format": {"type": "json_object"}, "max_tokens": 40},
+        {"prompt": "c", "guided_regex": "[xy]{3}"},
+        {"prompt": "d", "guided_choice": "up"},
+    ]) + "\n")
+    from ternpool.jobs import JobInputError, open_inputs
+
+    with pytest.raises(JobInputError, match="line 4: field 'guided_choice'"):
+        open_inputs(str(src))
+    src.write_text("\n".join(src.read_text().splitlines()[:3]) + "\n")
+    _, rows = _run_job(tmp_path, src, tiny_engine)
+    assert rows[0]["generated_text"] in ("up", "down") and rows[0]["finish_reason"] == "stop"
+    assert rows[1]["error"] is None and rows[1]["generated_text"].startswith("{")
+    assert re.fullmatch("[xy]{3}", rows[2]["generated_text"])
