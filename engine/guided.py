@@ -44,6 +44,22 @@ def _grammar(constraint: dict[str, Any]) -> str:
     return llguidance.LLMatcher.grammar_from_regex(constraint["guided_regex"])
 
 
+def constraint_problem(params: SamplingParams) -> str | None:
+    """Why the request's constraint does not compile ("FIELD: reason"), or None (also for no constraint).
+    Needs no tokenizer: a job checks its job-wide constraint with it before any compute."""
+    import llguidance
+
+    key = constraint_key(params)
+    if key is None:
+        return None
+    constraint = json.loads(key)
+    try:
+        problem = llguidance.LLMatcher.validate_grammar(_grammar(constraint))
+    except Exception as e:  # llguidance raises ValueError/RuntimeError on a bad grammar
+        problem = str(e)
+    return f"{next(iter(constraint))}: {problem}" if problem else None
+
+
 class Guide:
     """The constraints of one engine: its tokenizer as llguidance's, and a cache of compiled matchers."""
 

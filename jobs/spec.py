@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ternpool.engine.options import TRUNCATE_MODES
+from ternpool.engine.guided import constraint_problem
 from ternpool.engine.requests import CONSTRAINT_FIELDS, SamplingParams
 
 # per-row columns that override the job's sampling defaults: SamplingParams' fields
@@ -53,6 +54,9 @@ class JobSpec:
                              f"got {self.max_retries!r}")
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"JobSpec.output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
+        problem = constraint_problem(self.sampling)
+        if problem:  # a job-wide schema or regex that cannot compile: refused before any compute
+            raise ValueError(f"JobSpec.sampling: {problem}")
         if self.truncate not in TRUNCATE_MODES:
             raise ValueError(f"JobSpec.truncate must be one of {TRUNCATE_MODES}, "
                              f"got {self.truncate!r}")

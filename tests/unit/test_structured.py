@@ -264,3 +264,15 @@ def test_json_lines_rows_carry_the_constraint_fields(tmp_path, tiny_engine):
     assert rows[0]["generated_text"] in ("up", "down") and rows[0]["finish_reason"] == "stop"
     assert rows[1]["error"] is None and rows[1]["generated_text"].startswith("{")
     assert re.fullmatch("[xy]{3}", rows[2]["generated_text"])
+
+
+def test_a_job_wide_constraint_that_cannot_compile_is_refused_before_any_compute(tmp_path):
+    from ternpool.jobs import JobSpec
+
+    with pytest.raises(ValueError, match="(?s)JobSpec.sampling: guided_regex: .*unclosed"):
+        JobSpec("in.parquet", str(tmp_path / "out"), "m", sampling=SamplingParams(guided_regex="[0-9"))
+    with pytest.raises(ValueError, match="JobSpec.sampling: response_format: type must be"):
+        JobSpec("in.parquet", str(tmp_path / "out"), "m", sampling=SamplingParams(response_format=schema_format({"type": 7})))
+    spec = JobSpec("in.parquet", str(tmp_path / "out"), "m", sampling=SamplingParams(guided_choice=("a", "b")))
+    assert spec.sampling_defaults()["guided_choice"] == ["a", "b"]
+    assert "guided_choice" not in JobSpec("in.parquet", str(tmp_path / "out"), "m").sampling_defaults()
