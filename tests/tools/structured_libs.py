@@ -77,13 +77,12 @@ class XGR:
         self.vocab = len(hf_tok)
 
     def compile(self, schema):
-        return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=(",", ":"))
 
     def matcher(self, grammar):
         return self.xgr.GrammarMatcher(grammar)
 
     def masks(self, matchers):
-        import torch
         bm = self.xgr.allocate_token_bitmask(len(matchers), self.vocab)
         for i, m in enumerate(matchers):
             m.fill_next_token_bitmask(bm, i)
@@ -93,15 +92,7 @@ class XGR:
         for t in ids:
             if not m.accept_token(t):
                 return False
-        return self._done(m)
-
-    def _done(self, m):
-        # xgrammar: the document is complete when the matcher would accept a stop token
-        bm = self.xgr.allocate_token_bitmask(1, self.vocab)
-        m.fill_next_token_bitmask(bm, 0)
-        ids = getattr(m, "stop_token_ids", None) or []
-        bits = bm.numpy().view(np.uint32)[0]
-        return bool(ids) and any((bits[i // 32] >> (i % 32)) & 1 for i in ids)
+        return m.is_completed()  # the document is complete (a stop token would be accepted)
 
     def advance(self, m, t):
         m.accept_token(t)
