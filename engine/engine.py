@@ -4,7 +4,9 @@ A fixed number of cache slots; each step feeds one token of every decoding
 sequence plus prefill chunks of newly admitted prompts through a single
 forward pass. When a sequence finishes its slot is freed and the next
 request is pulled from the caller's iterable, so short and long prompts do
-not wait for each other.
+not wait for each other. A request with a structured-output constraint
+(`engine/guided.py`) has its own logits row masked before sampling; the
+other rows of the step are untouched.
 """
 
 from __future__ import annotations
