@@ -4,7 +4,9 @@ A fixed number of cache slots; each step feeds one token of every decoding
 sequence plus prefill chunks of newly admitted prompts through a single
 forward pass. When a sequence finishes its slot is freed and the next
 request is pulled from the caller's iterable, so short and long prompts do
-not wait for each other.
+not wait for each other. A request with a structured-output constraint
+(`engine/guided.py`) has its own logits row masked before sampling; the
+other rows of the step are untouched.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .options import DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, DEFAULT_STEP_TOKENS, TR
 from .shapes import kv_bytes_per_slot
 from .hub import resolve_model_dir
 from .model import BitNetModel
+from .guided import Guide, constraint_key
 from .logprobs import PROMPT_ROWS_PER_BLOCK, token_logprob
 from .requests import Request, Result, SamplingParams, TokenLogprob
 from .sampling import make_rng, sample
@@ -53,6 +56,7 @@ class _Seq:
     error: str | None = None  # why the sequence failed (finish "error")
     logprobs: list[TokenLogprob] | None = None  # of generated tokens, when the request asks
     prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens, when the request asks
+    matcher: object | None = None  # llguidance matcher of a constrained request (engine/guided.py)
 
     @property
     def pending(self) -> list[int]:
@@ -119,6 +123,7 @@ class Engine:
         self.truncate = truncate
         self.stop_ids = frozenset(self.config.eos_token_ids)
         self.running = 0  # sequences in the cache right now
+        self._guide: Guide | None = None  # made on the first constrained request
         self.load_seconds: dict[str, float] = {}  # set by `load`: where its time went
 
     @classmethod
@@ -188,6 +193,7 @@ class Engine:
             if len(ids) >= self.model.max_context and self.truncate == "left":
                 ids = self._truncate_left(ids, req.params.max_tokens)
             rng = make_rng(req.params.seed)
+            matcher = self._matcher(req.params)
         except ValueError as e:  # ours: the message says what is wrong with the request
             return Result.failed(req.key, str(e))
         except Exception as e:  # e.g. jinja2's TemplateError from the model's chat template
@@ -198,12 +204,21 @@ class Engine:
                                           f"{self.model.max_context} including at least one generated token; "
                                           "--truncate left (truncate=\"left\" in Python) keeps its end",
                                  prompt_tokens=len(ids))
-        seq = _Seq(req, slot, ids, rng)
+        seq = _Seq(req, slot, ids, rng, matcher=matcher)
         if req.params.logprobs:
             seq.logprobs = []
         if req.params.prompt_logprobs is not None:  # nothing predicts the first token
             seq.prompt_logprobs = [TokenLogprob(ids[0], self._token_text(ids[0]), None)]
         return seq
+
+    def _matcher(self, params: SamplingParams):
+        """A new matcher for the request's constraint, or None; ValueError for one that does not compile."""
+        key = constraint_key(params)
+        if key is None:
+            return None
+        if self._guide is None:
+            self._guide = Guide(self.tokenizer.tok, self.config.vocab_size, self.stop_ids)
+        return self._guide.matcher(key)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -229,6 +244,13 @@ class Engine:
         if s.first_token_at is None:
             s.first_token_at = time.perf_counter()
         s.generated.append(token)
+        if s.matcher is not None:
+            if not s.matcher.consume_token(token):
+                raise ValueError(f"the constraint refused token {token}: {s.matcher.get_error()}")
+            if s.matcher.is_stopped():  # the grammar is complete (an end token it accepted, or nothing more fits)
+                s.finish = "stop"
+                s.text = self.tokenizer.decode(s.generated[:-1] if token in self.stop_ids else s.generated)
+                return
         if token in self.stop_ids:
             s.finish = "stop"
             s.text = self.tokenizer.decode(s.generated[:-1])
@@ -330,8 +352,12 @@ class Engine:
             if s.finish == "error":  # its prompt could not be scored
                 continue
             try:
+                raw = row
+                if s.matcher is not None:  # float logits of either head; the raw ones still give the logprobs
+                    row = self._guide.mask(s.matcher, row)
                 token = sample(row, s.request.params, s.rng)
                 if s.logprobs is not None:
+                    row = raw
                     s.logprobs.append(token_logprob(row, token, s.request.params.top_logprobs, self._token_text))
                 self._accept(s, token)
             except Exception as e:  # e.g. non-finite logits: this sequence fails, the others go on

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -23,6 +24,44 @@ class SamplingValueError(ValueError):
         self.field = field
 
 
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+CONSTRAINT_FIELDS = ("response_format", "guided_choice", "guided_regex")  # structured output: at most one
+
+
+def _check_constraints(p: "SamplingParams") -> None:
+    """Normalise (JSON text to a dict, a list of choices to a tuple) and validate the structured-output
+    fields of `p`; SamplingValueError naming the field."""
+    rf = p.response_format
+    if isinstance(rf, str):
+        try:
+            rf = json.loads(rf)
+        except ValueError as e:
+            raise SamplingValueError("response_format", f"response_format is not valid JSON: {e}") from None
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in RESPONSE_FORMAT_TYPES:
+            raise SamplingValueError("response_format", "response_format must be an object whose type is one of "
+                                     f"{', '.join(RESPONSE_FORMAT_TYPES)}, got {rf!r}")
+        if rf["type"] == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), (dict, bool)):
+                raise SamplingValueError("response_format", "response_format of type json_schema needs "
+                                         "json_schema.schema (a JSON schema object)")
+        object.__setattr__(p, "response_format", rf)
+    choice = p.guided_choice
+    if choice is not None:
+        if isinstance(choice, str) or not all(isinstance(c, str) and c for c in choice) or not len(choice):
+            raise SamplingValueError("guided_choice", f"guided_choice must be a non-empty list of non-empty "
+                                     f"strings, got {choice!r}")
+        object.__setattr__(p, "guided_choice", tuple(choice))
+    if p.guided_regex is not None and (not isinstance(p.guided_regex, str) or not p.guided_regex):
+        raise SamplingValueError("guided_regex", f"guided_regex must be a non-empty string, got {p.guided_regex!r}")
+    given = [n for n in CONSTRAINT_FIELDS
+             if getattr(p, n) is not None and not (n == "response_format" and getattr(p, n)["type"] == "text")]
+    if len(given) > 1:
+        raise SamplingValueError(given[1], f"give at most one of response_format, guided_choice, guided_regex; "
+                                 f"got {' and '.join(given)}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. temperature 0 means greedy; top_k 0 means off.
@@ -42,8 +81,15 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
+    # structured output (engine/guided.py), at most one of the three: OpenAI's response_format
+    # ({"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}, or
+    # that as JSON text), a fixed set of answers, or a regular expression the whole output matches
+    response_format: dict[str, Any] | None = None
+    guided_choice: tuple[str, ...] | None = None
+    guided_regex: str | None = None
 
     def __post_init__(self):
+        _check_constraints(self)
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)

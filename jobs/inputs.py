@@ -34,6 +34,9 @@ _EXPECTED_SAMPLING_TYPES = {
     "logprobs": "bool",
     "top_logprobs": "an integer or floating point type (with integral values)",
     "prompt_logprobs": "an integer or floating point type (with integral values)",
+    "response_format": "string (JSON text) or struct",
+    "guided_choice": "list<string>",
+    "guided_regex": "string",
 }
 
 
@@ -284,6 +287,12 @@ def _sampling_type_ok(name: str, t: pa.DataType) -> bool:
         return _is_text(t) or (_is_list(t) and _is_text(t.value_type))
     if name == "logprobs":
         return pa.types.is_boolean(t)
+    if name == "response_format":
+        return _is_text(t) or pa.types.is_struct(t)
+    if name == "guided_choice":
+        return _is_list(t) and _is_text(t.value_type)
+    if name == "guided_regex":
+        return _is_text(t)
     raise AssertionError(f"unknown sampling column {name!r}")
 
 

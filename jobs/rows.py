@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ternpool.engine.requests import Request, SamplingParams, SamplingValueError
+from ternpool.engine.requests import CONSTRAINT_FIELDS, Request, SamplingParams, SamplingValueError
 
 from . import formats
 from .errors import JobInputError
@@ -202,6 +202,14 @@ def _text_of(row_index: int, column: str, value: Any) -> tuple[Any, str | None]:
     return messages, None
 
 
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def _params_of(row_index: int, defaults: SamplingParams,
                overrides: dict[str, Any]) -> tuple[SamplingParams | None, str | None]:
     """The row's SamplingParams (the job's `defaults` with the row's non-null sampling columns;
@@ -218,6 +226,10 @@ def _params_of(row_index: int, defaults: SamplingParams,
         values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
     if "seed" not in overrides:
         values["seed"] = derive_seed(defaults.seed, row_index)
+    if isinstance(values.get("response_format"), dict):  # a struct column: its absent fields read as null
+        values["response_format"] = _without_nulls(values["response_format"])
+    if any(name in overrides for name in CONSTRAINT_FIELDS):  # a row's constraint replaces the job's
+        values = {name: None for name in CONSTRAINT_FIELDS} | values
     try:
         return replace(defaults, **values), None
     except SamplingValueError as exc:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ternpool.engine.options import TRUNCATE_MODES
-from ternpool.engine.requests import SamplingParams
+from ternpool.engine.guided import constraint_problem
+from ternpool.engine.requests import CONSTRAINT_FIELDS, SamplingParams
 
 # per-row columns that override the job's sampling defaults: SamplingParams' fields
 SAMPLING_COLUMNS = tuple(f.name for f in fields(SamplingParams))
@@ -53,6 +54,9 @@ class JobSpec:
                              f"got {self.max_retries!r}")
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"JobSpec.output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
+        problem = constraint_problem(self.sampling)
+        if problem:  # a job-wide schema or regex that cannot compile: refused before any compute
+            raise ValueError(f"JobSpec.sampling: {problem}")
         if self.truncate not in TRUNCATE_MODES:
             raise ValueError(f"JobSpec.truncate must be one of {TRUNCATE_MODES}, "
                              f"got {self.truncate!r}")
@@ -68,6 +72,10 @@ class JobSpec:
             out.update(logprobs=True, top_logprobs=s.top_logprobs)
         if s.prompt_logprobs is not None:
             out["prompt_logprobs"] = s.prompt_logprobs
+        for name in CONSTRAINT_FIELDS:  # structured output, likewise only when asked for
+            value = getattr(s, name)
+            if value is not None:
+                out[name] = list(value) if name == "guided_choice" else value
         return out
 
 

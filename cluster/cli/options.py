@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
 
 from ternpool.engine.options import DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, HEADS, KV_CACHES, WEIGHTS_FORMATS, EngineConfig
-from ternpool.engine.requests import SamplingParams
+from ternpool.engine.requests import CONSTRAINT_FIELDS, SamplingParams
 
 _SAMPLING = SamplingParams()  # the defaults
 
@@ -86,10 +87,43 @@ def add_sampling_options(p: argparse.ArgumentParser, *, job: bool) -> None:
                    + (", in the prompt_token_logprobs column (the job's default: a row's prompt_logprobs column "
                       "overrides it)" if job else ""))
 
+    rows = " (the job's default: a row's response_format / guided_choice / guided_regex column replaces it)" \
+        if job else ""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE",
+                   help="structured output: the text is JSON valid against the JSON schema in FILE" + rows)
+    g.add_argument("--json-object", action="store_true",
+                   help="structured output: the text is a JSON object (OpenAI's json_object)" + rows)
+    g.add_argument("--choice", metavar="A,B,C",
+                   help="structured output: the text is exactly one of these comma-separated strings" + rows)
+    g.add_argument("--regex", metavar="PATTERN",
+                   help="structured output: the whole text matches this regular expression" + rows)
+
+
+def _response_format(args: argparse.Namespace) -> dict | None:
+    if getattr(args, "json_object", False):
+        return {"type": "json_object"}
+    path = getattr(args, "json_schema", None)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--json-schema {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # json.JSONDecodeError names line and column
+        raise ValueError(f"--json-schema {path}: not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"--json-schema {path}: a JSON schema is an object, got {type(schema).__name__}")
+    return {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}}
+
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams of `add_sampling_options`' arguments."""
-    special = ("stop", "logprobs", "top_logprobs")
+    special = ("stop", "logprobs", "top_logprobs") + CONSTRAINT_FIELDS
+    choice = getattr(args, "choice", None)
     return SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams) if f.name not in special},
                           stop=tuple(args.stop or ()), logprobs=args.logprobs is not None,
-                          top_logprobs=args.logprobs or 0)
+                          top_logprobs=args.logprobs or 0, response_format=_response_format(args),
+                          guided_choice=None if choice is None else tuple(choice.split(",")),
+                          guided_regex=getattr(args, "regex", None))

@@ -28,6 +28,8 @@ _KNOWN: dict[str, tuple[pa.DataType, tuple[type, ...], str]] = {  # column -> (t
     "seed": (pa.int64(), (int,), "an integer"),
     "temperature": (pa.float64(), (int, float), "a number"),
     "top_p": (pa.float64(), (int, float), "a number"),
+    "guided_regex": (pa.string(), (str,), "a string"),
+    "response_format": (pa.string(), (str, dict), "an object or its JSON text"),  # kept as JSON text
 }
 _SCALAR_TYPES = {str: pa.string(), bool: pa.bool_(), int: pa.int64(), float: pa.float64()}
 
@@ -49,6 +51,10 @@ def check_field(number: int, name: str, value: Any) -> None:
         if isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value)):
             return
         expected = "a string or a list of strings"
+    elif name == "guided_choice":
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return
+        expected = "a list of strings"
     else:
         return
     raise JobInputError(f"line {number}: field {name!r} is {lines.type_name(value)}, expected {expected}")
@@ -86,7 +92,7 @@ def _type_of(name: str, value: Any) -> pa.DataType:
         return _KNOWN[name][0]
     if name == "messages":
         return MESSAGES_TYPE
-    if name == "stop":
+    if name in ("stop", "guided_choice"):
         return STOP_TYPE
     if isinstance(value, (dict, list)):
         return pa.string()  # passed through as JSON text
@@ -98,6 +104,8 @@ def _value(name: str, value: Any) -> Any:
         return None
     if name == "stop":
         return [value] if isinstance(value, str) else value
+    if name == "guided_choice":
+        return value
     if name == "messages":
         return [{"role": m["role"], "content": m["content"]} for m in value]
     if isinstance(value, (dict, list)):

@@ -12,10 +12,13 @@ that is not a JSON object, has no string `custom_id`, or repeats one, refuses th
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from ternpool.engine.requests import SamplingParams, SamplingValueError
 
 from ..errors import JobInputError
 from ..spec import SAMPLING_COLUMNS
@@ -30,7 +33,7 @@ LOGPROBS = {"logprobs", "top_logprobs"} <= set(SAMPLING_COLUMNS)
 IGNORED = frozenset({"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _SAMPLING_TYPES = [("max_tokens", pa.int64()), ("temperature", pa.float64()), ("top_p", pa.float64()),
-                   ("seed", pa.int64()), ("stop", STOP_TYPE)]
+                   ("seed", pa.int64()), ("stop", STOP_TYPE), ("response_format", pa.string())]  # as JSON text
 if LOGPROBS:
     _SAMPLING_TYPES += [("logprobs", pa.bool_()), ("top_logprobs", pa.int64())]
 # fields with a value that changes nothing: anything else unsupported is a row error
@@ -163,8 +166,11 @@ def request_row(endpoint: str, request: dict) -> dict[str, Any]:
                 raise RowError("body.stop: expected a string or an array of strings")
             row["stop"] = value
         elif name == "response_format":
-            if value != {"type": "text"}:
-                raise RowError("response_format: structured output is not supported yet")
+            try:
+                SamplingParams(response_format=value)
+            except SamplingValueError as exc:
+                raise RowError(f"body.{exc}") from None
+            row["response_format"] = json.dumps(value)
         elif name in _NEUTRAL:
             if value != _NEUTRAL[name]:
                 raise RowError(f"body.{name}: {value!r} is not supported (only {_NEUTRAL[name]!r})")

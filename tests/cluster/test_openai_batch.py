@@ -57,3 +57,33 @@ def test_openai_batch_file_through_the_cli(tmp_path, tiny_model):
     again = run_cli(*args, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stdout and (out / "output.jsonl").read_bytes() == before
+
+
+def test_structured_output_through_submit(tmp_path, tiny_model):
+    """body.response_format json_schema rows and a job-wide --choice, through real workers."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                              "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    requests = [{"custom_id": f"t{i}", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"messages": [{"role": "user", "content": f"Q{i}"}], "max_tokens": 40, "seed": i,
+                          "temperature": 1.0,
+                          "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}}
+                for i in range(4)]
+    src = tmp_path / "batch.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    common = ["--slots", "4", "--threads-per-worker", "1", "--metrics-port", "-1", "--no-progress"]
+    run = run_cli("submit", str(src), "--model", tiny_model, "--output", str(tmp_path / "out"), *common, timeout=600)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(x) for x in (tmp_path / "out" / "output.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    for line in lines:
+        choice = line["response"]["body"]["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": f"P{i}"}) + "\n" for i in range(5)))
+    run = run_cli("submit", str(plain), "--model", tiny_model, "--output", str(tmp_path / "out2"), "--choice",
+                  "alpha,beta", *common, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert set(read_output(str(tmp_path / "out2")).column("generated_text").to_pylist()) <= {"alpha", "beta"}

@@ -40,7 +40,8 @@ def test_openai_file_is_detected_and_body_fields_become_sampling_values(tmp_path
     path = write_lines(tmp_path / "batch.jsonl", [
         chat("a", max_tokens=7, temperature=0.5, top_p=0.9, seed=11, stop="END", user="u", metadata={"k": "v"},
              store=True),
-        chat("b", max_completion_tokens=3, stop=["x", "y"], n=1, presence_penalty=0, logit_bias={}),
+        chat("b", max_completion_tokens=3, stop=["x", "y"], n=1, presence_penalty=0, logit_bias={},
+             response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}),
         {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
          "body": {"messages": [{"role": "developer", "content": [{"type": "text", "text": "Be "},
                                                                  {"type": "text", "text": "brief"}]},
@@ -56,6 +57,8 @@ def test_openai_file_is_detected_and_body_fields_become_sampling_values(tmp_path
     assert (b.params.max_tokens, b.params.stop, b.params.temperature) == (3, ("x", "y"), SPEC.sampling.temperature)
     assert c.messages == [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Q"}]
     assert c.params.max_tokens == SPEC.sampling.max_tokens  # a field left out takes the job's default
+    assert b.params.response_format == {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+    assert a.params.response_format is None and c.params.response_format is None
 
 
 def test_completions_endpoint_reads_prompt(tmp_path):
@@ -80,7 +83,8 @@ def test_completions_endpoint_reads_prompt(tmp_path):
     ({"logit_bias": {"50256": -100}}, "body.logit_bias"),
     ({"presence_penalty": 0.5}, "body.presence_penalty"),
     ({"frequency_penalty": -1}, "body.frequency_penalty"),
-    ({"response_format": {"type": "json_object"}}, "response_format: structured output is not supported yet"),
+    ({"response_format": {"type": "xml"}}, "body.response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "body.response_format"),
     ({"temperature": "hot"}, "body.temperature"),
     ({"max_tokens": 0}, "body.max_tokens"),
     ({"max_tokens": True}, "body.max_tokens"),

@@ -212,6 +212,9 @@ def _finished_job(root: Path, model: str) -> None:
 def sandbox(tmp_path_factory, tiny_model) -> Sandbox:
     root = tmp_path_factory.mktemp("readme-sandbox")
     _finished_job(root, tiny_model)
+    (root / "person.schema.json").write_text(json.dumps({  # README's structured-output example
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+        "required": ["name", "age"]}))
     return Sandbox(root, tiny_model)
 
 
