@@ -185,22 +185,27 @@ def rewrite_safetensors(model_dir: Path, drop=(), replace: dict | None = None, a
     file.with_name("new.safetensors").replace(file)
 
 
-def run_one_shard(tmp_path: Path, columns: dict, engine):
-    """A job over a Parquet file of `columns` in one shard, leased and completed through a real Coordinator
-    with `engine` (rows that fail to convert are failed results). Returns (coordinator, results, output dir)."""
+def run_one_shard(tmp_path: Path, columns, engine, **spec_kwargs):
+    """A job over one shard, leased and completed through a real Coordinator with `engine`: the input is
+    a Parquet file written from `columns` (a dict), or the input file `columns` names. Every row is
+    generated in one batch; rows that fail to convert are failed results. Returns (coordinator, results in
+    row order, the JobSpec)."""
     from ternpool.cluster.coordinator import Coordinator
     from ternpool.engine.requests import Result
     from ternpool.jobs import Manifest, to_requests
 
-    src = tmp_path / "p.parquet"
-    pq.write_table(pa.table(columns), src)
-    spec = JobSpec(str(src), str(tmp_path / "out"), "model", shard_rows=len(next(iter(columns.values()))))
+    src = columns
+    if isinstance(columns, dict):
+        src = tmp_path / "p.parquet"
+        pq.write_table(pa.table(columns), src)
+    spec = JobSpec(str(src), str(tmp_path / "out"), "model", shard_rows=1 << 20, **spec_kwargs)
     inputs = open_inputs(spec.inputs)
     plan = plan_shards(inputs, spec.shard_rows)
     coord = Coordinator(spec, inputs, plan, Manifest.open(spec.output, spec, inputs, plan, {"m": 1}), 2)
     coord.register("w", "node-a")
     key, table = coord.lease("w")
-    results = [Result.failed(rr.row_index, rr.error) if rr.request is None else engine.generate([rr.request])[0]
-               for rr in to_requests(table, spec, inputs.text_column)]
+    rows = to_requests(table, spec, inputs.text_column)
+    generated = iter(engine.generate([rr.request for rr in rows if rr.request is not None]))
+    results = [Result.failed(rr.row_index, rr.error) if rr.request is None else next(generated) for rr in rows]
     assert coord.complete("w", key, results)
-    return coord, results, spec.output
+    return coord, results, spec

@@ -235,9 +235,9 @@ def test_failed_rows_tokens_are_not_counted(tmp_path, tiny_engine):
 
     engine = Engine(BitNetModel(tiny_engine.model.weights, slots=2, max_context=32), tiny_engine.tokenizer,
                     tiny_engine.threads)
-    coord, _, output = run_one_shard(tmp_path, {"prompt": ["Hello", "word " * 100, "World", "Bye"],
+    coord, _, spec = run_one_shard(tmp_path, {"prompt": ["Hello", "word " * 100, "World", "Bye"],
                                                 "max_tokens": pa.array([3, None, 0, 2], pa.int64())}, engine)
-    out = read_output(output).to_pydict()
+    out = read_output(spec.output).to_pydict()
     assert [e is None for e in out["error"]] == [True, False, False, True]
     assert "too long" in out["error"][1] and out["prompt_tokens"][1] > 32  # the output keeps the count
     good_prompt = out["prompt_tokens"][0] + out["prompt_tokens"][3]

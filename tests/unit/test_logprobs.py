@@ -166,13 +166,13 @@ def test_a_job_writes_the_logprob_columns(tmp_path, tiny_engine):
     from ternpool.jobs import read_output
     from ternpool.jobs.output import OUTPUT_SCHEMA_FIELDS
 
-    _, results, output = run_one_shard(tmp_path, {
+    _, results, spec = run_one_shard(tmp_path, {
         "prompt": ["Hello", "World wide", "Bye", "Again"],
         "top_logprobs": pa.array([2, None, 0, 25.0], pa.float64()),
         "logprobs": pa.array([None, True, None, None], pa.bool_()),
         "prompt_logprobs": pa.array([None, None, 1, None], pa.int64()),
         "max_tokens": pa.array([3, 2, 0, 2], pa.int64())}, tiny_engine)
-    out = read_output(output)
+    out = read_output(spec.output)
     for name, arrow_type in OUTPUT_SCHEMA_FIELDS:
         assert out.schema.field(name).type == arrow_type
     rows = out.to_pylist()

@@ -16,6 +16,8 @@ from ternpool.engine import Engine, Request, SamplingParams
 from ternpool.engine.model import BitNetModel
 from ternpool.engine.requests import Result, SamplingValueError
 
+from helpers import run_one_shard
+
 jsonschema = pytest.importorskip("jsonschema")
 
 pytestmark = pytest.mark.unit
@@ -159,20 +161,9 @@ def test_the_mask_keeps_raw_logprobs_and_greedy_follows_the_grammar(tiny_engine)
 
 
 def _run_job(tmp_path, src, engine, **spec_kwargs):
-    from ternpool.cluster.coordinator import Coordinator
-    from ternpool.jobs import JobSpec, Manifest, open_inputs, plan_shards, read_output, to_requests
+    from ternpool.jobs import read_output
 
-    spec = JobSpec(str(src), str(tmp_path / "out"), "model", shard_rows=64, **spec_kwargs)
-    inputs = open_inputs(spec.inputs)
-    plan = plan_shards(inputs, 64)
-    coord = Coordinator(spec, inputs, plan, Manifest.open(spec.output, spec, inputs, plan, {"m": 1}), 1)
-    coord.register("w", "node-a")
-    key, table = coord.lease("w")
-    rows = to_requests(table, spec, inputs.text_column)
-    results = engine.generate([rr.request for rr in rows if rr.request is not None])
-    it = iter(results)
-    results = [Result.failed(rr.row_index, rr.error) if rr.request is None else next(it) for rr in rows]
-    assert coord.complete("w", key, results)
+    _, _, spec = run_one_shard(tmp_path, src, engine, **spec_kwargs)
     return spec, read_output(spec.output).to_pylist()
 
 
