@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .options import KV_BLOCK_TOKENS
 from .shapes import kv_bytes_per_slot, linear_shapes, packed_shape
 
 # Python, NumPy, Numba, the tokenizer and activations of one step: measured ~0.35 GB for 2b4t
@@ -57,12 +58,14 @@ def fit_problem(cfg: ModelConfig, weights_format: str, head: str, slots: int, ma
            f"the node has {_gb(node_memory)} for workers" + (f" (Ray's object store takes {_gb(object_store)})"
                                                               if object_store else ""))
     room = node_memory - fp.weights - fp.runtime
-    per_slot, per_token = kv_bytes_per_slot(cfg, max_context, kv_cache), kv_bytes_per_slot(cfg, 1, kv_cache)
+    per_slot = kv_bytes_per_slot(cfg, max_context, kv_cache)
+    per_token = kv_bytes_per_slot(cfg, KV_BLOCK_TOKENS, kv_cache) // KV_BLOCK_TOKENS  # the cache holds whole blocks
     hints = []
     if room >= per_slot:
         hints.append(f"--slots {room // per_slot} at this context")
-    if room >= per_token * slots:
-        hints.append(f"--max-context {min(max_context, room // (slots * per_token))} with {slots} slots")
+    if room >= per_token * slots * KV_BLOCK_TOKENS:
+        fits = room // (slots * per_token) // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
+        hints.append(f"--max-context {min(max_context, fits)} with {slots} slots")
     if kv_cache == "f32" and room >= fp.kv_cache // 2:
         hints.append("--kv-cache bf16 (half the KV cache)")
     int8_kv = slots * kv_bytes_per_slot(cfg, max_context, "int8")

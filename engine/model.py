@@ -28,8 +28,8 @@ from ternpool.kernels.norm import norm_quantize, rms_norm
 from ternpool.kernels.rope import apply_rope
 
 from .config import ModelConfig
-from .options import DEFAULT_HEAD, HEADS, KV_CACHES
-from .shapes import kv_bytes_per_slot
+from .options import DEFAULT_HEAD, HEADS, KV_BLOCK_TOKENS, KV_CACHES
+from .shapes import kv_blocks, kv_bytes_per_slot
 from .weights import ModelWeights, TernaryLinear
 
 
@@ -91,7 +91,12 @@ class BitNetModel:
     """Weights plus a KV cache of `slots` sequences x `max_context` positions, float32, bf16 or int8
     (`kv_cache`: "bf16" halves its bytes and the attention's reads, K and V rounded to bf16 as they
     are written; "int8" quarters them, each token's K and V of each KV head quantized to int8 with one
-    float32 scale; attention computes in float32 either way)."""
+    float32 scale; attention computes in float32 either way).
+
+    The cache is paged: a pool of `blocks` blocks of KV_BLOCK_TOKENS positions (slots x the blocks of
+    max_context), and `block_table[s]` lists the blocks of sequence slot s in position order. At first
+    slot s owns blocks s * per_slot ... (a slotted cache); the engine rewrites the table to share the
+    blocks of common prompt prefixes between sequences (engine/blocks.py)."""
 
     def __init__(self, weights: ModelWeights, slots: int, max_context: int, head: str = DEFAULT_HEAD,
                  kv_cache: str = "f32"):
@@ -114,8 +119,11 @@ class BitNetModel:
         self.weights, self.config = weights, cfg
         self.slots, self.max_context = slots, max_context
         width = row_width(cfg.head_dim) if kv_cache == "int8" else cfg.head_dim  # int8: D values + scale
-        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_context, width)
-        self.k_cache = lazy_zeros(shape, KV_CACHE_DTYPES[kv_cache])  # (L, S, KVH, C, D or D + 4)
+        per_slot = kv_blocks(max_context)
+        self.blocks = slots * per_slot
+        self.block_table = np.arange(self.blocks, dtype=np.int64).reshape(slots, per_slot)
+        shape = (cfg.num_hidden_layers, self.blocks, cfg.num_key_value_heads, KV_BLOCK_TOKENS, width)
+        self.k_cache = lazy_zeros(shape, KV_CACHE_DTYPES[kv_cache])  # (L, blocks, KVH, B, D or D + 4)
         self.v_cache = lazy_zeros(shape, KV_CACHE_DTYPES[kv_cache])
         self.cos, self.sin = rope_tables(cfg, max_context)
         self.scale = np.float32(cfg.head_dim ** -0.5)
@@ -139,6 +147,9 @@ class BitNetModel:
         slots = np.asarray(slots, dtype=np.int64)
         N, D, eps = tokens.shape[0], cfg.head_dim, cfg.rms_norm_eps
         cos, sin = self.cos[pos], self.sin[pos]  # (N, D/2)
+        if N and int(pos.max()) >= self.max_context:
+            raise ValueError(f"position {int(pos.max())} is past the context {self.max_context}")
+        blocks, offsets = self.block_table[slots, pos // KV_BLOCK_TOKENS], pos % KV_BLOCK_TOKENS  # where K, V go
         x = bf16_to_f32(w.embed[tokens])  # (N, hidden)
         for li, layer in enumerate(w.layers):
             a = Quantized(x, layer.input_norm, eps)
@@ -146,10 +157,10 @@ class BitNetModel:
             q = apply_rope(q.reshape(N, -1, D), cos, sin)  # (N, H, D)
             k = apply_rope(k.reshape(N, -1, D), cos, sin)  # (N, KVH, D)
             v = v.reshape(N, -1, D)  # (N, KVH, D)
-            kc, vc = self.k_cache[li], self.v_cache[li]  # (S, KVH, C, D or D + 4)
-            kc[slots, :, pos, :] = self._to_cache(k)
-            vc[slots, :, pos, :] = self._to_cache(v)
-            att = attention(q, kc, vc, slots, pos, self.scale).reshape(N, -1)  # (N, H*D)
+            kc, vc = self.k_cache[li], self.v_cache[li]  # (blocks, KVH, B, D or D + 4)
+            kc[blocks, :, offsets, :] = self._to_cache(k)
+            vc[blocks, :, offsets, :] = self._to_cache(v)
+            att = attention(q, kc, vc, slots, pos, self.scale, self.block_table).reshape(N, -1)  # (N, H*D)
             x = x + Quantized(att, layer.attn_sub_norm, eps)(layer.o_proj)  # (N, hidden)
             m = Quantized(x, layer.post_attention_norm, eps)
             gate, up = m(layer.gate_proj, layer.up_proj)

@@ -20,6 +20,7 @@ TRUNCATE_MODES = ("error", "left")  # a prompt longer than the context: an error
 DEFAULT_SLOTS = 32  # where aggregate decode flattens on 2b4t (README, "Slots per worker"); fewer if memory is short
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_STEP_TOKENS = 512
+KV_BLOCK_TOKENS = 16  # positions in one block of the paged KV cache: the unit a shared prompt prefix is reused in
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class EngineConfig:
         of the bytes; greedy tokens mostly the same, a little less often than bf16's).
     cache_dir: where a Hugging Face model is converted once into ternpool's native file
         (default: TERNPOOL_CACHE_DIR, else ~/.cache/ternpool).
+    prefix_cache: keep the KV blocks of prompts after their sequences end and reuse them for a later
+        prompt that starts with the same tokens (whole blocks of KV_BLOCK_TOKENS), which then prefills
+        only the rest; the blocks come out of the same slots x max_context budget. Results are bit for
+        bit the same either way. False: every prompt is computed whole.
     """
 
     threads: int | None = None
@@ -53,6 +58,7 @@ class EngineConfig:
     weights_format: str | None = None
     kv_cache: str = "f32"
     cache_dir: str | None = None
+    prefix_cache: bool = True
 
     def __post_init__(self):
         for name in ("threads", "slots", "max_context", "step_tokens"):
@@ -70,6 +76,8 @@ class EngineConfig:
             if value not in allowed and not (optional and value is None):
                 raise ValueError(f"EngineConfig.{name} must be one of {allowed}{' or None' if optional else ''}, "
                                  f"got {value!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"EngineConfig.prefix_cache must be true or false, got {self.prefix_cache!r}")
         if self.cache_dir is not None:
             if not isinstance(self.cache_dir, (str, os.PathLike)) or not os.fspath(self.cache_dir):
                 raise ValueError(f"EngineConfig.cache_dir must be a path or None, got {self.cache_dir!r}")

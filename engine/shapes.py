@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .options import KV_CACHES, WEIGHTS_FORMATS
+from .options import KV_BLOCK_TOKENS, KV_CACHES, WEIGHTS_FORMATS
 
 # the seven ternary linears of a layer, in checkpoint order, and the module that holds each
 LINEAR_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -57,10 +57,16 @@ def packed_shape(weights_format: str, out: int, fan_in: int) -> tuple[int, int]:
     raise ValueError(f"weights format must be one of {WEIGHTS_FORMATS}, got {weights_format!r}")
 
 
+def kv_blocks(max_context: int) -> int:
+    """Blocks of KV_BLOCK_TOKENS positions that hold `max_context` positions."""
+    return -(-max_context // KV_BLOCK_TOKENS)
+
+
 def kv_bytes_per_slot(shape: ModelShape, max_context: int, kv_cache: str = "f32") -> int:
-    """Bytes of one slot's K and V caches holding `max_context` tokens in every layer, in the cache
-    dtype `kv_cache` ("f32", "bf16" or "int8": values plus a scale a row)."""
+    """Bytes of one slot's K and V caches holding `max_context` tokens in every layer (rounded up to
+    whole blocks of KV_BLOCK_TOKENS), in the cache dtype `kv_cache` ("f32", "bf16" or "int8": values
+    plus a scale a row)."""
     if kv_cache not in KV_CACHE_ITEM_BYTES:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     row = shape.head_dim * KV_CACHE_ITEM_BYTES[kv_cache] + KV_CACHE_ROW_EXTRA_BYTES.get(kv_cache, 0)
-    return 2 * shape.num_hidden_layers * shape.num_key_value_heads * row * max_context
+    return 2 * shape.num_hidden_layers * shape.num_key_value_heads * row * kv_blocks(max_context) * KV_BLOCK_TOKENS

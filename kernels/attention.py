@@ -1,7 +1,12 @@
-"""Causal grouped-query attention over a slotted KV cache.
+"""Causal grouped-query attention over a paged KV cache.
 
-Each token n belongs to cache slot `slots[n]` at position `pos[n]` and
-attends to positions 0..pos[n] of its slot (its own K/V already written).
+The cache is a pool of blocks of B positions each, (blocks, KVH, B, D).
+Each token n belongs to sequence `slots[n]` at position `pos[n]` and
+attends to positions 0..pos[n] of that sequence (its own K/V already
+written); position j of sequence s lives in block `table[s, j // B]` at
+offset j % B, so sequences can share the blocks of a common prompt prefix
+(engine/blocks.py). Without a table the cache is one block per sequence,
+(S, KVH, C, D): block s holds sequence s.
 Query head h reads KV head h // (H // KVH). One task computes several query
 heads of one KV head together (the whole GQA group, 4 heads on 2b4t), so
 each K and V row is read once for all of them, not once per head.
@@ -86,9 +91,10 @@ def _exp_shifted(x, best, ibuf):  # pragma: no cover - compiled
 
 
 @njit(**NJIT_FAST)
-def _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, task):  # pragma: no cover - compiled
+def _task(q, k_cache, v_cache, table, slots, pos, scale, per_task, out, task):  # pragma: no cover - compiled
     """Task `task`: `per_task` query heads of one KV head for one token."""
     _, H, D = q.shape
+    B = k_cache.shape[2]
     group = H // k_cache.shape[1]
     tasks_per_token = H // per_task
     n = task // tasks_per_token
@@ -99,14 +105,16 @@ def _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, task):  # pragm
     bits = np.empty(D, dtype=np.uint32)
     row = bits.view(np.float32)
     scores = np.empty((per_task, length), dtype=np.float32)  # (G, L)
-    for j in range(length):
-        k = _row(k_cache, s, kvh, j, bits, row)  # (D,): read once for the G heads
-        for g in range(per_task):
-            acc = np.float32(0.0)
-            for d in range(D):
-                acc += q[n, h0 + g, d] * k[d]
-            acc *= scale
-            scores[g, j] = acc
+    for j0 in range(0, length, B):
+        b = table[s, j0 // B]
+        for j in range(j0, min(j0 + B, length)):
+            k = _row(k_cache, b, kvh, j - j0, bits, row)  # (D,): read once for the G heads
+            for g in range(per_task):
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[n, h0 + g, d] * k[d]
+                acc *= scale
+                scores[g, j] = acc
     totals = np.empty(per_task, dtype=np.float64)
     ibuf = np.empty(length, dtype=np.int32)  # 2**n of each exp, as float32 bits
     for g in range(per_task):  # softmax of each head's row: float32 exp, its sum in float64
@@ -118,31 +126,33 @@ def _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, task):  # pragm
         for j in range(length):
             scores[g, j] *= inv
     acc_out = np.zeros((per_task, D), dtype=np.float32)  # (G, D)
-    for j in range(length):
-        v = _row(v_cache, s, kvh, j, bits, row)  # (D,): read once for the G heads
-        for g in range(per_task):
-            p = scores[g, j]
-            for d in range(D):
-                acc_out[g, d] += p * v[d]
+    for j0 in range(0, length, B):
+        b = table[s, j0 // B]
+        for j in range(j0, min(j0 + B, length)):
+            v = _row(v_cache, b, kvh, j - j0, bits, row)  # (D,): read once for the G heads
+            for g in range(per_task):
+                p = scores[g, j]
+                for d in range(D):
+                    acc_out[g, d] += p * v[d]
     for g in range(per_task):
         for d in range(D):
             out[n, h0 + g, d] = acc_out[g, d]
 
 
 @njit(**NJIT_FAST)
-def _attention_serial(q, k_cache, v_cache, slots, pos, scale, per_task, out):  # pragma: no cover - compiled
+def _attention_serial(q, k_cache, v_cache, table, slots, pos, scale, per_task, out):  # pragma: no cover - compiled
     for task in range(q.shape[0] * (q.shape[1] // per_task)):
-        _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, task)
+        _task(q, k_cache, v_cache, table, slots, pos, scale, per_task, out, task)
 
 
 @njit(**NJIT_PARALLEL_FAST)
-def _attention_parallel(q, k_cache, v_cache, slots, pos, scale, per_task, out):  # pragma: no cover - compiled
+def _attention_parallel(q, k_cache, v_cache, table, slots, pos, scale, per_task, out):  # pragma: no cover - compiled
     T = q.shape[0] * (q.shape[1] // per_task)
     for i in prange(T):
         # pair cheap and costly tasks (a prefill chunk's positions grow along it), so that each
         # thread's contiguous share of the range gets as much work: i -> 0, T-1, 1, T-2, ...
         j = np.int64(i)
-        _task(q, k_cache, v_cache, slots, pos, scale, per_task, out, j // 2 if j % 2 == 0 else T - 1 - j // 2)
+        _task(q, k_cache, v_cache, table, slots, pos, scale, per_task, out, j // 2 if j % 2 == 0 else T - 1 - j // 2)
 
 
 def heads_per_task(tokens: int, kv_heads: int, group: int, threads: int) -> int:
@@ -157,9 +167,11 @@ def heads_per_task(tokens: int, kv_heads: int, group: int, threads: int) -> int:
     return 1
 
 
-def attention(q, k_cache, v_cache, slots, pos, scale: float) -> np.ndarray:
-    """q (N, H, D) float32; k/v_cache (S, KVH, C, D), both float32 or both bf16 bits (uint16), or
-    (S, KVH, C, D + 4) int8 rows (kernels/kv8.py); slots, pos (N,) int64 -> (N, H, D) float32."""
+def attention(q, k_cache, v_cache, slots, pos, scale: float, table=None) -> np.ndarray:
+    """q (N, H, D) float32; k/v_cache (blocks, KVH, B, D), both float32 or both bf16 bits (uint16), or
+    (blocks, KVH, B, D + 4) int8 rows (kernels/kv8.py); slots, pos (N,) int64; table (S, max blocks) of
+    block ids, row s the blocks of sequence s in position order (None: block s is sequence s, B its
+    whole context) -> (N, H, D) float32."""
     N, H, D = q.shape
     KVH = k_cache.shape[1]
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in CACHE_DTYPES:
@@ -168,26 +180,40 @@ def attention(q, k_cache, v_cache, slots, pos, scale: float) -> np.ndarray:
     width = D + SCALE_BYTES if k_cache.dtype == np.int8 else D
     if H % KVH or k_cache.shape[3] != width or v_cache.shape != k_cache.shape:
         raise ValueError(f"query shape {q.shape} does not fit cache shapes {k_cache.shape}, {v_cache.shape}")
-    if N and int(np.max(pos)) >= k_cache.shape[2]:
-        raise ValueError(f"position {int(np.max(pos))} is past the cache length {k_cache.shape[2]}")
+    table = block_table(k_cache, table)
+    slots, pos = np.asarray(slots, np.int64), np.asarray(pos, np.int64)
+    if N and int(np.max(pos)) >= table.shape[1] * k_cache.shape[2]:
+        raise ValueError(f"position {int(np.max(pos))} is past the cache length {table.shape[1] * k_cache.shape[2]}")
     out = np.empty((N, H, D), dtype=np.float32)
-    work = (int(np.sum(np.asarray(pos, np.int64) + 1)) if N else 0) * H * D  # query x key products
+    work = (int(np.sum(pos + 1)) if N else 0) * H * D  # query x key products
     parallel = work >= PARALLEL_WORK
     per_task = heads_per_task(N, KVH, H // KVH, numba.get_num_threads()) if parallel else H // KVH
     run = _attention_parallel if parallel else _attention_serial
-    run(np.ascontiguousarray(q, np.float32), k_cache, v_cache, np.asarray(slots, np.int64),
-               np.asarray(pos, np.int64), np.float32(scale), per_task, out)
+    run(np.ascontiguousarray(q, np.float32), k_cache, v_cache, table, slots, pos, np.float32(scale), per_task, out)
     return out
 
 
-def attention_ref(q, k_cache, v_cache, slots, pos, scale: float) -> np.ndarray:
+def block_table(cache: np.ndarray, table=None) -> np.ndarray:
+    """`table` as int64, checked against the cache's blocks; None: (blocks, 1), block s for sequence s."""
+    if table is None:
+        return np.arange(cache.shape[0], dtype=np.int64)[:, None]
+    table = np.asarray(table, np.int64)
+    if table.ndim != 2 or (table.size and not 0 <= int(table.min()) <= int(table.max()) < cache.shape[0]):
+        raise ValueError(f"block table of shape {table.shape} must hold block ids in 0..{cache.shape[0] - 1}")
+    return table
+
+
+def attention_ref(q, k_cache, v_cache, slots, pos, scale: float, table=None) -> np.ndarray:
     """NumPy reference (float64; a bf16 cache is widened exactly first, an int8 one dequantized to float32)."""
     N, H, D = q.shape
     group = H // k_cache.shape[1]
+    table = block_table(k_cache, table)
     out = np.empty((N, H, D), dtype=np.float32)
     for n in range(N):
+        blocks = table[slots[n]]
         for h in range(H):
-            k, v = (c[slots[n], h // group, : pos[n] + 1] for c in (k_cache, v_cache))  # (L, D)
+            # the sequence's positions in order: its blocks one after the other, cut at pos[n]
+            k, v = (np.concatenate(c[blocks, h // group], axis=0)[: pos[n] + 1] for c in (k_cache, v_cache))
             k, v = (_widened(c).astype(np.float64) for c in (k, v))
             s = k @ q[n, h].astype(np.float64) * scale
             p = np.exp(s - s.max())

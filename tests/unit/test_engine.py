@@ -184,10 +184,12 @@ def test_source_may_say_nothing_is_ready_yet(tiny_engine):
 def test_default_slots_fit_the_memory(tiny_engine):
     from ternpool.engine.engine import auto_slots
     from ternpool.engine.options import DEFAULT_SLOTS
+    from ternpool.engine.shapes import kv_bytes_per_slot
 
     cfg = tiny_engine.config
-    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * 1000
-    assert tiny_engine.model.kv_bytes_per_slot == per_slot // 1000 * tiny_engine.model.max_context
+    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * 1008
+    assert tiny_engine.model.kv_bytes_per_slot == per_slot // 1008 * tiny_engine.model.max_context
+    assert kv_bytes_per_slot(cfg, 1000) == kv_bytes_per_slot(cfg, 1008) == per_slot  # whole blocks of 16
     assert auto_slots(cfg, 1000, memory=10 ** 12) == DEFAULT_SLOTS
     assert auto_slots(cfg, 1000, memory=6 * per_slot) == 3
     assert auto_slots(cfg, 1000, memory=per_slot) == 1

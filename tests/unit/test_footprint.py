@@ -49,7 +49,8 @@ def test_message_says_what_would_fit(model_factory):
     assert "11 slots x 2048 tokens" in msg and "--slots 10 at this context" in msg
     room = node - fp.weights - fp.runtime  # what the KV cache may use
     assert "object store takes 1.00 GB" in msg
-    assert f"--max-context {room // (11 * kv_bytes_per_slot(cfg, 1))} with 11 slots" in msg
+    per_token = kv_bytes_per_slot(cfg, 16) // 16  # the cache holds whole blocks of 16 positions
+    assert f"--max-context {room // (11 * per_token) // 16 * 16} with 11 slots" in msg
     assert "(11 slots x 2048 tokens, f32)" in msg and "--kv-cache bf16 (half the KV cache)" in msg
 
 
@@ -73,7 +74,8 @@ def test_an_int8_kv_cache_fits_about_four_times_the_slots():
 
     tok = SimpleNamespace(bos_token_id=128000, eos_token_id=128001)
     cfg = ModelConfig.from_dict(_config(SHAPES["2b4t"], "packed", "autobitlinear", tok))
-    assert [kv_bytes_per_slot(cfg, 1, kv) for kv in ("f32", "bf16", "int8")] == [153_600, 76_800, 39_600]
+    assert [kv_bytes_per_slot(cfg, 16, kv) // 16 for kv in ("f32", "bf16", "int8")] == [153_600, 76_800, 39_600]
+    assert kv_bytes_per_slot(cfg, 1) == kv_bytes_per_slot(cfg, 16)  # whole blocks
     memory = 2 * 5 * kv_bytes_per_slot(cfg, 2048)  # automatic slots take half: 5 float32 slots
     assert [auto_slots(cfg, 2048, memory, kv) for kv in ("f32", "bf16", "int8")] == [5, 10, 19]
     node = footprint(cfg, "2bit", "int8", 19, 2048, "int8").total  # 19 int8 slots fit exactly

@@ -205,7 +205,7 @@ def test_attention_bf16_cache_is_its_widened_float32_cache():
 def test_attention_int8_cache_batches_exactly(heads, kv_heads, dim):
     """With an int8 cache (kernels/kv8.py rows: values and scale) every heads-per-task split gives the same
     bits, and each token alone gets what it gets in the batch."""
-    from ternpool.kernels.attention import _attention_parallel, _attention_serial
+    from ternpool.kernels.attention import _attention_parallel, _attention_serial, block_table
 
     q, kc, vc, slots, pos = _attention_inputs(heads, kv_heads, dim, "int8")
     assert kc.dtype == np.int8 and kc.shape[-1] == dim + 4
@@ -213,7 +213,7 @@ def test_attention_int8_cache_batches_exactly(heads, kv_heads, dim):
     for per_task in (p for p in range(1, heads // kv_heads + 1) if (heads // kv_heads) % p == 0):
         for run in (_attention_serial, _attention_parallel):
             out = np.empty_like(q)
-            run(q, kc, vc, slots, pos, np.float32(0.1), per_task, out)
+            run(q, kc, vc, block_table(kc), slots, pos, np.float32(0.1), per_task, out)
             assert np.array_equal(out, batched), (per_task, run)
     for n in range(len(q)):
         assert np.array_equal(attention(q[n:n + 1], kc, vc, slots[n:n + 1], pos[n:n + 1], 0.1)[0], batched[n])
@@ -221,6 +221,45 @@ def test_attention_int8_cache_batches_exactly(heads, kv_heads, dim):
         attention(q, kc[..., :dim], vc[..., :dim], slots, pos, 0.1)  # rows without their scale
     with pytest.raises(ValueError, match="both int8"):
         attention(q, kc, dequantize_kv(vc), slots, pos, 0.1)
+
+
+def _paged(cache: np.ndarray, block: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slotted cache (S, KVH, C, W) cut into blocks of `block` positions, stored in a shuffled pool
+    (with spare blocks) and its block table (S, ceil(C / block))."""
+    S, KVH, C, W = cache.shape
+    per = -(-C // block)
+    padded = np.zeros((S, KVH, per * block, W), cache.dtype)
+    padded[:, :, :C] = cache
+    blocks = padded.reshape(S, KVH, per, block, W).transpose(0, 2, 1, 3, 4).reshape(S * per, KVH, block, W)
+    order = np.random.default_rng(seed).permutation(S * per + 3)  # block i of the slotted layout lives at pool[order[i]]
+    pool = np.zeros((S * per + 3, KVH, block, W), cache.dtype)
+    pool[order[:S * per]] = blocks
+    return pool, order[:S * per].reshape(S, per)
+
+
+@pytest.mark.parametrize("cache", ["f32", "bf16", "int8"])
+@pytest.mark.parametrize("block", [1, 4, 16, 41, 64])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (20, 5, 128), (3, 1, 5)])
+def test_paged_attention_is_slotted_attention(heads, kv_heads, dim, cache, block):
+    """Attention through a block table over a shuffled pool of blocks gives bit for bit what the slotted
+    cache gives (the same rows in the same order), and matches the reference reading the same table."""
+    from ternpool.kernels.attention import _attention_parallel, _attention_serial, block_table
+
+    q, kc, vc, slots, pos = _attention_inputs(heads, kv_heads, dim, cache)
+    (kp, table), (vp, table_v) = _paged(kc, block, seed=block), _paged(vc, block, seed=block)
+    assert np.array_equal(table, table_v)
+    want = attention(q, kc, vc, slots, pos, 0.1)
+    assert np.array_equal(attention(q, readonly(kp), readonly(vp), slots, pos, 0.1, table), want)
+    for run in (_attention_serial, _attention_parallel):
+        out = np.empty_like(q)
+        run(q, kp, vp, block_table(kp, table), slots, pos, np.float32(0.1), 1, out)
+        assert np.array_equal(out, want)
+    np.testing.assert_allclose(attention_ref(q, kp, vp, slots, pos, 0.1, table),
+                               attention_ref(q, kc, vc, slots, pos, 0.1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="block ids in"):
+        attention(q, kp, vp, slots, pos, 0.1, table + len(kp))
+    with pytest.raises(ValueError, match="past the cache length"):
+        attention(q, kp, vp, slots, np.full(7, table.shape[1] * block), 0.1, table)
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (5, 1, 12), (6, 3, 10), (3, 3, 7), (20, 5, 128),
@@ -239,14 +278,14 @@ def test_attention_heads_per_task_does_not_change_a_bit():
     for all of them, or fewer when there are too few tasks for the threads), and whether the tasks run on
     the calling thread or on all of them, every head's arithmetic is the same: the result is bit for bit
     the same, and each token's does not depend on the batch."""
-    from ternpool.kernels.attention import _attention_parallel, _attention_serial
+    from ternpool.kernels.attention import _attention_parallel, _attention_serial, block_table
 
     q, kc, vc, slots, pos = _attention_inputs(20, 5, 128, "f32")
     outs = []
     for per_task in (1, 2, 4):
         for run in (_attention_serial, _attention_parallel):
             out = np.empty_like(q)
-            run(q, kc, vc, slots, pos, np.float32(0.1), per_task, out)
+            run(q, kc, vc, block_table(kc), slots, pos, np.float32(0.1), per_task, out)
             outs.append(out)
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
     for n in range(len(q)):  # one token alone (a split group on 2 threads) as in the batch
