@@ -4,7 +4,10 @@ A fixed number of cache slots; each step feeds one token of every decoding
 sequence plus prefill chunks of newly admitted prompts through a single
 forward pass. When a sequence finishes its slot is freed and the next
 request is pulled from the caller's iterable, so short and long prompts do
-not wait for each other. A request with a structured-output constraint
+not wait for each other. The KV cache is paged (engine/blocks.py): a prompt that
+starts with the full blocks of one seen before takes them from the prefix cache
+and computes only the rest; waiting requests whose prefix is cached are admitted
+first. A request with a structured-output constraint
 (`engine/guided.py`) has its own logits row masked before sampling; the
 other rows of the step are untouched.
 """
@@ -24,10 +27,12 @@ from ternpool.kernels import set_threads
 
 from .config import ModelConfig, ModelFormatError
 from .footprint import fit_problem
-from .options import DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, DEFAULT_STEP_TOKENS, TRUNCATE_MODES, EngineConfig
+from .options import (DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, DEFAULT_STEP_TOKENS, KV_BLOCK_TOKENS, TRUNCATE_MODES,
+                      EngineConfig)
 from .shapes import kv_bytes_per_slot
 from .hub import resolve_model_dir
 from .model import BitNetModel
+from .blocks import BlockPool, prefix_hashes
 from .guided import Guide, constraint_key
 from .logprobs import PROMPT_ROWS_PER_BLOCK, token_logprob
 from .requests import Request, Result, SamplingParams, TokenLogprob
@@ -44,9 +49,9 @@ _END = object()
 @dataclass
 class _Seq:
     request: Request
-    slot: int
     prompt_ids: list[int]
     rng: np.random.Generator
+    slot: int = -1  # its row of the model's block table, once admitted
     fed: int = 0  # tokens already written to the cache
     generated: list[int] = field(default_factory=list)
     text: str = ""
@@ -57,6 +62,12 @@ class _Seq:
     logprobs: list[TokenLogprob] | None = None  # of generated tokens, when the request asks
     prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens, when the request asks
     matcher: object | None = None  # llguidance matcher of a constrained request (engine/guided.py)
+    names: list[bytes] = field(default_factory=list)  # of the prompt's full blocks (engine/blocks.py)
+    blocks: list[int] = field(default_factory=list)  # KV blocks it holds, in position order
+    named: int = 0  # its first `named` blocks are named in the prefix cache (written whole, or taken from it)
+    matching: bool = True  # nothing computed yet: it may still take cached blocks
+    cached: int = 0  # prompt tokens taken from the prefix cache
+    passed_over: int = 0  # times a later request was admitted before it
 
     @property
     def pending(self) -> list[int]:
@@ -114,7 +125,7 @@ class Engine:
     """One model, its tokenizer and a KV cache of `slots` sequences."""
 
     def __init__(self, model: BitNetModel, tokenizer: Tokenizer, threads: int,
-                 step_tokens: int = DEFAULT_STEP_TOKENS, truncate: str = "error"):
+                 step_tokens: int = DEFAULT_STEP_TOKENS, truncate: str = "error", prefix_cache: bool = True):
         if truncate not in TRUNCATE_MODES:
             raise ValueError(f"truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
         self.model, self.tokenizer, self.threads = model, tokenizer, threads
@@ -124,6 +135,12 @@ class Engine:
         self.stop_ids = frozenset(self.config.eos_token_ids)
         self.running = 0  # sequences in the cache right now
         self._guide: Guide | None = None  # made on the first constrained request
+        self.blocks = BlockPool(model.blocks, caching=prefix_cache)
+        self.table = np.zeros_like(model.block_table)  # row s: the blocks of the sequence in slot s
+        self._outside_writes = model.outside_writes  # the model's cache written without this engine's table
+        self._writing: dict[bytes, _Seq] = {}  # names of prompt blocks being written, and by whom
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache, over this engine's life
+        self.prompt_tokens = 0  # prompt tokens of the sequences that ran
         self.load_seconds: dict[str, float] = {}  # set by `load`: where its time went
 
     @classmethod
@@ -154,8 +171,8 @@ class Engine:
         t3 = time.perf_counter()
         if slots is None:
             slots = auto_slots(cfg, ctx, kv_cache=config.kv_cache)
-        engine = cls(BitNetModel(weights, slots, ctx, head=head, kv_cache=config.kv_cache), tokenizer, threads, config.step_tokens,
-                     config.truncate)
+        engine = cls(BitNetModel(weights, slots, ctx, head=head, kv_cache=config.kv_cache), tokenizer, threads,
+                     config.step_tokens, config.truncate, config.prefix_cache)
         engine.load_seconds = {"convert_or_find": t1 - t0, "weights": t2 - t1, "tokenizer": t3 - t2,
                                "total": time.perf_counter() - t0}
         log.info("engine ready in %.2f s: %s (%s weights, %s head), %d slots x %d tokens (%s KV cache up to %.1f MB "
@@ -182,8 +199,8 @@ class Engine:
             raise ValueError("messages must be a non-empty list of {role, content}")
         return self.tokenizer.encode_chat(req.messages)
 
-    def _admit(self, req: Request, slot: int) -> _Seq | Result:
-        """The request as a sequence in `slot`, or its failed Result: any exception while preparing
+    def _admit(self, req: Request) -> _Seq | Result:
+        """The request as a sequence waiting for a slot, or its failed Result: any exception while preparing
         one request (a chat template that raises, a tokenizer error, a bad value) is that request's
         error, never the batch's."""
         try:
@@ -204,7 +221,9 @@ class Engine:
                                           f"{self.model.max_context} including at least one generated token; "
                                           "--truncate left (truncate=\"left\" in Python) keeps its end",
                                  prompt_tokens=len(ids))
-        seq = _Seq(req, slot, ids, rng, matcher=matcher)
+        seq = _Seq(req, ids, rng, matcher=matcher)
+        if self.blocks.caching:
+            seq.names = prefix_hashes(ids, KV_BLOCK_TOKENS)
         if req.params.logprobs:
             seq.logprobs = []
         if req.params.prompt_logprobs is not None:  # nothing predicts the first token
@@ -236,7 +255,7 @@ class Engine:
         return Result(s.request.key, s.text, tuple(s.generated), len(s.prompt_ids), len(s.generated),
                       s.finish or "length", s.error, tuple(s.prompt_ids), ttft, now - s.started,
                       None if s.logprobs is None else tuple(s.logprobs),
-                      None if s.prompt_logprobs is None else tuple(s.prompt_logprobs))
+                      None if s.prompt_logprobs is None else tuple(s.prompt_logprobs), s.cached)
 
     def _accept(self, s: _Seq, token: int) -> None:
         """Record a sampled token and decide whether the sequence is finished."""
@@ -270,62 +289,161 @@ class Engine:
                on_step: Callable[[int], None] | None = None) -> Iterator[Result]:
         """Yield a `Result` for every request, in the order they finish.
 
-        The next request is pulled whenever a slot is free. The iterable may
-        yield None for "nothing ready yet": the engine goes on with its
-        running sequences and asks again after the next step (at once when
-        nothing runs, so such a source should wait a little itself).
+        With the prefix cache on, requests are pulled ahead of the free slots, up to `slots` more; when a
+        slot frees, the waiting request with the longest prompt prefix in the prefix cache takes it
+        (arrival order among equals; one passed over `slots` times goes next). Without it, a request is
+        pulled when a slot is free. The iterable may yield None for "nothing
+        ready yet": the engine goes on with its running sequences and asks again after the next step
+        (at once when nothing runs, so such a source should wait a little itself).
         `on_step(tokens)` is called after every forward pass.
         """
         set_threads(self.threads)  # Numba's thread count is per calling thread
+        if self.model.outside_writes != self._outside_writes:  # someone wrote the cache around us
+            self.blocks.forget()
+            self._outside_writes = self.model.outside_writes
         source = iter(requests)
         free = deque(range(self.model.slots))
+        waiting: deque[_Seq] = deque()
         active: list[_Seq] = []
         exhausted = False
+        ahead = self.model.slots if self.blocks.caching else 0  # requests pulled beyond the free slots
         self.running = 0
-        while True:
-            while free and not exhausted:
-                req = next(source, _END)
-                if req is _END:
-                    exhausted = True
-                elif req is not None:
-                    seq = self._admit(req, free[0])
-                    if isinstance(seq, Result):
-                        yield seq
-                        continue
-                    free.popleft()
+        try:
+            while True:
+                while not exhausted and len(waiting) < len(free) + ahead:
+                    req = next(source, _END)
+                    if req is _END:
+                        exhausted = True
+                    elif req is None:
+                        break
+                    else:
+                        seq = self._admit(req)
+                        if isinstance(seq, Result):
+                            yield seq
+                        else:
+                            waiting.append(seq)
+                while free and waiting:
+                    seq = self._next_waiting(waiting)
+                    seq.slot = free.popleft()
                     active.append(seq)
-                    self.running = len(active)
-                    continue
-                break
-            if not active:
-                if exhausted:
-                    return
-                continue
-            finished, tokens = self._step(active)
-            if on_step is not None:
-                on_step(tokens)
-            for s in finished:
-                active.remove(s)
-                free.append(s.slot)
                 self.running = len(active)
-                yield self._result(s)
+                if not active:
+                    if exhausted and not waiting:
+                        return
+                    continue
+                finished, tokens = self._step(active)
+                if on_step is not None:
+                    on_step(tokens)
+                for s in finished:
+                    active.remove(s)
+                    self._release(s)
+                    free.append(s.slot)
+                    self.running = len(active)
+                    yield self._result(s)
+        finally:  # a stream closed early (its consumer stopped, an exception) gives its blocks back
+            for s in active:
+                self._release(s)
+            self.running = 0
+
+    # -- the paged KV cache (engine/blocks.py) ---------------------------------------------------
+
+    def _matchable(self, s: _Seq) -> int:
+        """Blocks of its prompt a sequence may take from the prefix cache: full ones, leaving at least the
+        last prompt token to compute (its logits give the first token); none when it scores its prompt."""
+        if s.request.params.prompt_logprobs is not None:
+            return 0
+        return min(len(s.names), (len(s.prompt_ids) - 1) // KV_BLOCK_TOKENS)
+
+    def _cached_prefix(self, s: _Seq) -> int:
+        """Leading blocks of its prompt that the prefix cache holds or is being written now."""
+        n = 0
+        for name in s.names[:self._matchable(s)]:
+            if not self.blocks.has(name) and name not in self._writing:
+                break
+            n += 1
+        return n
+
+    def _next_waiting(self, waiting: deque[_Seq]) -> _Seq:
+        """Take the waiting sequence that goes next: the oldest if it has been passed over `slots` times,
+        else the one with the longest cached prefix (the oldest among equals)."""
+        if len(waiting) > 1 and self.blocks.caching and waiting[0].passed_over < self.model.slots:
+            best = max(range(len(waiting)), key=lambda i: (self._cached_prefix(waiting[i]), -i))
+            for i in range(best):
+                waiting[i].passed_over += 1
+            waiting.rotate(-best)
+            seq = waiting.popleft()
+            waiting.rotate(best)
+            return seq
+        return waiting.popleft()
+
+    def _take_cached(self, s: _Seq) -> bool:
+        """Give a sequence that has computed nothing yet the cached blocks its prompt starts with. False
+        when its next block is being written by another sequence: it waits a step and takes it then."""
+        limit = self._matchable(s)
+        while len(s.blocks) < limit:
+            b = self.blocks.lookup(s.names[len(s.blocks)])
+            if b is None:
+                owner = self._writing.get(s.names[len(s.blocks)])
+                return owner is None or owner is s
+            self.table[s.slot, len(s.blocks)] = b
+            s.blocks.append(b)
+            s.named += 1
+            s.fed += KV_BLOCK_TOKENS
+            s.cached += KV_BLOCK_TOKENS
+        return True
+
+    def _hold(self, s: _Seq, end: int) -> None:
+        """Blocks for the sequence's positions up to `end` (exclusive); claims the full prompt blocks it
+        is about to write, so that a sequence with the same prefix waits for them instead of computing
+        them again."""
+        while len(s.blocks) * KV_BLOCK_TOKENS < end:
+            b = self.blocks.allocate()
+            self.table[s.slot, len(s.blocks)] = b
+            s.blocks.append(b)
+        for i in range(s.fed // KV_BLOCK_TOKENS, min(len(s.names), -(-end // KV_BLOCK_TOKENS))):
+            self._writing.setdefault(s.names[i], s)
+
+    def _name_written(self, s: _Seq) -> None:
+        """Name in the prefix cache the prompt blocks the sequence has now written whole."""
+        full = min(len(s.names), s.fed // KV_BLOCK_TOKENS)
+        for i in range(s.named, full):
+            self.blocks.name(s.blocks[i], s.names[i])
+            if self._writing.get(s.names[i]) is s:
+                del self._writing[s.names[i]]
+        s.named = max(s.named, full)
+
+    def _release(self, s: _Seq) -> None:
+        for name in s.names[s.named:]:
+            if self._writing.get(name) is s:
+                del self._writing[name]
+        for b in s.blocks:
+            self.blocks.release(b)
+        s.blocks = []
+        self.cached_tokens += s.cached
+        self.prompt_tokens += len(s.prompt_ids)
 
     def _step(self, active: list[_Seq]) -> tuple[list[_Seq], int]:
         """One forward pass; returns the sequences that finished in it and the tokens it fed."""
         tokens: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
+        fed: list[_Seq] = []
         sampled: list[tuple[_Seq, int]] = []  # sequences that get a next token, and their logit row
         scored: list[tuple[_Seq, int, int]] = []  # (sequence, logit row, prompt token it predicts)
         done: list[_Seq] = []
         budget = self.step_tokens
         # decoding sequences first (one token each), then prefill chunks in arrival order
         for s in sorted(active, key=lambda s: s.fed < len(s.prompt_ids)):
+            if s.matching and not self._take_cached(s):
+                continue  # another sequence is writing its next prompt block
             chunk = s.pending
             if len(chunk) > 1:
                 if budget <= 0:
                     continue
                 chunk = chunk[:budget]
+            s.matching = False
+            self._hold(s, s.fed + len(chunk))
+            fed.append(s)
             if s.prompt_logprobs is not None:  # rows of prompt positions that predict a prompt token
                 scored.extend((s, len(tokens) + i, p + 1) for i, p in enumerate(range(s.fed, s.fed + len(chunk)))
                               if p + 1 < len(s.prompt_ids))
@@ -340,8 +458,13 @@ class Engine:
                     done.append(s)
                 else:
                     sampled.append((s, len(tokens) - 1))
+        if not tokens:
+            return done, 0
         rows = [row for _, row in sampled] + [row for _, row, _ in scored]
-        hidden = self.model.hidden(np.array(tokens), np.array(pos), np.array(slots), np.array(rows, dtype=np.int64))
+        hidden = self.model.hidden(np.array(tokens), np.array(pos), np.array(slots), np.array(rows, dtype=np.int64),
+                                   self.table)
+        for s in fed:
+            self._name_written(s)
         if scored:
             self._score_prompts(scored, hidden[len(sampled):])
             for s in {id(s): s for s, _, _ in scored}.values():

@@ -94,9 +94,11 @@ class BitNetModel:
     float32 scale; attention computes in float32 either way).
 
     The cache is paged: a pool of `blocks` blocks of KV_BLOCK_TOKENS positions (slots x the blocks of
-    max_context), and `block_table[s]` lists the blocks of sequence slot s in position order. At first
-    slot s owns blocks s * per_slot ... (a slotted cache); the engine rewrites the table to share the
-    blocks of common prompt prefixes between sequences (engine/blocks.py)."""
+    max_context), and a block table whose row s lists the blocks of sequence slot s in position order.
+    `block_table`, used when a call gives none, is a slotted cache: slot s owns blocks s * per_slot ...
+    The engine passes its own table, which shares the blocks of common prompt prefixes between
+    sequences (engine/blocks.py); `outside_writes` counts the calls that wrote through the default one
+    (the engine then forgets what its blocks held)."""
 
     def __init__(self, weights: ModelWeights, slots: int, max_context: int, head: str = DEFAULT_HEAD,
                  kv_cache: str = "f32"):
@@ -122,6 +124,7 @@ class BitNetModel:
         per_slot = kv_blocks(max_context)
         self.blocks = slots * per_slot
         self.block_table = np.arange(self.blocks, dtype=np.int64).reshape(slots, per_slot)
+        self.outside_writes = 0
         shape = (cfg.num_hidden_layers, self.blocks, cfg.num_key_value_heads, KV_BLOCK_TOKENS, width)
         self.k_cache = lazy_zeros(shape, KV_CACHE_DTYPES[kv_cache])  # (L, blocks, KVH, B, D or D + 4)
         self.v_cache = lazy_zeros(shape, KV_CACHE_DTYPES[kv_cache])
@@ -134,13 +137,14 @@ class BitNetModel:
         return kv_bytes_per_slot(self.config, self.max_context, self.kv_cache)
 
     def forward(self, tokens: np.ndarray, pos: np.ndarray, slots: np.ndarray,
-                logit_rows: np.ndarray | None = None) -> np.ndarray:
+                logit_rows: np.ndarray | None = None, table: np.ndarray | None = None) -> np.ndarray:
         """tokens, pos, slots (N,) -> logits (M, vocab) for the rows `logit_rows` (default: all)."""
-        return self.logits(self.hidden(tokens, pos, slots, logit_rows))
+        return self.logits(self.hidden(tokens, pos, slots, logit_rows, table))
 
     def hidden(self, tokens: np.ndarray, pos: np.ndarray, slots: np.ndarray,
-               logit_rows: np.ndarray | None = None) -> np.ndarray:
-        """The final-normed hidden states (M, hidden) that the output head reads; writes the cache."""
+               logit_rows: np.ndarray | None = None, table: np.ndarray | None = None) -> np.ndarray:
+        """The final-normed hidden states (M, hidden) that the output head reads; writes the cache
+        through `table` (slots, blocks of max_context) of block ids (None: the slotted `block_table`)."""
         cfg, w = self.config, self.weights
         tokens = np.asarray(tokens, dtype=np.int64)
         pos = np.asarray(pos, dtype=np.int64)
@@ -149,7 +153,10 @@ class BitNetModel:
         cos, sin = self.cos[pos], self.sin[pos]  # (N, D/2)
         if N and int(pos.max()) >= self.max_context:
             raise ValueError(f"position {int(pos.max())} is past the context {self.max_context}")
-        blocks, offsets = self.block_table[slots, pos // KV_BLOCK_TOKENS], pos % KV_BLOCK_TOKENS  # where K, V go
+        if table is None:
+            table = self.block_table
+            self.outside_writes += 1
+        blocks, offsets = table[slots, pos // KV_BLOCK_TOKENS], pos % KV_BLOCK_TOKENS  # where K, V go
         x = bf16_to_f32(w.embed[tokens])  # (N, hidden)
         for li, layer in enumerate(w.layers):
             a = Quantized(x, layer.input_norm, eps)
@@ -160,7 +167,7 @@ class BitNetModel:
             kc, vc = self.k_cache[li], self.v_cache[li]  # (blocks, KVH, B, D or D + 4)
             kc[blocks, :, offsets, :] = self._to_cache(k)
             vc[blocks, :, offsets, :] = self._to_cache(v)
-            att = attention(q, kc, vc, slots, pos, self.scale, self.block_table).reshape(N, -1)  # (N, H*D)
+            att = attention(q, kc, vc, slots, pos, self.scale, table).reshape(N, -1)  # (N, H*D)
             x = x + Quantized(att, layer.attn_sub_norm, eps)(layer.o_proj)  # (N, hidden)
             m = Quantized(x, layer.post_attention_norm, eps)
             gate, up = m(layer.gate_proj, layer.up_proj)

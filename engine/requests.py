@@ -181,6 +181,9 @@ class Result:
     logprobs: tuple[TokenLogprob, ...] | None = None
     # one per prompt token when params.prompt_logprobs is set (the first one's logprob is None), else None
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    # prompt tokens whose K and V came from the prefix cache instead of being computed (engine/blocks.py);
+    # depends on what ran before, never changes the result
+    cached_tokens: int = 0
 
     @classmethod
     def failed(cls, key: Hashable, error: str, prompt_tokens: int = 0) -> "Result":

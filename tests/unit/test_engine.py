@@ -16,9 +16,10 @@ PROMPTS = ["Hello world", "The cat sat on the mat because", "x", "Once upon a ti
            "Ünïcödé 日本語 🙂", "A B C D E F G H I J K L M N O P", "Why?"]
 
 
-def _engine(base: Engine, slots: int, max_context: int = 512, step_tokens: int = 512) -> Engine:
+def _engine(base: Engine, slots: int, max_context: int = 512, step_tokens: int = 512,
+            prefix_cache: bool = True) -> Engine:
     model = BitNetModel(base.model.weights, slots=slots, max_context=max_context)
-    return Engine(model, base.tokenizer, base.threads, step_tokens=step_tokens)
+    return Engine(model, base.tokenizer, base.threads, step_tokens=step_tokens, prefix_cache=prefix_cache)
 
 
 def _reqs(params=SamplingParams(max_tokens=24)):
@@ -110,20 +111,23 @@ def test_bad_requests_fail_alone(tiny_engine):
         assert re.search(match, r.error), (key, r.error)
 
 
-def test_stream_pulls_requests_only_when_a_slot_is_free(tiny_engine):
-    engine = _engine(tiny_engine, 2)
+@pytest.mark.parametrize("prefix_cache, most", [(False, 3), (True, 5)])
+def test_stream_pulls_requests_only_when_a_slot_is_free(tiny_engine, prefix_cache, most):
+    """Without the prefix cache a request is pulled when a slot frees; with it, at most `slots` more wait
+    (so that one whose prefix is cached can go first)."""
+    engine = _engine(tiny_engine, 2, prefix_cache=prefix_cache)
     pulled = []
 
     def source():
-        for i in range(6):
+        for i in range(8):
             pulled.append(i)
-            yield Request(i, prompt=PROMPTS[i], params=SamplingParams(max_tokens=3 + 5 * i))
+            yield Request(i, prompt=PROMPTS[i % len(PROMPTS)], params=SamplingParams(max_tokens=3 + 5 * i))
 
     it = engine.stream(source())
     first = next(it)
-    assert len(pulled) <= 3  # two slots filled, at most one more pulled when the first finished
+    assert len(pulled) <= most  # two slots filled (and two waiting), one more pulled when the first finished
     rest = list(it)
-    assert sorted([first.key] + [r.key for r in rest]) == list(range(6))
+    assert sorted([first.key] + [r.key for r in rest]) == list(range(8))
     # shorter requests finish first: continuous batching does not wait for the batch
     assert first.key == 0
 
