@@ -44,6 +44,9 @@ from .validate import load_tokenizer
 
 log = logging.getLogger(__name__)
 _END = object()
+# requests pulled ahead of the free slots (at least), so that those whose prompt prefix is cached can go
+# first: rows of 4 interleaved instructions are all in a window of 16
+LOOKAHEAD = 16
 
 
 @dataclass
@@ -139,6 +142,7 @@ class Engine:
         self.table = np.zeros_like(model.block_table)  # row s: the blocks of the sequence in slot s
         self._outside_writes = model.outside_writes  # the model's cache written without this engine's table
         self._writing: dict[bytes, _Seq] = {}  # names of prompt blocks being written, and by whom
+        self.lookahead = max(model.slots, LOOKAHEAD)  # requests that may wait for a slot, for prefix-first admission
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache, over this engine's life
         self.prompt_tokens = 0  # prompt tokens of the sequences that ran
         self.load_seconds: dict[str, float] = {}  # set by `load`: where its time went
@@ -289,10 +293,10 @@ class Engine:
                on_step: Callable[[int], None] | None = None) -> Iterator[Result]:
         """Yield a `Result` for every request, in the order they finish.
 
-        With the prefix cache on, requests are pulled ahead of the free slots, up to `slots` more; when a
-        slot frees, the waiting request with the longest prompt prefix in the prefix cache takes it
-        (arrival order among equals; one passed over `slots` times goes next). Without it, a request is
-        pulled when a slot is free. The iterable may yield None for "nothing
+        With the prefix cache on, requests are pulled ahead of the free slots, up to `lookahead` more
+        (max(slots, LOOKAHEAD)); when a slot frees, the waiting request with the longest prompt prefix in
+        the prefix cache takes it (arrival order among equals; one passed over `lookahead` times goes
+        next). Without it, a request is pulled when a slot is free. The iterable may yield None for "nothing
         ready yet": the engine goes on with its running sequences and asks again after the next step
         (at once when nothing runs, so such a source should wait a little itself).
         `on_step(tokens)` is called after every forward pass.
@@ -306,7 +310,7 @@ class Engine:
         waiting: deque[_Seq] = deque()
         active: list[_Seq] = []
         exhausted = False
-        ahead = self.model.slots if self.blocks.caching else 0  # requests pulled beyond the free slots
+        ahead = self.lookahead if self.blocks.caching else 0  # requests pulled beyond the free slots
         self.running = 0
         try:
             while True:
@@ -364,9 +368,9 @@ class Engine:
         return n
 
     def _next_waiting(self, waiting: deque[_Seq]) -> _Seq:
-        """Take the waiting sequence that goes next: the oldest if it has been passed over `slots` times,
+        """Take the waiting sequence that goes next: the oldest if it has been passed over `lookahead` times,
         else the one with the longest cached prefix (the oldest among equals)."""
-        if len(waiting) > 1 and self.blocks.caching and waiting[0].passed_over < self.model.slots:
+        if len(waiting) > 1 and self.blocks.caching and waiting[0].passed_over < self.lookahead:
             best = max(range(len(waiting)), key=lambda i: (self._cached_prefix(waiting[i]), -i))
             for i in range(best):
                 waiting[i].passed_over += 1
