@@ -5,10 +5,12 @@ is its row number in the file plus one.
 
 Each line becomes one row: `custom_id`, `url`, `input_line` (passed through to the output, where
 `jobs/openai_output.py` makes OpenAI's output and error lines of them), the text column and the
-sampling columns `body` sets (a field left out takes the job's default). What would change the
-result and ternpool does not do (`tools`, `n` > 1, `logit_bias`, another `url`, ...) makes the row an
-error naming the line and field (the `ROW_ERROR` column, which `rows.to_requests` honours). A line
-that is not a JSON object, has no string `custom_id`, or repeats one, refuses the job."""
+sampling columns `body` sets (a field left out takes the job's default), with OpenAI's
+`response_format` and vLLM's `guided_choice` / `guided_regex` extras as the row's constraint (at most
+one). What would change the result and ternpool does not do (`tools`, `n` > 1, `logit_bias`, another
+`url`, ...) makes the row an error naming the line and field (the `ROW_ERROR` column, which
+`rows.to_requests` honours). A line that is not a JSON object, has no string `custom_id`, or repeats
+one, refuses the job."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ternpool.engine.requests import SamplingParams, SamplingValueError
+from ternpool.engine.requests import CONSTRAINT_FIELDS, SamplingParams, SamplingValueError
 
 from ..errors import JobInputError
 from ..spec import SAMPLING_COLUMNS
@@ -33,9 +35,14 @@ LOGPROBS = {"logprobs", "top_logprobs"} <= set(SAMPLING_COLUMNS)
 IGNORED = frozenset({"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _SAMPLING_TYPES = [("max_tokens", pa.int64()), ("temperature", pa.float64()), ("top_p", pa.float64()),
-                   ("seed", pa.int64()), ("stop", STOP_TYPE), ("response_format", pa.string())]  # as JSON text
+                   ("seed", pa.int64()), ("stop", STOP_TYPE),
+                   ("response_format", pa.string()),  # as JSON text
+                   ("guided_choice", pa.list_(pa.string())), ("guided_regex", pa.string())]  # vLLM's extras
 if LOGPROBS:
     _SAMPLING_TYPES += [("logprobs", pa.bool_()), ("top_logprobs", pa.int64())]
+# the JSON shape of the structured-output fields a body may carry (SamplingParams checks the rest)
+_CONSTRAINT_JSON = {"response_format": (dict, "an object"), "guided_choice": (list, "an array of strings"),
+                    "guided_regex": (str, "a string")}
 # fields with a value that changes nothing: anything else unsupported is a row error
 _NEUTRAL: dict[str, Any] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
                             "stream": False, "echo": False, "best_of": 1, "suffix": None}
@@ -165,19 +172,31 @@ def request_row(endpoint: str, request: dict) -> dict[str, Any]:
             if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
                 raise RowError("body.stop: expected a string or an array of strings")
             row["stop"] = value
-        elif name == "response_format":
-            try:
-                SamplingParams(response_format=value)
-            except SamplingValueError as exc:
-                raise RowError(f"body.{exc}") from None
-            row["response_format"] = json.dumps(value)
+        elif name in CONSTRAINT_FIELDS:
+            row[name] = value  # checked together below: at most one
         elif name in _NEUTRAL:
             if value != _NEUTRAL[name]:
                 raise RowError(f"body.{name}: {value!r} is not supported (only {_NEUTRAL[name]!r})")
         else:
             raise RowError(f"body.{name}: not supported")
+    _check_constraint(row)
     row.update(_logprobs(endpoint, body))
     return row
+
+
+def _check_constraint(row: dict[str, Any]) -> None:
+    """Validate the row's structured-output fields together (their shapes, at most one of them), as
+    SamplingParams does for Parquet and JSON Lines rows, and keep `response_format` as JSON text."""
+    given = {name: row[name] for name in CONSTRAINT_FIELDS if name in row}
+    for name, (json_type, expected) in _CONSTRAINT_JSON.items():
+        if name in given and not isinstance(given[name], json_type):
+            raise RowError(f"body.{name}: expected {expected}, got {lines.type_name(given[name])}")
+    try:
+        SamplingParams(**given)
+    except SamplingValueError as exc:
+        raise RowError(f"body.{exc.field}: {exc}") from None
+    if "response_format" in row:
+        row["response_format"] = json.dumps(row["response_format"])
 
 
 def _line_row(endpoint: str, line: lines.Line) -> dict[str, Any]:

@@ -61,6 +61,21 @@ def test_openai_file_is_detected_and_body_fields_become_sampling_values(tmp_path
     assert a.params.response_format is None and c.params.response_format is None
 
 
+def test_vllm_guided_choice_and_regex_extras_become_the_rows_constraint(tmp_path):
+    path = write_lines(tmp_path / "batch.jsonl", [
+        chat("a", guided_choice=["yes", "no"]), chat("b", guided_regex="[0-9]{3}"),
+        chat("c", response_format={"type": "text"}, guided_regex="x+"),  # text is no constraint
+        chat("d", guided_choice=None, guided_regex=None),
+    ])
+    _, rows = requests_of(path)
+    assert [r.error for r in rows] == [None] * 4
+    a, b, c, d = (r.request.params for r in rows)
+    assert (a.guided_choice, a.guided_regex, a.response_format) == (("yes", "no"), None, None)
+    assert (b.guided_choice, b.guided_regex, b.response_format) == (None, "[0-9]{3}", None)
+    assert (c.guided_regex, c.response_format) == ("x+", {"type": "text"})
+    assert (d.guided_choice, d.guided_regex, d.response_format) == (None, None, None)
+
+
 def test_completions_endpoint_reads_prompt(tmp_path):
     path = write_lines(tmp_path / "c.jsonl", [
         {"custom_id": "p1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Once", "max_tokens": 4}},
@@ -85,6 +100,16 @@ def test_completions_endpoint_reads_prompt(tmp_path):
     ({"frequency_penalty": -1}, "body.frequency_penalty"),
     ({"response_format": {"type": "xml"}}, "body.response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "body.response_format"),
+    ({"response_format": '{"type": "json_object"}'}, "body.response_format: expected an object"),
+    ({"guided_choice": "yes"}, "body.guided_choice: expected an array of strings, got a string"),
+    ({"guided_choice": {"yes": 1}}, "body.guided_choice: expected an array"),
+    ({"guided_choice": []}, "body.guided_choice: guided_choice must be a non-empty list"),
+    ({"guided_choice": ["a", 1]}, "body.guided_choice"),
+    ({"guided_regex": 5}, "body.guided_regex: expected a string"),
+    ({"guided_regex": ""}, "body.guided_regex: guided_regex must be a non-empty string"),
+    ({"guided_choice": ["a"], "guided_regex": "b"}, "body.guided_regex: give at most one"),
+    ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "body.guided_choice: give at most one"),
+    ({"guided_json": {"type": "object"}}, "body.guided_json: not supported"),
     ({"temperature": "hot"}, "body.temperature"),
     ({"max_tokens": 0}, "body.max_tokens"),
     ({"max_tokens": True}, "body.max_tokens"),

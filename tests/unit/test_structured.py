@@ -1,7 +1,8 @@
 """Structured output (engine/guided.py) on a random model, which never writes valid JSON by chance:
 every constrained row that stops is valid (jsonschema), one of its choices or a full regex match;
 max_tokens truncation says length; a bad constraint fails only its row; batching changes nothing;
-the job columns, the job-wide CLI flags and an OpenAI batch line's response_format."""
+the job columns, the job-wide CLI flags and an OpenAI batch line's response_format (and vLLM's
+guided_choice / guided_regex extras)."""
 
 from __future__ import annotations
 
@@ -204,25 +205,28 @@ def test_a_struct_response_format_column(tmp_path, tiny_engine):
     assert rows[1]["error"] is None and rows[1]["completion_tokens"] == 30  # text: unconstrained
 
 
-def test_openai_batch_line_with_json_schema_through_a_job(tmp_path, tiny_engine):
+def test_openai_batch_lines_with_json_schema_choice_and_regex_through_a_job(tmp_path, tiny_engine):
     from ternpool.jobs.openai_output import write_openai_files
 
-    body = {"model": "m", "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 60, "temperature": 1.0,
-            "response_format": schema_format(PERSON)}
+    body = {"model": "m", "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 60, "temperature": 1.0}
+    constraints = [{"response_format": schema_format(PERSON)}] * 4 + [{"guided_choice": list(CHOICES)},
+                                                                       {"guided_regex": REGEX}]
     src = tmp_path / "batch.jsonl"
     src.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                                       "body": dict(body, seed=i)}) + "\n" for i in range(4)))
+                                       "body": dict(body, seed=i, **c)}) + "\n" for i, c in enumerate(constraints)))
     spec, rows = _run_job(tmp_path, src, tiny_engine)
     output, errors = write_openai_files(spec.output)
     lines = [json.loads(x) for x in open(output)]
-    assert len(lines) == 4 and open(errors).read() == ""
+    assert len(lines) == 6 and open(errors).read() == ""
+    texts = [line["response"]["body"]["choices"][0]["message"]["content"] for line in lines]
     stopped = 0
-    for line in lines:
-        choice = line["response"]["body"]["choices"][0]
-        if choice["finish_reason"] == "stop":
-            jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
+    for line, text in zip(lines[:4], texts):
+        if line["response"]["body"]["choices"][0]["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(text), PERSON)
             stopped += 1
     assert stopped >= 2
+    assert [line["response"]["body"]["choices"][0]["finish_reason"] for line in lines[4:]] == ["stop", "stop"]
+    assert texts[4] in CHOICES and re.fullmatch(REGEX, texts[5]), texts[4:]
 
 
 def test_cli_generate_with_a_json_schema_file_and_its_errors(tmp_path, tiny_model):
