@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ternpool.engine.requests import SamplingParams
-from ternpool.engine.sampling import make_rng, sample
+from ternpool.engine.sampling import candidates, make_rng, sample
 
 pytestmark = pytest.mark.unit
 
@@ -36,6 +36,37 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert set(np.nonzero(_draws(logits, SamplingParams(temperature=1.0, top_p=0.6)))[0]) == {0, 1}
     assert set(np.nonzero(_draws(logits, SamplingParams(temperature=1.0, top_p=0.75)))[0]) == {0, 1, 2}
     assert set(np.nonzero(_draws(logits, SamplingParams(temperature=1.0, top_k=1)))[0]) == {0}
+
+
+def _candidates_by_sorting(logits, params):
+    """The rule written plainly: every token sorted by probability (ties: lower id first), cut."""
+    z = logits.astype(np.float64) / params.temperature
+    order = np.lexsort((np.arange(z.shape[0]), -z))
+    if 0 < params.top_k < z.shape[0]:
+        order = order[: params.top_k]
+    p = np.exp(z[order] - z[order[0]])
+    if params.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), params.top_p * p.sum()) + 1)
+        order, p = order[:keep], p[:keep]
+    by_id = np.argsort(order)
+    return order[by_id], (p / p.sum())[by_id]
+
+
+@pytest.mark.parametrize("vocab", [5, 300, 5000])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (0.7, 0, 0.999),
+                                                      (1.3, 40, 1.0), (1.0, 3, 0.5), (0.5, 0, 0.3)])
+def test_candidates_are_the_sorted_rule(vocab, temperature, top_k, top_p):
+    """No sort in the sampler: its candidates and probabilities are those of sorting the whole
+    vocabulary, on peaked and flat logits and on logits full of ties (cut in the middle of a tie)."""
+    rng = np.random.default_rng(vocab)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    for logits in (rng.standard_normal(vocab) * 4, rng.standard_normal(vocab) * 0.1,
+                   rng.integers(0, 4, vocab).astype(np.float64)):
+        logits = logits.astype(np.float32)
+        ids, p = candidates(logits, params)
+        want_ids, want_p = _candidates_by_sorting(logits, params)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(p, want_p, rtol=1e-12)
 
 
 def test_same_seed_same_draws():
