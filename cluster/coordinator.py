@@ -58,6 +58,7 @@ class _WorkerState:
     rows: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    cached_tokens: int = 0
     busy_since: float | None = None
     registered: float = field(default_factory=time.monotonic)
     lease_wait_s: float = 0.0  # the worker's own counts of time its engine stood still waiting on us:
@@ -78,7 +79,7 @@ class Coordinator:
         self.metrics_port = None if metrics_port is None else self.metrics.serve(metrics_host, metrics_port)
         self.pushgateway = pushgateway
         self.shard_started: dict[int, float] = {}
-        self.shard_tokens: dict[int, dict] = {}  # shard_id -> (worker, node) -> [prompt, generated]
+        self.shard_tokens: dict[int, dict] = {}  # shard_id -> (worker, node) -> [prompt, generated, cached]
         self.lock = threading.RLock()
         self.queue = PieceQueue((s for s in shards if not manifest.is_done(s.shard_id)), max_retries)
         self.shards = {s.shard_id: s for s in shards}
@@ -93,8 +94,10 @@ class Coordinator:
         self.rows_at_start = self.rows_done
         self.prompt_tokens = 0  # of this run; earlier runs' are in the manifest's completed entries
         self.generated_tokens = 0
+        self.cached_tokens = 0
         self.prompt_tokens_before = sum(v.get("prompt_tokens", 0) for v in manifest.completed.values())
         self.generated_tokens_before = sum(v.get("generated_tokens", 0) for v in manifest.completed.values())
+        self.cached_tokens_before = sum(v.get("cached_tokens", 0) for v in manifest.completed.values())
         self.eta_s: float | None = None  # remaining rows / recent row rate (JobMetrics.queue)
         self.started = time.time()
         self.first_lease: float | None = None  # processing time: first lease to last shard written
@@ -198,12 +201,12 @@ class Coordinator:
             if not w.leased:
                 w.busy_since = None
             w.rows += len(results)
-            prompt, generated = processed_tokens(results)
-            w.prompt_tokens += prompt
-            w.generated_tokens += generated
-            tokens = self.shard_tokens.setdefault(piece.shard.shard_id, {}).setdefault((worker_id, w.node), [0, 0])
-            tokens[0] += prompt
-            tokens[1] += generated
+            counts = processed_tokens(results)
+            w.prompt_tokens += counts[0]
+            w.generated_tokens += counts[1]
+            w.cached_tokens += counts[2]
+            tokens = self.shard_tokens.setdefault(piece.shard.shard_id, {}).setdefault((worker_id, w.node), [0, 0, 0])
+            tokens[:] = (a + b for a, b in zip(tokens, counts))
             self.metrics.requests_done(worker_id, w.node, results)
             self._add_results(piece.shard.shard_id, {int(r.key): r for r in results})
         return True
@@ -269,13 +272,13 @@ class Coordinator:
             return
         self._retry.pop(shard_id, None)
         failed = sum(1 for r in got.values() if r.error is not None)
-        prompt, generated = processed_tokens(got.values())
+        prompt, generated, cached = processed_tokens(got.values())
         # Saving rewrites the whole manifest: batched so that it takes at most 10% of the time, or a
         # 100,000-shard job would spend most of the coordinator's time there. A crash loses the records
         # since the last save; those shards are done again on resume and their part files replaced
         # (same names), never duplicated.
         self.manifest.record(shard_id, rows=shard.num_rows, failed_rows=failed, save=False,
-                             prompt_tokens=prompt, generated_tokens=generated)
+                             prompt_tokens=prompt, generated_tokens=generated, cached_tokens=cached)
         self._unsaved += 1
         self._save_manifest(force=len(self.remaining) == 1)
         self.write_s += time.perf_counter() - t0
@@ -290,6 +293,7 @@ class Coordinator:
         self.failed_rows += failed
         self.prompt_tokens += prompt
         self.generated_tokens += generated
+        self.cached_tokens += cached
 
     def _save_manifest(self, force: bool = False, retrying: bool = False) -> None:
         with self.lock:
@@ -375,9 +379,12 @@ class Coordinator:
                                            self.shard_s, self.pieces_leased),
                 workers={wid: WorkerStats(w.node, w.rows, w.prompt_tokens, w.generated_tokens, len(w.leased),
                                           wid in self.lost, w.lease_wait_s, w.idle_s,
-                                          (w.last_seen if wid in self.lost else now) - w.registered, w.core_s)
+                                          (w.last_seen if wid in self.lost else now) - w.registered, w.core_s,
+                                          w.cached_tokens)
                          for wid, w in list(self.workers.items()) + list(self.lost.items())},
                 node_price=self.node_price,
+                cached_tokens=self.cached_tokens,
+                job_cached_tokens=self.cached_tokens_before + self.cached_tokens,
             )
             self.metrics.cost(stats.cost)
             return stats

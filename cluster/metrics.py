@@ -37,6 +37,8 @@ SPEC = {
     "ternpool_rows_failed": ("counter", J, "Rows written with an error"),
     "ternpool_prompt_tokens": ("counter", W, "Prompt tokens of rows written to the output without an error"),
     "ternpool_generated_tokens": ("counter", W, "Generated tokens of rows written to the output without an error"),
+    "ternpool_prefix_cache_hit_tokens": ("counter", W, "Prompt tokens of rows written without an error whose keys "
+                                         "and values came from the worker's prefix cache: prefill saved"),
     "ternpool_shard_retries": ("counter", J, "Pieces of shards requeued after their worker was lost"),
     "ternpool_worker_restarts": ("counter", J, "Workers lost (died, removed or hung) and replaced"),
     "ternpool_shards_queued": ("gauge", J, "Shard pieces waiting for a worker"),
@@ -167,6 +169,7 @@ class JobMetrics:
         self._w("ternpool_kv_slots_in_use", worker, node).set(0)
         self._w("ternpool_generated_tokens", worker, node)
         self._w("ternpool_prompt_tokens", worker, node)
+        self._w("ternpool_prefix_cache_hit_tokens", worker, node)
         self._w("ternpool_worker_wait_seconds", worker, node)
         self._w("ternpool_worker_cpu_seconds", worker, node)
 
@@ -213,8 +216,9 @@ class JobMetrics:
         self._j("ternpool_rows_failed").inc(failed)
         self._j("ternpool_shard_duration_seconds").observe(seconds)
         now = time.monotonic()
-        for (worker, node), (prompt, generated) in tokens_by_worker.items():
+        for (worker, node), (prompt, generated, cached) in tokens_by_worker.items():
             self._w("ternpool_prompt_tokens", worker, node).inc(prompt)
+            self._w("ternpool_prefix_cache_hit_tokens", worker, node).inc(cached)
             self._w("ternpool_generated_tokens", worker, node).inc(generated)
             self.recent.setdefault((worker, node), deque()).append((now, generated))
 

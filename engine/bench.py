@@ -115,7 +115,7 @@ def bench_model(model: str, threads: int | None = None, prompt_len: int = 128, g
     path = kernel_path()
     out = {"model": str(model), "threads": engine.threads, "head": head, "weights_format": w.weights_format,
            "isa": path["isa"], "kernel_path": path, "bytes_per_token": per_token, "slots": engine.model.slots,
-           "kv_cache": kv_cache,
+           "kv_cache": kv_cache, "max_context": engine.model.max_context,
            "kv_bytes_per_slot": engine.model.kv_bytes_per_slot, "prompt_len": prompt_len, "gen": gen, "load_s": load_s,
            "load_weights_s": engine.load_seconds["weights"], "load_tokenizer_s": engine.load_seconds["tokenizer"], "prefill_tokens_per_s": prompt_len / single["ttft_s"], "ttft_s": single["ttft_s"],
            "decode_tokens_per_s": single["decode_tokens_per_s"], "read_bandwidth": bandwidth["bytes_per_s"],

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 from .options import KV_BLOCK_TOKENS
-from .shapes import kv_bytes_per_slot, linear_shapes, packed_shape
+from .shapes import kv_blocks, kv_bytes_per_slot, linear_shapes, packed_shape
 
 # Python, NumPy, Numba, the tokenizer and activations of one step: measured ~0.35 GB for 2b4t
 RUNTIME_BYTES = 512 * 2 ** 20
@@ -39,6 +39,15 @@ def footprint(cfg: ModelConfig, weights_format: str, head: str, slots: int, max_
         head_bytes += 4 * cfg.vocab_size
     return Footprint(linear_bytes(cfg, weights_format) + head_bytes,
                      slots * kv_bytes_per_slot(cfg, max_context, kv_cache))
+
+
+def kv_pool_text(slots: int, max_context: int, slot_bytes: int, kv_cache: str) -> str:
+    """The KV cache as the engine holds it, for `bench model` and `submit --dry-run`: one pool of blocks,
+    slots x max_context of them in all, and what the prefix cache keeps in the idle ones."""
+    per_slot = kv_blocks(max_context)
+    return (f"KV cache {_gb(slots * slot_bytes)} {kv_cache}: {slots} slots x {max_context} tokens = {slots * per_slot} "
+            f"blocks of {KV_BLOCK_TOKENS} tokens ({slot_bytes / per_slot / 1e3:,.1f} kB each); blocks no running "
+            f"sequence holds keep finished prompts' prefixes for the prefix cache, so caching adds no memory")
 
 
 def _gb(n: float) -> str:

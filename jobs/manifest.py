@@ -176,7 +176,8 @@ class Manifest:
         return shard_id in self.completed
 
     def record(self, shard_id: int, rows: int, failed_rows: int, save: bool = True,
-               prompt_tokens: int | None = None, generated_tokens: int | None = None) -> None:
+               prompt_tokens: int | None = None, generated_tokens: int | None = None,
+               cached_tokens: int = 0) -> None:
         """Mark a shard complete (its part file written) and, unless `save=False`, save the manifest
         atomically. When every shard of the plan is complete, `finished` is set too; with `save=False`
         the caller saves (the coordinator saves at once when it writes the last shard).
@@ -187,7 +188,8 @@ class Manifest:
         self.completed[shard_id] = {"rows": int(rows), "file": part_name(shard_id), "failed_rows": int(failed_rows)}
         if prompt_tokens is not None:  # tokens of the shard's rows without an error (a resumed summary adds them up)
             self.completed[shard_id].update(prompt_tokens=int(prompt_tokens),
-                                            generated_tokens=int(generated_tokens or 0))
+                                            generated_tokens=int(generated_tokens or 0),
+                                            cached_tokens=int(cached_tokens))
         if self.finished is None and len(self.completed) >= self.num_shards \
                 and len(self.done_shards()) == self.num_shards:
             self.finished = time.time()

@@ -112,7 +112,8 @@ def owns_output(output: str, run_id: str) -> bool:
 def status(output: str) -> dict[str, Any]:
     """The state of the job in `output` from its manifest and progress file:
     job_id, state ("running" | "finished" | "cancelled" | "failed" | "incomplete"), rows_total,
-    rows_done, shards_total, shards_done, failed_rows, tokens_per_s (None without progress), cost
+    rows_done, shards_total, shards_done, failed_rows, job_prompt_tokens, job_generated_tokens and
+    job_cached_tokens (of the written shards), tokens_per_s (None without progress), cost
     (core-seconds and dollars per million tokens, see cluster/cost.py; None before any),
     updated (time of the last progress update, else of the manifest's finish or creation),
     eta_s (seconds to go while running, None until known; 0 when finished), error (why the job
@@ -155,6 +156,9 @@ def status(output: str) -> dict[str, Any]:
         "shards_total": manifest.num_shards,
         "shards_done": len(done),
         "failed_rows": sum(int(e.get("failed_rows", 0)) for e in entries),
+        # tokens of the written shards' rows without an error; cached: prompt tokens the prefix cache held
+        **{f"job_{k}_tokens": sum(int(e.get(f"{k}_tokens", 0)) for e in entries)
+           for k in ("prompt", "generated", "cached")},
         "tokens_per_s": progress.get("tokens_per_s"),
         # this run's cost figures (cluster.cost.JobCost.to_dict()), else the last finished run's, else None
         "cost": progress.get("cost") or manifest.cost,

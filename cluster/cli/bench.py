@@ -67,6 +67,7 @@ def decode_line(r: dict) -> str:
 
 def cmd_bench_model(args) -> int:
     from ternpool.engine.bench import bench_model
+    from ternpool.engine.footprint import kv_pool_text
     from ternpool.kernels.bench import describe_kernel_path
 
     model = resolve_model(args)
@@ -77,9 +78,8 @@ def cmd_bench_model(args) -> int:
     print(f"{model}: {r['threads']} threads, {r['weights_format']} weights, head {args.head}, "
           f"load {r['load_s']:.2f} s (weights mapped in {r['load_weights_s']:.3f} s, tokenizer "
           f"{r['load_tokenizer_s']:.2f} s), "
-          f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, of which at most "
-          f"{r['kv_bytes_per_slot'] * r['slots'] / 1e9:.2f} GB {r['kv_cache']} KV cache ({r['slots']} slots x "
-          f"{r['kv_bytes_per_slot'] / 1e6:.1f} MB)")
+          f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB")
+    print(kv_pool_text(r["slots"], r["max_context"], r["kv_bytes_per_slot"], r["kv_cache"]))
     print(describe_kernel_path(r["kernel_path"]))
     print(f"memory read bandwidth: {_bandwidth_text(r['bandwidth'])}")
     print(f"prefill {args.prompt_len} tokens: {r['prefill_tokens_per_s']:.1f} tokens/s (time to first token "

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 
+from ternpool.cluster.stats import cache_share
 from ternpool.engine.options import TRUNCATE_MODES
 from ternpool.jobs.formats import FORMATS
 from ternpool.jobs.spec import OUTPUT_FORMATS
@@ -87,6 +88,9 @@ def _pool(args):
 def _print_plan(plan, pool, sizing) -> None:
     """The dry run's report: inputs, shards, model, and for every node whether one worker fits it
     (`sizing` from `sizing.size_job`, the check `submit` refuses a job with; nothing is computed here)."""
+    from ternpool.engine.footprint import kv_pool_text
+    from ternpool.engine.shapes import kv_bytes_per_slot
+
     cfg = plan.config
     todo = plan.todo
     print(f"input:   {plan.inputs.uri}: {len(plan.inputs.files)} file(s), {plan.inputs.num_rows} rows, "
@@ -105,6 +109,11 @@ def _print_plan(plan, pool, sizing) -> None:
         print(f"node {n.node_id[:12]} ({n.address}): {n.verdict()}" + (
             f" (weights {fp.weights / 1e9:.2f} GB, KV cache {fp.kv_cache / 1e9:.2f} GB for {n.slots} slots, "
             f"runtime {fp.runtime / 1e9:.2f} GB)" if n.fits else ""))
+    slots = sizing.slots or min((n.slots for n in sizing.nodes if n.fits), default=0)
+    if slots:
+        print("memory:  " + kv_pool_text(slots, sizing.max_context, kv_bytes_per_slot(cfg, sizing.max_context,
+                                                                                    sizing.kv_cache), sizing.kv_cache)
+              + ("" if pool.engine.prefix_cache else " (off: --no-prefix-cache)"))
     print(f"output:  {plan.spec.output}")
 
 
@@ -159,10 +168,12 @@ def print_summary(summary) -> None:
           f"{s.generated_tokens} generated tokens{run_tokens}; {s.tokens_per_s:.1f} tokens/s over "
           f"{s.processing_s:.1f} s of processing ({s.wall_s:.1f} s in all); {s.retries} retries, "
           f"{s.worker_restarts} worker losses")
+    print(cache_share(s.cached_tokens, s.prompt_tokens))
     for wid, w in sorted(s.per_worker.items()):
         rate = w.generated_tokens / s.processing_s if s.processing_s else 0.0
         lost = " (lost)" if w.lost else ""
-        print(f"  {wid}{lost}: {w.rows} rows, {w.generated_tokens} tokens, {rate:.1f} tokens/s")
+        print(f"  {wid}{lost}: {w.rows} rows, {w.generated_tokens} tokens, {rate:.1f} tokens/s; "
+              f"{cache_share(w.cached_tokens, w.prompt_tokens)}")
     if s.cost is not None:
         print(s.cost.line())
     print(f"output: {s.output} (read with ternpool.jobs.read_output)")
@@ -227,6 +238,8 @@ def cmd_status(args) -> int:
           f"{s['shards_done']}/{s['shards_total']} shards, {s.get('failed_rows', 0)} failed rows"
           + (f", {s['tokens_per_s']:.1f} tokens/s" if s.get("tokens_per_s") else "")
           + (f", ETA {format_eta(s['eta_s'])}" if s.get("eta_s") is not None and s["state"] == "running" else ""))
+    if s.get("job_prompt_tokens"):
+        print(cache_share(s.get("job_cached_tokens", 0), s["job_prompt_tokens"]))
     if s.get("cost"):
         from ternpool.cluster.cost import JobCost
 

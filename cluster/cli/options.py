@@ -36,7 +36,7 @@ def add_kv_cache_option(p: argparse.ArgumentParser) -> None:
 
 def add_engine_options(p: argparse.ArgumentParser, *, pool: bool) -> None:
     """The engine's options: threads (per worker in a pool), slots (a pool's only: one prompt needs
-    one), context, KV cache, head and weights format."""
+    one), context, prefix cache, KV cache, head and weights format."""
     if pool:
         p.add_argument("--threads-per-worker", dest="threads", type=int,
                        help="Numba threads (CPUs) per worker (default: all of the node's)")
@@ -48,6 +48,10 @@ def add_engine_options(p: argparse.ArgumentParser, *, pool: bool) -> None:
     else:
         p.add_argument("--threads", type=int, help="Numba threads (default: all CPUs)")
         p.add_argument("--max-context", type=int, help=f"context length to allocate (default: {DEFAULT_MAX_CONTEXT})")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every prompt whole: do not keep prompts' KV blocks to reuse for later prompts "
+                   "that start with the same tokens (the default reuses them; results are bit for bit the same "
+                   "either way, so this is for measuring)")
     add_kv_cache_option(p)
     add_model_options(p)
 

@@ -33,7 +33,7 @@ def _finish_one(coord: Coordinator, worker="w", waits=None) -> bool:
     if lease == DONE:
         return False
     key, table = lease
-    results = [Result(i, f"text {i}", (1, 2), 3, 2, "length") for i in table.column("row_index").to_pylist()]
+    results = [Result(i, f"text {i}", (1, 2), 3, 2, "length", cached_tokens=1) for i in table.column("row_index").to_pylist()]
     assert coord.complete(worker, key, results, waits)
     return True
 
@@ -324,12 +324,15 @@ def test_progress_file_holds_every_count_of_the_typed_stats(tmp_path):
         "job_id", "rows_total", "rows_done", "rows_done_this_run", "failed_rows", "shards_total", "shards_done",
         "queued", "in_flight", "retries", "prompt_tokens", "generated_tokens", "job_prompt_tokens",
         "job_generated_tokens", "tokens_per_s", "eta_s", "elapsed_s", "processing_s", "done", "error", "cancelled",
-        "active_workers", "scheduling", "workers", "state", "updated", "metrics_port", "node_price", "cost"}
+        "active_workers", "scheduling", "workers", "state", "updated", "metrics_port", "node_price", "cost",
+        "cached_tokens", "job_cached_tokens"}
     assert set(progress["scheduling"]) == {"lease_s", "complete_s", "write_s", "shards_written", "shard_s",
                                            "pieces_leased"}
     assert progress["workers"]["w"] == {"node": "node-a", "rows": 4, "prompt_tokens": 12, "generated_tokens": 8,
                                         "leased": 0, "lost": False, "lease_wait_s": 0.0, "idle_s": 0.0,
-                                        "alive_s": progress["workers"]["w"]["alive_s"], "core_s": 0.0}
+                                        "alive_s": progress["workers"]["w"]["alive_s"], "core_s": 0.0,
+                                        "cached_tokens": 4}
+    assert (progress["cached_tokens"], progress["job_cached_tokens"]) == (4, 4)
     assert (progress["state"], progress["rows_done"], progress["shards_done"]) == ("running", 4, 1)
     assert progress["tokens_per_s"] == s.tokens_per_s > 0
 

@@ -235,15 +235,17 @@ def test_status_states(tmp_path):
     assert st == {"job_id": manifest.job_id, "state": "incomplete", "rows_total": 10,
                   "rows_done": 0, "shards_total": 3, "shards_done": 0, "failed_rows": 0,
                   "tokens_per_s": None, "updated": manifest.created, "eta_s": None, "error": None,
-                  "driver": None, "cost": None}
+                  "driver": None, "cost": None, "job_prompt_tokens": 0, "job_generated_tokens": 0,
+                  "job_cached_tokens": 0}
     touch_part(manifest, 0)
-    manifest.record(0, 4, 1)
+    manifest.record(0, 4, 1, prompt_tokens=90, generated_tokens=12, cached_tokens=64)
     write_progress(out, {"state": "running", "tokens_per_s": 33.0})
     lock = OutputLock(out)
     lock.acquire()  # a live driver holds OUT
     st = status(out)
     assert st["state"] == "running" and st["rows_done"] == 4 and st["shards_done"] == 1
     assert st["failed_rows"] == 1 and st["tokens_per_s"] == 33.0
+    assert (st["job_prompt_tokens"], st["job_generated_tokens"], st["job_cached_tokens"]) == (90, 12, 64)
     assert st["driver"]["pid"] == os.getpid() and st["error"] is None
     lock.release()
     st = status(out)  # the same fresh progress, but its driver is gone
