@@ -35,6 +35,7 @@ from ternpool.jobs import storage
 from ternpool.jobs.progress import PROGRESS_FILE, owns_output, write_progress
 from ternpool.jobs.rows import ChunkCache, read_shard
 
+from .affinity import Affinity, shard_signature
 from .metrics import JobMetrics
 from .pieces import Piece, PieceQueue
 from .stats import JobStats, SchedulingStats, WorkerStats, processed_tokens
@@ -71,7 +72,7 @@ class Coordinator:
 
     def __init__(self, spec, inputs, shards: list[Shard], manifest: Manifest, max_retries: int,
                  metrics_host: str = "127.0.0.1", metrics_port: int | None = None, pushgateway: str | None = None,
-                 run_id: str | None = None, node_price: float | None = None):
+                 run_id: str | None = None, node_price: float | None = None, prefix_affinity: bool = False):
         self.spec, self.inputs, self.manifest = spec, inputs, manifest
         self.node_price = node_price  # dollars per node-hour, for the cost figures
         self.run_id = run_id  # OUT/_owner must still name this run before anything is written
@@ -84,6 +85,8 @@ class Coordinator:
         self.queue = PieceQueue((s for s in shards if not manifest.is_done(s.shard_id)), max_retries)
         self.shards = {s.shard_id: s for s in shards}
         self.chunks = ChunkCache()  # leasing and writing a shard both read its input rows
+        self.signatures: dict[int, str | None] = {}  # shard_id -> how its prompts start (cluster/affinity.py)
+        self.affinity = Affinity(self._signature) if prefix_affinity else None
         self.partial: dict[int, dict[int, Result]] = {}  # shard_id -> row_index -> result
         self.workers: dict[str, _WorkerState] = {}
         self.lost: dict[str, _WorkerState] = {}  # kept for the per-worker summary
@@ -134,9 +137,12 @@ class Coordinator:
             w.last_seen = time.monotonic()
             if self.cancelled or self.error is not None or not self.remaining:
                 return DONE
-            piece = self.queue.take(w.leased.values())
+            choose = (lambda pieces: self.affinity.choose(worker_id, pieces)) if self.affinity else None
+            piece = self.queue.take(w.leased.values(), choose)
             if piece is None:
                 return WAIT
+            if self.affinity:
+                self.affinity.leased(worker_id, piece)
             if self.first_lease is None:
                 self.first_lease = time.time()
             self.shard_started.setdefault(piece.shard.shard_id, time.monotonic())
@@ -146,6 +152,19 @@ class Coordinator:
         rows = read_shard(self.inputs, piece.shard, self.chunks)
         self._busy("lease_s", time.perf_counter() - t0)
         return piece.key, rows
+
+    def _signature(self, piece: Piece) -> str | None:
+        """Its shard's signature, read from the shard's rows the first time it is asked for (None when
+        they cannot be read: the lease then reports why)."""
+        sid = piece.shard.shard_id
+        if sid not in self.signatures:
+            try:
+                rows = read_shard(self.inputs, self.shards[sid], self.chunks)
+                self.signatures[sid] = shard_signature(rows.column(self.inputs.text_column).to_pylist())
+            except Exception as e:  # noqa: BLE001 - an unreadable shard only loses its preference
+                log.debug("no prefix signature for shard %d: %s", sid, e)
+                self.signatures[sid] = None
+        return self.signatures[sid]
 
     def _busy(self, what: str, seconds: float) -> None:
         with self.lock:
@@ -218,6 +237,8 @@ class Coordinator:
             if w is None:
                 return 0
             self.lost[worker_id] = w
+            if self.affinity:
+                self.affinity.forget(worker_id)
             self.metrics.worker_lost(worker_id, w.node)
             held, w.leased = list(w.leased.values()), {}
             self.metrics.retried(len(held))

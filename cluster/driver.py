@@ -106,7 +106,8 @@ class JobHandle:
         self.coordinator = CoordinatorActor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
             plan.spec, plan.inputs, plan.shards, plan.manifest, plan.spec.max_retries,
-            pool.metrics_host, self._metrics_ports, pool.pushgateway, run_id, pool.node_price)
+            pool.metrics_host, self._metrics_ports, pool.pushgateway, run_id, pool.node_price,
+            pool.prefix_affinity and pool.engine.prefix_cache)
         try:
             port = ray.get(self.coordinator.metrics_endpoint.remote(), timeout=60)
         except RayActorError as e:  # e.g. the metrics port was taken meanwhile

@@ -10,14 +10,17 @@ is charged to the rows that may have caused it, never to an innocent piece that 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ternpool.jobs.plan import Shard, split_shard
 
 log = logging.getLogger(__name__)
+
+CHOICES = 16  # queued pieces `take` offers its `choose` (cluster/affinity.py)
 
 
 @dataclass
@@ -46,18 +49,23 @@ class PieceQueue:
     def clear(self) -> None:
         self._queue.clear()
 
-    def take(self, held: Iterable[Piece]) -> Piece | None:
-        """The next piece for a worker holding `held`, or None when it may take nothing now."""
+    def take(self, held: Iterable[Piece], choose: Callable[[list[Piece]], int] | None = None) -> Piece | None:
+        """The next piece for a worker holding `held`, or None when it may take nothing now. A suspect
+        goes first to a worker holding nothing; otherwise `choose` (default: the first) picks among the
+        queued pieces that are not suspects, given in queue order."""
         held = list(held)
         if not self._queue or any(p.losses for p in held):
             return None
-        if not held:
+        if not held and self._queue[0].losses:
             return self._queue.popleft()
-        for i, piece in enumerate(self._queue):
-            if not piece.losses:
-                del self._queue[i]
-                return piece
-        return None
+        innocent = [p for p in itertools.islice(self._queue, CHOICES) if not p.losses]
+        if not innocent:
+            innocent = [next((p for p in self._queue if not p.losses), None)]  # suspects fill the front
+            if innocent[0] is None:
+                return None
+        piece = innocent[choose(innocent) if choose else 0]
+        del self._queue[next(i for i, p in enumerate(self._queue) if p is piece)]
+        return piece
 
     def lost(self, piece: Piece, reason: str) -> int | None:
         """Its worker was lost: requeue it (split once it has been lost before). Returns the row index

@@ -28,6 +28,7 @@ class PoolConfig:
     metrics_port: int | None = None  # None: 9469, or a free port when that is taken; 0: a free port; -1: none
     pushgateway: str | None = None  # push the final metrics there
     node_price: float | None = None  # dollars per node-hour: adds dollar figures to the job's cost
+    prefix_affinity: bool = True  # lease workers the shards whose prompts start like theirs (cluster/affinity.py)
 
 
 @dataclass(frozen=True)
