@@ -40,9 +40,13 @@ def bench_cluster(model: str, nodes: tuple[int, ...] = (1, 2, 4), cpus_per_node:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "prompts.parquet"
         pq.write_table(pa.table({"prompt": bench_prompts(rows)}), src, row_group_size=shard_rows)
+        from ternpool.engine.options import EngineConfig
+
+        engine = EngineConfig(threads=cpus_per_node, slots=streams, head=head, weights_format=weights_format)
         for n in nodes:
-            run = _run_on_cluster(n, cpus_per_node, str(src), model, str(Path(tmp) / f"out-{n}"), streams,
-                                  max_tokens, shard_rows, head, weights_format, object_store_mb << 20)
+            summary, cluster_s = run_on_cluster(n, cpus_per_node, str(src), model, str(Path(tmp) / f"out-{n}"),
+                                                engine, max_tokens, shard_rows, object_store_mb << 20)
+            run = _run_stats(n, cluster_s, summary)
             run["speedup"] = run["tokens_per_s"] / runs[0]["tokens_per_s"] if runs else 1.0
             runs.append(run)
             if on_result:
@@ -54,13 +58,15 @@ def bench_cluster(model: str, nodes: tuple[int, ...] = (1, 2, 4), cpus_per_node:
     return result
 
 
-def _run_on_cluster(n: int, cpus: int, inputs: str, model: str, output: str, streams: int, max_tokens: int,
-                    shard_rows: int, head: str, weights_format: str | None, object_store: int) -> dict:
+def run_on_cluster(n: int, cpus: int, inputs: str, model: str, output: str, engine, max_tokens: int,
+                   shard_rows: int, object_store: int = 128 << 20, **pool):
+    """A job on a fresh simulated cluster of `n` nodes of `cpus` CPUs each (`engine`: the workers'
+    EngineConfig; `pool`: more PoolConfig fields): (its JobSummary, seconds the cluster took to start).
+    RuntimeError when it does not finish."""
     import ray
     from ray.cluster_utils import Cluster
 
     from ternpool.engine import SamplingParams
-    from ternpool.engine.options import EngineConfig
 
     from .driver import PoolConfig, submit
 
@@ -73,15 +79,14 @@ def _run_on_cluster(n: int, cpus: int, inputs: str, model: str, output: str, str
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level=logging.WARNING, include_dashboard=False)
         cluster_s = time.perf_counter() - t0
-        engine = EngineConfig(threads=cpus, slots=streams, head=head, weights_format=weights_format)
-        summary = submit(inputs, model, output, pool=PoolConfig(address=cluster.address, engine=engine),
+        summary = submit(inputs, model, output, pool=PoolConfig(address=cluster.address, engine=engine, **pool),
                          sampling=SamplingParams(max_tokens=max_tokens), shard_rows=shard_rows).wait()
     finally:
         ray.shutdown()
         cluster.shutdown()
     if summary.state != "finished":
         raise RuntimeError(f"the job on {n} node(s) ended {summary.state}: {summary.error}")
-    return _run_stats(n, cluster_s, summary)
+    return summary, cluster_s
 
 
 def _run_stats(n: int, cluster_s: float, summary) -> dict:

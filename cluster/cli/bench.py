@@ -1,4 +1,4 @@
-"""`ternpool bench kernels | model | head | memory | pool | cluster`: benchmarks that print ratios measured side
+"""`ternpool bench kernels | model | head | memory | pool | cluster | prefix`: benchmarks that print ratios measured side
 by side in one run."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from .options import add_kv_cache_option, add_model_options
+from .options import add_kv_cache_option, add_model_options, engine_config
 
 log = logging.getLogger("ternpool")
 
@@ -175,6 +175,21 @@ def cmd_bench_cluster(args) -> int:
     return 0
 
 
+def cmd_bench_prefix(args) -> int:
+    from ternpool.cluster.bench_prefix import bench_prefix
+
+    parts = tuple(args.parts.split(","))
+    unknown = set(parts) - {"shared", "distinct", "routing"}
+    if unknown or not parts:
+        raise ValueError(f"--parts takes shared, distinct and routing, comma-separated; got {args.parts!r}")
+    bench_prefix(resolve_model(args), rows=args.rows, instruction_words=args.instruction_words,
+                 tail_words=args.tail_words, max_tokens=args.max_tokens, threads=args.threads,
+                 shard_rows=args.shard_rows, distinct_rows=args.distinct_rows, instructions=args.instructions,
+                 nodes=args.nodes, parts=parts, engine=engine_config(args), json_path=args.json,
+                 on_line=lambda line: print(line, flush=True))
+    return 0
+
+
 def add_model_source(p, default_shape: str = "2b4t") -> None:
     from ternpool.engine.modelgen import SHAPES
 
@@ -279,3 +294,31 @@ def add_commands(sub) -> None:
     add_model_options(bc)
     bc.add_argument("--json", help="also write the numbers to this JSON file")
     bc.set_defaults(func=cmd_bench_cluster)
+
+    bx = bsub.add_parser("prefix", help="the prefix cache and prefix-aware leasing: whole jobs, on against off",
+                         description="Whole jobs on simulated Ray clusters (real driver, coordinator and workers), "
+                         "the same prompts each time. shared: rows of one long instruction and a short tail, the "
+                         "prefix cache on against off (job tokens/s: prompt + generated tokens / processing time). "
+                         "distinct: rows with nothing in common, on against off (the cache's cost; 1.00 is none). "
+                         "routing: several instructions in runs of one shard, interleaved; the share of prompt "
+                         "tokens from the cache on --nodes nodes, with prefix-aware leasing and in queue order, "
+                         "against one node. The cache-off runs compute every prompt whole: the default sizes take "
+                         "about half an hour on 2 cores.")
+    add_model_source(bx)
+    bx.add_argument("--threads", type=int, default=2, help="worker threads on one node; split among --nodes for "
+                    "routing (default: 2)")
+    bx.add_argument("--rows", type=int, default=256, help="rows of the shared and routing jobs (default: 256)")
+    bx.add_argument("--instruction-words", type=int, default=600,
+                    help="words of each instruction, about a token each (default: 600)")
+    bx.add_argument("--tail-words", type=int, default=50, help="words of each row's own tail (default: 50)")
+    bx.add_argument("--max-tokens", type=int, default=16, help="tokens generated per row (default: 16)")
+    bx.add_argument("--shard-rows", type=int, default=16, help="rows per shard (default: 16)")
+    bx.add_argument("--distinct-rows", type=int, default=64, help="rows of the distinct job (default: 64)")
+    bx.add_argument("--instructions", type=int, default=4, help="instructions of the routing job (default: 4)")
+    bx.add_argument("--nodes", type=int, default=2, help="simulated nodes of the routing job (default: 2)")
+    bx.add_argument("--parts", default="shared,distinct,routing",
+                    help="which jobs to run, comma-separated (default: shared,distinct,routing)")
+    add_kv_cache_option(bx)
+    add_model_options(bx)
+    bx.add_argument("--json", help="also write the numbers to this JSON file")
+    bx.set_defaults(func=cmd_bench_prefix)
