@@ -495,7 +495,8 @@ class Engine:
 
     def _score_prompts(self, scored: list[tuple[_Seq, int, int]], hidden: np.ndarray) -> None:
         """Append the log-probability of each scored prompt token to its sequence (in position order;
-        always of the raw distribution: no token of a prompt is sampled), turning `hidden` into logits a block of rows at a time."""
+        always of the raw distribution: no prompt token is sampled), turning `hidden` into logits a
+        block of rows at a time."""
         for start in range(0, len(scored), PROMPT_ROWS_PER_BLOCK):
             block = scored[start:start + PROMPT_ROWS_PER_BLOCK]
             for (s, _, target), row in zip(block, self.model.logits(hidden[start:start + len(block)])):

@@ -1,8 +1,8 @@
 """`ternpool export`: a finished job's output written again from its Parquet parts into one file
-of the user's choosing, as OpenAI Batch lines, JSON Lines or one Parquet file (JSON writes a logprob of
--inf as -9999.0, as OpenAI does; Parquet keeps -inf). Atomic (temporary
-name, then rename); an existing file is replaced only when asked (`force`); never inside the job's
-output directory (ternpool's own) nor inside its inputs."""
+of the user's choosing, as OpenAI Batch lines, JSON Lines or one Parquet file (JSON writes a
+logprob of -inf as -9999.0, as OpenAI does; Parquet keeps -inf). Atomic (temporary name, then
+rename); an existing file is replaced only when asked (`force`); never inside the job's output
+directory (ternpool's own) nor inside its inputs."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ byte ranges of lines (`lines.py`).
 
 Types: `prompt` string; `messages` a list of {"role", "content"} strings; `max_tokens`, `top_k`,
 `seed` integers; `temperature`, `top_p` numbers; `stop` a string or a list of strings (read as a
-list); `logprobs_mode` a string. Another field is a string, integer, number (integers and numbers mix) or boolean column;
-an object or array field passes through as its JSON text. A field missing from a line is null."""
+list); `logprobs_mode` a string. Another field is a string, integer, number (integers and numbers
+mix) or boolean column; an object or array field passes through as its JSON text. A field missing
+from a line is null."""
 
 from __future__ import annotations
 

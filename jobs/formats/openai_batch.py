@@ -7,8 +7,9 @@ Each line becomes one row: `custom_id`, `url`, `input_line` (passed through to t
 `jobs/openai_output.py` makes OpenAI's output and error lines of them), the text column and the
 sampling columns `body` sets (a field left out takes the job's default), with OpenAI's
 `response_format` and vLLM's `guided_choice` / `guided_regex` extras as the row's constraint (at most
-one), and `logprobs_mode` ("raw" or "processed", or vLLM's names "raw_logprobs" / "processed_logprobs":
-vLLM sets this per server with --logprobs-mode, ternpool per request). What would change the result and ternpool does not do (`tools`, `n` > 1, `logit_bias`, another
+one), and `logprobs_mode` ("raw" or "processed", or vLLM's names "raw_logprobs" /
+"processed_logprobs": vLLM sets the mode per server, with --logprobs-mode; ternpool per request).
+What would change the result and ternpool does not do (`tools`, `n` > 1, `logit_bias`, another
 `url`, ...) makes the row an error naming the line and field (the `ROW_ERROR` column, which
 `rows.to_requests` honours). A line that is not a JSON object, has no string `custom_id`, or repeats
 one, refuses the job."""

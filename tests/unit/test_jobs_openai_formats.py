@@ -156,7 +156,8 @@ def test_logprobs_request_until_the_engine_supports_it(tmp_path):
 
 def test_logprobs_mode_in_a_body_ours_or_vllms_name(tmp_path):
     path = write_lines(tmp_path / "b.jsonl", [
-        chat("a", logprobs=True, logprobs_mode="processed"), chat("b", logprobs=True, logprobs_mode="processed_logprobs"),
+        chat("a", logprobs=True, logprobs_mode="processed"),
+        chat("b", logprobs=True, logprobs_mode="processed_logprobs"),
         chat("c", logprobs=True, logprobs_mode="raw_logprobs"), chat("d", logprobs=True)])
     _, rows = requests_of(path)
     assert [r.request.params.logprobs_mode for r in rows] == ["processed", "processed", "raw", "raw"]

@@ -339,8 +339,9 @@ def test_engine_processed_logprobs_follow_temperature_and_top_k_of_the_raw_ones(
 def test_a_constrained_rows_processed_logprobs_stay_inside_the_grammar(tiny_engine, temperature):
     choices = ("yes", "no", "maybe so")
     params = dict(guided_choice=choices, top_logprobs=20, temperature=temperature, seed=3)
-    raw, proc = tiny_engine.generate([Request(0, prompt="a", params=SamplingParams(**params)),
-                                      Request(1, prompt="a", params=SamplingParams(**params, logprobs_mode="processed"))])
+    raw, proc = tiny_engine.generate([
+        Request(0, prompt="a", params=SamplingParams(**params)),
+        Request(1, prompt="a", params=SamplingParams(**params, logprobs_mode="processed"))])
     assert proc.text in choices and raw.token_ids == proc.token_ids
     eos = tiny_engine.stop_ids
     outside_seen = False
@@ -382,8 +383,8 @@ def test_a_job_takes_logprobs_mode_from_its_column_and_its_default(tmp_path, tin
     columns = {"prompt": ["Hello", "Hello", "Hello", "Hello"],
                "logprobs_mode": pa.array([None, "raw", "processed", "cooked"], pa.string())}
     common = dict(max_tokens=3, temperature=0.8, top_k=2, top_logprobs=3, seed=4)
-    _, results, spec = run_one_shard(tmp_path, columns, tiny_engine,
-                                     sampling=SamplingParams(**common, logprobs_mode="processed"))
+    _, _, spec = run_one_shard(tmp_path, columns, tiny_engine,
+                               sampling=SamplingParams(**common, logprobs_mode="processed"))
     assert spec.sampling_defaults()["logprobs_mode"] == "processed"
     assert "logprobs_mode" not in JobSpec("i", "o", "m", sampling=SamplingParams(**common)).sampling_defaults()
     rows = read_output(spec.output).to_pylist()
