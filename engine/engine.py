@@ -34,9 +34,9 @@ from .hub import resolve_model_dir
 from .model import BitNetModel
 from .blocks import BlockPool, prefix_hashes
 from .guided import Guide, constraint_key
-from .logprobs import PROMPT_ROWS_PER_BLOCK, token_logprob
+from .logprobs import PROMPT_ROWS_PER_BLOCK, log_softmax, processed, token_logprob
 from .requests import Request, Result, SamplingParams, TokenLogprob
-from .sampling import make_rng, sample
+from .sampling import draw, make_rng
 from .tokenizer import Tokenizer
 from .modelfiles import check_links
 from .native import ensure_native, load_native, resolved_weights_format
@@ -479,13 +479,13 @@ class Engine:
             if s.finish == "error":  # its prompt could not be scored
                 continue
             try:
-                raw = row
-                if s.matcher is not None:  # float logits of either head; the raw ones still give the logprobs
+                params, raw = s.request.params, row
+                if s.matcher is not None:  # float logits of either head; the raw ones still give raw logprobs
                     row = self._guide.mask(s.matcher, row)
-                token = sample(row, s.request.params, s.rng)
+                token, drawn = draw(row, params, s.rng)
                 if s.logprobs is not None:
-                    row = raw
-                    s.logprobs.append(token_logprob(row, token, s.request.params.top_logprobs, self._token_text))
+                    lp = log_softmax(raw) if params.logprobs_mode == "raw" else processed(row, drawn)
+                    s.logprobs.append(token_logprob(lp, token, params.top_logprobs, self._token_text))
                 self._accept(s, token)
             except Exception as e:  # e.g. non-finite logits: this sequence fails, the others go on
                 self._fail(s, f"at token {len(s.generated)}", e)
@@ -494,15 +494,17 @@ class Engine:
         return done, len(tokens)
 
     def _score_prompts(self, scored: list[tuple[_Seq, int, int]], hidden: np.ndarray) -> None:
-        """Append the log-probability of each scored prompt token to its sequence (in position order),
-        turning `hidden` into logits a block of rows at a time."""
+        """Append the log-probability of each scored prompt token to its sequence (in position order;
+        always of the raw distribution: no prompt token is sampled), turning `hidden` into logits a
+        block of rows at a time."""
         for start in range(0, len(scored), PROMPT_ROWS_PER_BLOCK):
             block = scored[start:start + PROMPT_ROWS_PER_BLOCK]
             for (s, _, target), row in zip(block, self.model.logits(hidden[start:start + len(block)])):
                 if s.finish == "error":
                     continue
                 try:
-                    s.prompt_logprobs.append(token_logprob(row, s.prompt_ids[target], s.request.params.prompt_logprobs,
+                    s.prompt_logprobs.append(token_logprob(log_softmax(row), s.prompt_ids[target],
+                                                           s.request.params.prompt_logprobs,
                                                            self._token_text))
                 except Exception as e:
                     self._fail(s, f"at prompt token {target}", e)

@@ -10,6 +10,10 @@ from typing import Any, Hashable, Sequence
 
 FINISH_REASONS = ("stop", "length", "error")
 MAX_LOGPROBS = 20  # most alternatives a token's logprobs list (OpenAI's limit for top_logprobs)
+LOGPROBS_MODES = ("raw", "processed")  # vLLM's raw_logprobs / processed_logprobs
+# what JSON outputs write for a log-probability of -inf (a token the sampler could not pick): JSON has
+# no infinity, and OpenAI's and vLLM's servers write this same floor
+JSON_LOGPROB_FLOOR = -9999.0
 
 
 def _is_int(value: Any) -> bool:
@@ -67,9 +71,13 @@ class SamplingParams:
     """How one request is decoded. temperature 0 means greedy; top_k 0 means off.
     `logprobs`: report each generated token's log-probability, with its `top_logprobs` (0..20; > 0
     implies logprobs) most likely alternatives; `prompt_logprobs` K (None: off): each prompt token's
-    log-probability and its top K alternatives. Both are of the model's raw distribution (the
-    log_softmax of its logits, before temperature, top-k and top-p). max_tokens may be 0 when
-    prompt_logprobs is set: a scoring request that only reads the prompt.
+    log-probability and its top K alternatives. `logprobs_mode` says which distribution the generated
+    tokens' log-probabilities are of: "raw" (the default, vLLM's `raw_logprobs`) the model's own, the
+    log_softmax of its logits before temperature, top-k, top-p and any structured-output mask;
+    "processed" (vLLM's `processed_logprobs`) the one the token was drawn from, after all of those
+    (-inf for a token the sampler could not pick; at temperature 0, the log_softmax of the masked
+    logits). Prompt log-probabilities are always raw. max_tokens may be 0 when prompt_logprobs is set:
+    a scoring request that only reads the prompt.
     An impossible value raises SamplingValueError naming its field."""
 
     max_tokens: int = 128
@@ -81,6 +89,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
+    logprobs_mode: str = "raw"
     # structured output (engine/guided.py), at most one of the three: OpenAI's response_format
     # ({"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}, or
     # that as JSON text), a fixed set of answers, or a regular expression the whole output matches
@@ -118,6 +127,8 @@ class SamplingParams:
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
                                                  or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
             raise bad("prompt_logprobs", f"prompt_logprobs must be None or an integer in 0..{MAX_LOGPROBS}")
+        if not isinstance(self.logprobs_mode, str) or self.logprobs_mode not in LOGPROBS_MODES:
+            raise bad("logprobs_mode", f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}")
         object.__setattr__(self, "logprobs", bool(self.logprobs) or self.top_logprobs > 0)
         for s in self.stop:
             if not isinstance(s, str) or not s:
@@ -138,7 +149,8 @@ class Request:
 
 @dataclass(frozen=True)
 class TopLogprob:
-    """One candidate token and its log-probability under the model's raw distribution."""
+    """One candidate token and its log-probability (under the distribution the request's
+    `logprobs_mode` names; raw for prompt tokens)."""
 
     token_id: int
     token: str
@@ -157,9 +169,22 @@ class TokenLogprob:
 
     def to_dict(self) -> dict[str, Any]:
         """{token_id, token, logprob, top_logprobs: [{token_id, token, logprob}]}: the shape of the
-        Parquet columns and of `ternpool generate --json`."""
+        Parquet columns (which keep -inf) and, through `json_logprobs`, of `ternpool generate --json`."""
         return {"token_id": self.token_id, "token": self.token, "logprob": self.logprob,
                 "top_logprobs": [{"token_id": a.token_id, "token": a.token, "logprob": a.logprob} for a in self.top]}
+
+
+def json_logprobs(entries: list[dict] | None) -> list[dict] | None:
+    """`TokenLogprob.to_dict` entries (or the Parquet column's rows) fit for JSON: a log-probability of
+    -inf becomes JSON_LOGPROB_FLOOR, since JSON cannot carry it (json.dumps would write -Infinity)."""
+    if entries is None:
+        return None
+
+    def floor(e: dict) -> dict:
+        lp = e.get("logprob")
+        return e if lp is None or lp > JSON_LOGPROB_FLOOR else dict(e, logprob=JSON_LOGPROB_FLOOR)
+
+    return [dict(floor(e), top_logprobs=[floor(t) for t in e.get("top_logprobs") or ()]) for e in entries]
 
 
 @dataclass(frozen=True)

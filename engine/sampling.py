@@ -30,7 +30,7 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     z = logits.astype(np.float64) / params.temperature
     ids = None
     if 0 < params.top_k < z.shape[0]:
-        ids = np.sort(_most_likely(z, params.top_k))
+        ids = np.sort(most_likely(z, params.top_k))
         z = z[ids]
     p = np.exp(z - z.max())
     if params.top_p < 1.0:
@@ -42,7 +42,7 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     return ids, p / p.sum()
 
 
-def _most_likely(z: np.ndarray, k: int) -> np.ndarray:
+def most_likely(z: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values of z, ties broken toward lower indices (in no order)."""
     part = np.argpartition(-z, k - 1)[:k]
     cut = z[part].min()
@@ -54,7 +54,7 @@ def _nucleus(p: np.ndarray, mass: float) -> np.ndarray:
     """Ascending indices of the fewest largest p (ties toward lower indices) whose sum reaches `mass`."""
     k = min(NUCLEUS_FIRST, p.shape[0])
     while True:
-        top = _most_likely(p, k)
+        top = most_likely(p, k)
         top = top[np.lexsort((top, -p[top]))]  # most likely first, then by id
         reach = np.cumsum(p[top])
         if reach[-1] >= mass or k == p.shape[0]:
@@ -65,10 +65,17 @@ def _nucleus(p: np.ndarray, mass: float) -> np.ndarray:
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """logits (vocab,) float32 -> token id. ValueError when the logits hold NaN or +inf."""
+    return draw(logits, params, rng)[0]
+
+
+def draw(logits: np.ndarray, params: SamplingParams,
+         rng: np.random.Generator) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
+    """`sample`, also handing back the `candidates` the token was drawn from (None when greedy), so
+    processed log-probabilities (engine/logprobs.py) cost no second pass over the vocabulary."""
     top = logits.max()  # NaN propagates through max
     if not np.isfinite(top):
         raise ValueError(f"the model produced non-finite logits (max {top})")
     if params.temperature == 0.0:
-        return int(np.argmax(logits))
+        return int(np.argmax(logits)), None
     ids, p = candidates(logits, params)
-    return int(ids[min(int(np.searchsorted(np.cumsum(p), rng.random(), side="right")), ids.shape[0] - 1)])
+    return int(ids[min(int(np.searchsorted(np.cumsum(p), rng.random(), side="right")), ids.shape[0] - 1)]), (ids, p)

@@ -1,7 +1,8 @@
 """`ternpool export`: a finished job's output written again from its Parquet parts into one file
-of the user's choosing, as OpenAI Batch lines, JSON Lines or one Parquet file. Atomic (temporary
-name, then rename); an existing file is replaced only when asked (`force`); never inside the job's
-output directory (ternpool's own) nor inside its inputs."""
+of the user's choosing, as OpenAI Batch lines, JSON Lines or one Parquet file (JSON writes a
+logprob of -inf as -9999.0, as OpenAI does; Parquet keeps -inf). Atomic (temporary name, then
+rename); an existing file is replaced only when asked (`force`); never inside the job's output
+directory (ternpool's own) nor inside its inputs."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import uuid
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ternpool.engine.requests import json_logprobs
+
 from . import storage
 from .errors import JobInputError
 from .inputs import _strip_glob
 from .manifest import Manifest
 from .openai_output import render
-from .output import read_complete_output
+from .output import LOGPROB_COLUMNS, read_complete_output
 
 EXPORT_FORMATS = ("openai", "jsonl", "parquet")
 
@@ -85,7 +88,11 @@ def export(output: str, fmt: str, to: str, force: bool = False) -> list[tuple[st
         return [(targets[0], n_ok), (targets[1], n_failed)]
     _, table = read_complete_output(output)
     if fmt == "jsonl":
-        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in table.to_pylist()).encode("utf-8")
+        rows = table.to_pylist()
+        for row in rows:
+            for name in LOGPROB_COLUMNS:
+                row[name] = json_logprobs(row.get(name))
+        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
     else:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)

@@ -37,6 +37,7 @@ _EXPECTED_SAMPLING_TYPES = {
     "response_format": "string (JSON text) or struct",
     "guided_choice": "list<string>",
     "guided_regex": "string",
+    "logprobs_mode": "string",
 }
 
 
@@ -291,7 +292,7 @@ def _sampling_type_ok(name: str, t: pa.DataType) -> bool:
         return _is_text(t) or pa.types.is_struct(t)
     if name == "guided_choice":
         return _is_list(t) and _is_text(t.value_type)
-    if name == "guided_regex":
+    if name in ("guided_regex", "logprobs_mode"):
         return _is_text(t)
     raise AssertionError(f"unknown sampling column {name!r}")
 

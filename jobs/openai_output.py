@@ -6,7 +6,8 @@ that succeeded (`response.body` a `chat.completion` or `text_completion` object 
 A row's endpoint is its `url` column (an OpenAI Batch input) or else the job's text column
 (`messages`: chat completions, `prompt`: completions); its custom_id is its `custom_id` column, else
 its `id`, else `row-<row_index>`. A `generated_logprobs` column (list of {token_id, token, logprob,
-top_logprobs}) becomes each choice's `logprobs` in OpenAI's shape."""
+top_logprobs}) becomes each choice's `logprobs` in OpenAI's shape, a log-probability of -inf (processed
+logprobs of a token the sampler could not pick) written as OpenAI's floor, -9999.0."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import json
 from collections.abc import Iterator
 
 import pyarrow as pa
+
+from ternpool.engine.requests import json_logprobs
 
 from . import storage
 from .formats.openai_batch import CHAT, COMPLETIONS
@@ -61,7 +64,7 @@ def _custom_id(row: dict) -> str:
 def _body(row: dict, endpoint: str, model: str, created: int, job_id: str) -> dict:
     usage = {"prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"],
              "total_tokens": row["prompt_tokens"] + row["completion_tokens"]}
-    entries = row.get("generated_logprobs")
+    entries = json_logprobs(row.get("generated_logprobs"))
     if endpoint == CHAT:
         choice = {"index": 0, "message": {"role": "assistant", "content": row["generated_text"], "refusal": None},
                   "finish_reason": row["finish_reason"], "logprobs": chat_logprobs(entries)}

@@ -35,6 +35,8 @@ OUTPUT_SCHEMA_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
 )
 _OUTPUT_TYPES = dict(OUTPUT_SCHEMA_FIELDS)
 OUTPUT_COLUMNS = tuple(_OUTPUT_TYPES)  # an input column of one of these names is refused
+# the columns of TokenLogprob lists (a logprob of -inf stays -inf here; JSON writers floor it)
+LOGPROB_COLUMNS = tuple(name for name, t in OUTPUT_SCHEMA_FIELDS if t == pa.list_(TOKEN_LOGPROB_TYPE))
 
 __all__ = ["OUTPUT_COLUMNS", "OUTPUT_SCHEMA_FIELDS", "error_results", "part_name",
            "read_complete_output", "read_output",

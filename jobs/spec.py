@@ -72,6 +72,8 @@ class JobSpec:
             out.update(logprobs=True, top_logprobs=s.top_logprobs)
         if s.prompt_logprobs is not None:
             out["prompt_logprobs"] = s.prompt_logprobs
+        if s.logprobs_mode != "raw":  # likewise only when not the default: it changes the logprob columns
+            out["logprobs_mode"] = s.logprobs_mode
         for name in CONSTRAINT_FIELDS:  # structured output, likewise only when asked for
             value = getattr(s, name)
             if value is not None:

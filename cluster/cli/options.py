@@ -8,7 +8,7 @@ import json
 from dataclasses import fields
 
 from ternpool.engine.options import DEFAULT_MAX_CONTEXT, DEFAULT_SLOTS, HEADS, KV_CACHES, WEIGHTS_FORMATS, EngineConfig
-from ternpool.engine.requests import CONSTRAINT_FIELDS, SamplingParams
+from ternpool.engine.requests import CONSTRAINT_FIELDS, LOGPROBS_MODES, SamplingParams
 
 _SAMPLING = SamplingParams()  # the defaults
 
@@ -82,9 +82,15 @@ def add_sampling_options(p: argparse.ArgumentParser, *, job: bool) -> None:
                    help=f"{of}stop string (repeatable); not included in the text")
     p.add_argument("--logprobs", type=int, metavar="K",
                    help="report each generated token's log-probability and its K most likely alternatives "
-                   "(0..20; 0: the token's only), of the model's raw distribution (before temperature, top-k, "
-                   "top-p)" + (", in the generated_logprobs column (the job's default: a row's logprobs / "
-                               "top_logprobs columns override it)" if job else ""))
+                   "(0..20; 0: the token's only), of the distribution --logprobs-mode names"
+                   + (", in the generated_logprobs column (the job's default: a row's logprobs / "
+                      "top_logprobs columns override it)" if job else ""))
+    p.add_argument("--logprobs-mode", choices=LOGPROBS_MODES, default=_SAMPLING.logprobs_mode,
+                   help="which distribution --logprobs reports: raw (default; vLLM's raw_logprobs) the model's own, "
+                   "before temperature, top-k, top-p and structured output; processed (vLLM's processed_logprobs) the "
+                   "one the token was drawn from, after all of them (-inf, -9999.0 in JSON, for a token it could not "
+                   "pick). Prompt logprobs are always raw"
+                   + (" (the job's default: a row's logprobs_mode column overrides it)" if job else "")),
     p.add_argument("--prompt-logprobs", type=int, metavar="K",
                    help="report each prompt token's log-probability and its K most likely alternatives "
                    "(0..20); with --max-tokens 0 the prompt is only scored"

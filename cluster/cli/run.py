@@ -14,6 +14,7 @@ log = logging.getLogger("ternpool")
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ternpool.engine import Engine, Request
+    from ternpool.engine.requests import json_logprobs
 
     params = sampling_params(args)
     engine = Engine.load(args.model, engine_config(args, slots=1))
@@ -34,7 +35,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                "finish_reason": res.finish_reason}
         for name, lps in (("logprobs", res.logprobs), ("prompt_logprobs", res.prompt_logprobs)):
             if lps is not None:
-                out[name] = [t.to_dict() for t in lps]
+                out[name] = json_logprobs([t.to_dict() for t in lps])
         print(json.dumps(out, ensure_ascii=False))
     else:
         print(res.text)

@@ -4,8 +4,9 @@ byte ranges of lines (`lines.py`).
 
 Types: `prompt` string; `messages` a list of {"role", "content"} strings; `max_tokens`, `top_k`,
 `seed` integers; `temperature`, `top_p` numbers; `stop` a string or a list of strings (read as a
-list). Another field is a string, integer, number (integers and numbers mix) or boolean column;
-an object or array field passes through as its JSON text. A field missing from a line is null."""
+list); `logprobs_mode` a string. Another field is a string, integer, number (integers and numbers
+mix) or boolean column; an object or array field passes through as its JSON text. A field missing
+from a line is null."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ _KNOWN: dict[str, tuple[pa.DataType, tuple[type, ...], str]] = {  # column -> (t
     "temperature": (pa.float64(), (int, float), "a number"),
     "top_p": (pa.float64(), (int, float), "a number"),
     "guided_regex": (pa.string(), (str,), "a string"),
+    "logprobs_mode": (pa.string(), (str,), "a string"),
     "response_format": (pa.string(), (str, dict), "an object or its JSON text"),  # kept as JSON text
 }
 _SCALAR_TYPES = {str: pa.string(), bool: pa.bool_(), int: pa.int64(), float: pa.float64()}

@@ -7,7 +7,9 @@ Each line becomes one row: `custom_id`, `url`, `input_line` (passed through to t
 `jobs/openai_output.py` makes OpenAI's output and error lines of them), the text column and the
 sampling columns `body` sets (a field left out takes the job's default), with OpenAI's
 `response_format` and vLLM's `guided_choice` / `guided_regex` extras as the row's constraint (at most
-one). What would change the result and ternpool does not do (`tools`, `n` > 1, `logit_bias`, another
+one), and `logprobs_mode` ("raw" or "processed", or vLLM's names "raw_logprobs" /
+"processed_logprobs": vLLM sets the mode per server, with --logprobs-mode; ternpool per request).
+What would change the result and ternpool does not do (`tools`, `n` > 1, `logit_bias`, another
 `url`, ...) makes the row an error naming the line and field (the `ROW_ERROR` column, which
 `rows.to_requests` honours). A line that is not a JSON object, has no string `custom_id`, or repeats
 one, refuses the job."""
@@ -20,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ternpool.engine.requests import CONSTRAINT_FIELDS, SamplingParams, SamplingValueError
+from ternpool.engine.requests import CONSTRAINT_FIELDS, LOGPROBS_MODES, SamplingParams, SamplingValueError
 
 from ..errors import JobInputError
 from ..spec import SAMPLING_COLUMNS
@@ -39,7 +41,9 @@ _SAMPLING_TYPES = [("max_tokens", pa.int64()), ("temperature", pa.float64()), ("
                    ("response_format", pa.string()),  # as JSON text
                    ("guided_choice", pa.list_(pa.string())), ("guided_regex", pa.string())]  # vLLM's extras
 if LOGPROBS:
-    _SAMPLING_TYPES += [("logprobs", pa.bool_()), ("top_logprobs", pa.int64())]
+    _SAMPLING_TYPES += [("logprobs", pa.bool_()), ("top_logprobs", pa.int64()), ("logprobs_mode", pa.string())]
+# body.logprobs_mode: ours, or vLLM's name for the same mode (its --logprobs-mode)
+_LOGPROBS_MODES = {**{m: m for m in LOGPROBS_MODES}, **{f"{m}_logprobs": m for m in LOGPROBS_MODES}}
 # the JSON shape of the structured-output fields a body may carry (SamplingParams checks the rest)
 _CONSTRAINT_JSON = {"response_format": (dict, "an object"), "guided_choice": (list, "an array of strings"),
                     "guided_regex": (str, "a string")}
@@ -174,6 +178,10 @@ def request_row(endpoint: str, request: dict) -> dict[str, Any]:
             row["stop"] = value
         elif name in CONSTRAINT_FIELDS:
             row[name] = value  # checked together below: at most one
+        elif name == "logprobs_mode" and LOGPROBS:
+            if not isinstance(value, str) or value not in _LOGPROBS_MODES:
+                raise RowError(f"body.logprobs_mode: {value!r} is not supported (one of {', '.join(_LOGPROBS_MODES)})")
+            row["logprobs_mode"] = _LOGPROBS_MODES[value]
         elif name in _NEUTRAL:
             if value != _NEUTRAL[name]:
                 raise RowError(f"body.{name}: {value!r} is not supported (only {_NEUTRAL[name]!r})")

@@ -60,10 +60,11 @@ def test_the_cli_builds_one_engine_config_for_a_pool_and_for_generate():
 def test_both_commands_have_the_same_sampling_flags():
     parser = build_parser()
     flags = ["--max-tokens", "7", "--temperature", "0.5", "--top-p", "0.9", "--top-k", "3", "--seed", "4",
-             "--stop", "a", "--stop", "b"]
+             "--stop", "a", "--stop", "b", "--logprobs", "2", "--logprobs-mode", "processed"]
     gen = parser.parse_args(["generate", "--model", "m", "--prompt", "p", *flags])
     job = parser.parse_args(["submit", "in.parquet", "--model", "m", "--output", "o", *flags])
-    expected = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=4, stop=("a", "b"))
+    expected = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=4, stop=("a", "b"),
+                              top_logprobs=2, logprobs_mode="processed")
     assert sampling_params(gen) == sampling_params(job) == expected
     # the defaults: SamplingParams' own, but a job always has a seed (0)
     gen = parser.parse_args(["generate", "--model", "m", "--prompt", "p"])

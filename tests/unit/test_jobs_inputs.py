@@ -203,6 +203,7 @@ def test_messages_wrong_structure(tmp_path, messages_type, problem):
     ("seed", pa.string(), "7", "integer"),
     ("stop", pa.int64(), 3, "string or list<string>"),
     ("stop", pa.list_(pa.int64()), [3], "string or list<string>"),
+    ("logprobs_mode", pa.int64(), 1, "expected string"),
 ])
 def test_sampling_column_wrong_type(tmp_path, column, arrow_type, value, expected):
     path = write(tmp_path / "a.parquet", {"prompt": ["x"], column: [value]},

@@ -116,6 +116,8 @@ def test_completions_endpoint_reads_prompt(tmp_path):
     ({"stop": [1]}, "body.stop"),
     ({"top_logprobs": 30, "logprobs": True}, "body.top_logprobs"),
     ({"top_logprobs": 2}, "body.top_logprobs: needs body.logprobs true"),
+    ({"logprobs": True, "logprobs_mode": "raw_logits"}, "body.logprobs_mode: 'raw_logits' is not supported"),
+    ({"logprobs_mode": 1}, "body.logprobs_mode: 1 is not supported"),
     ({"stream": True}, "body.stream"),
     ({"some_new_field": 1}, "body.some_new_field"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "body.messages[0].role"),
@@ -150,6 +152,15 @@ def test_logprobs_request_until_the_engine_supports_it(tmp_path):
         assert (rows[0].request.params.logprobs, rows[0].request.params.top_logprobs) == (True, 3)
     else:
         assert "line 1" in rows[0].error and "logprobs: not supported yet" in rows[0].error
+
+
+def test_logprobs_mode_in_a_body_ours_or_vllms_name(tmp_path):
+    path = write_lines(tmp_path / "b.jsonl", [
+        chat("a", logprobs=True, logprobs_mode="processed"),
+        chat("b", logprobs=True, logprobs_mode="processed_logprobs"),
+        chat("c", logprobs=True, logprobs_mode="raw_logprobs"), chat("d", logprobs=True)])
+    _, rows = requests_of(path)
+    assert [r.request.params.logprobs_mode for r in rows] == ["processed", "processed", "raw", "raw"]
 
 
 def test_duplicate_custom_ids_are_refused_at_plan_time_naming_the_lines(tmp_path):
@@ -208,12 +219,18 @@ def test_jsonl_columns_types_and_their_errors(tmp_path):
     assert [r.request.prompt for r in rows] == ["a", "b", "c"]
     assert rows[0].request.params.max_tokens == 4 and rows[0].request.params.stop == ("s",)
     assert rows[1].request.params.temperature == 1.0
+    ok = write_lines(tmp_path / "m.jsonl", [{"prompt": "a", "logprobs_mode": "processed"}, {"prompt": "b"},
+                                            {"prompt": "c", "logprobs_mode": "both"}])
+    _, moded = requests_of(ok)
+    assert [r.request.params.logprobs_mode for r in moded[:2]] == ["processed", "raw"]
+    assert moded[2].error.startswith("row 2: column 'logprobs_mode': logprobs_mode must be one of raw, processed")
     table = read_shard(inputs, plan_shards(inputs, 64)[0])
     assert table.column("meta").to_pylist() == ['{"k": [1]}', None, None]  # objects pass through as JSON text
     assert table.column("score").to_pylist() == [None, 1.0, 1.5]
     for bad, message in [
         ({"prompt": 5}, "line 2: field 'prompt' is an integer, expected a string"),
         ({"prompt": "x", "max_tokens": "9"}, "line 2: field 'max_tokens' is a string, expected an integer"),
+        ({"prompt": "x", "logprobs_mode": True}, "line 2: field 'logprobs_mode' is a boolean, expected a string"),
         ({"messages": [{"role": "user"}]}, "line 2: field 'messages' is an array"),
         ({"prompt": "x", "id": "seven"}, "line 2: field 'id' is a string (string) but earlier lines have int64"),
         ([1, 2], "line 2 is an array, expected a JSON object"),

@@ -28,17 +28,18 @@ LOGPROBS_TYPE = pa.list_(pa.struct([
                                          ("logprob", pa.float32())])))]))
 
 
-def _logprobs(row_index: int) -> list[dict] | None:
-    """Synthetic logprobs of a row: two tokens with two alternatives each (rows 1, 4, ...: none asked)."""
+def _logprobs(row_index: int, other: float = -3.0) -> list[dict] | None:
+    """Synthetic logprobs of a row: two tokens with two alternatives each, the second of log-probability
+    `other` (rows 1, 4, ...: none asked)."""
     if row_index % 3 == 1:
         return None
     return [{"token_id": 10 + k, "token": f"t{row_index}é{k}", "logprob": -0.5 * (k + 1),
              "top_logprobs": [{"token_id": 10 + k, "token": f"t{row_index}é{k}", "logprob": -0.5 * (k + 1)},
-                              {"token_id": 99, "token": " x", "logprob": -3.0}]} for k in range(2)]
+                              {"token_id": 99, "token": " x", "logprob": other}]} for k in range(2)]
 
 
 def finished_job(tmp_path, lines: list[dict], *, logprobs: bool = False, shard_rows: int = 2,
-                 output_format: str = "parquet") -> str:
+                 output_format: str = "parquet", other: float = -3.0) -> str:
     """A finished job on a directory holding one input file of `lines`, without Ray: every request that
     converts 'generates' the text `out-<row_index>` (2 tokens); every third row fails in the engine."""
     src = tmp_path / "in" / "batch.jsonl"
@@ -64,7 +65,7 @@ def finished_job(tmp_path, lines: list[dict], *, logprobs: bool = False, shard_r
         if logprobs:  # what an engine asked for logprobs writes in the column result_table made
             at = part.schema.get_field_index("generated_logprobs")
             part = part.set_column(at, pa.field("generated_logprobs", LOGPROBS_TYPE),
-                                   pa.array([_logprobs(i) for i in part.column("row_index").to_pylist()],
+                                   pa.array([_logprobs(i, other) for i in part.column("row_index").to_pylist()],
                                             LOGPROBS_TYPE))
         write_part(spec.output, shard.shard_id, part)
         manifest.record(shard.shard_id, part.num_rows, 0)
@@ -144,6 +145,29 @@ def test_completions_job_and_logprobs_in_both_shapes(tmp_path):
     assert [c.token for c in content] == ["t3é0", "t3é1"] and [c.logprob for c in content] == [-0.5, -1.0]
     assert content[0].bytes == list("t3é0".encode()) and len(content[0].bytes) == 5
     assert [(t.token, t.logprob) for t in content[1].top_logprobs] == [("t3é1", -1.0), (" x", -3.0)]
+
+
+def test_minus_infinity_is_written_as_openais_floor_in_json_and_kept_in_parquet(tmp_path):
+    """Processed logprobs give -inf to tokens the sampler could not pick: JSON has no such number."""
+    def strict(path):
+        def refuse(constant):
+            raise AssertionError(f"{path}: not JSON: {constant}")
+
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line, parse_constant=refuse) for line in f]
+
+    out = finished_job(tmp_path, [chat_line(i) for i in range(4)], logprobs=True, other=float("-inf"))
+    assert read_output(out).to_pylist()[0]["generated_logprobs"][0]["top_logprobs"][1]["logprob"] == float("-inf")
+    ok = strict(write_openai_files(out)[0])
+    content = ChatCompletion.model_validate(ok[0]["response"]["body"]).choices[0].logprobs.content
+    assert [t.logprob for t in content[0].top_logprobs] == [-0.5, -9999.0]
+    export(out, "jsonl", str(tmp_path / "rows.jsonl"))
+    rows = strict(tmp_path / "rows.jsonl")
+    assert [t["logprob"] for t in rows[0]["generated_logprobs"][1]["top_logprobs"]] == [-1.0, -9999.0]
+    completions = finished_job(tmp_path / "c", [completion_line(i) for i in range(4)], logprobs=True,
+                               other=float("-inf"))
+    body = Completion.model_validate(strict(write_openai_files(completions)[0])[0]["response"]["body"])
+    assert body.choices[0].logprobs.top_logprobs[0] == {"t0é0": -0.5, " x": -9999.0}
 
 
 def test_output_format_openai_for_a_jsonl_job_uses_id_and_text_column(tmp_path):
