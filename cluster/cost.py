@@ -81,11 +81,14 @@ class CostEstimate:
     decode_tokens_per_s: float  # one worker, all its slots decoding
     nodes: int
     node_price: float | None = None
+    cached_tokens: int = 0  # of prompt_tokens, those the prefix cache would give (estimated from the sample)
 
     @property
     def hours(self) -> float:
-        """Wall hours: each node prefills and decodes its share of the tokens in turn."""
-        seconds = (self.prompt_tokens / self.prefill_tokens_per_s + self.generated_tokens / self.decode_tokens_per_s)
+        """Wall hours: each node prefills (what the prefix cache does not give) and decodes its share of
+        the tokens in turn."""
+        seconds = ((self.prompt_tokens - self.cached_tokens) / self.prefill_tokens_per_s
+                   + self.generated_tokens / self.decode_tokens_per_s)
         return seconds / max(self.nodes, 1) / 3600.0
 
     @property
@@ -93,8 +96,9 @@ class CostEstimate:
         return None if self.node_price is None else self.hours * max(self.nodes, 1) * self.node_price
 
     def line(self) -> str:
-        text = (f"estimate: {self.rows} rows, ~{self.prompt_tokens:,} prompt + at most {self.generated_tokens:,} "
-                f"generated tokens; measured on this node: prefill {self.prefill_tokens_per_s:,.1f} tokens/s, decode "
+        cached = f" (~{self.cached_tokens:,} of them from the prefix cache)" if self.cached_tokens else ""
+        text = (f"estimate: {self.rows} rows, ~{self.prompt_tokens:,} prompt{cached} + at most "
+                f"{self.generated_tokens:,} generated tokens; measured on this node: prefill {self.prefill_tokens_per_s:,.1f} tokens/s, decode "
                 f"{self.decode_tokens_per_s:,.1f} tokens/s a worker; on {self.nodes} node(s) about "
                 f"{self.hours:,.3f} hours ({self.hours * 3600:,.1f} s)")
         if self.dollars is not None:

@@ -38,6 +38,19 @@ def test_estimate_arithmetic():
     assert e.hours == pytest.approx((360 + 3600) / 2 / 3600)  # each node does half
     assert e.dollars == pytest.approx(e.hours * 2 * 1.5)
     assert "on 2 node(s) about 0.550 hours" in e.line() and "$1.65 at $1.5 a node-hour" in e.line()
+    cached = CostEstimate(100, 36_000, 72_000, 100.0, 20.0, 2, cached_tokens=30_000)
+    assert cached.hours == pytest.approx((60 + 3600) / 2 / 3600)  # the prefix cache's tokens are not prefilled
+    assert "~36,000 prompt (~30,000 of them from the prefix cache)" in cached.line()
+
+
+def test_shared_prefix_tokens_match_the_engine_rule():
+    from ternpool.cluster.calibrate import shared_prefix_tokens
+
+    head = list(range(100, 140))  # 40 tokens: 2 full blocks of 16
+    assert shared_prefix_tokens([head + [1], head + [2], head + [3, 4]]) == 2 * 32  # the first computes it
+    assert shared_prefix_tokens([head, head]) == 32  # 40 tokens again: 2 blocks, the last token computed anyway
+    assert shared_prefix_tokens([head[:32], head[:32]]) == 16  # exactly 2 blocks: the second holds the last token
+    assert shared_prefix_tokens([[7] + head, head]) == 0  # not a prefix
 
 
 def _run_job(tmp_path, node_price):
