@@ -46,8 +46,12 @@ def kv_pool_text(slots: int, max_context: int, slot_bytes: int, kv_cache: str) -
     slots x max_context of them in all, and what the prefix cache keeps in the idle ones."""
     per_slot = kv_blocks(max_context)
     return (f"KV cache {_gb(slots * slot_bytes)} {kv_cache}: {slots} slots x {max_context} tokens = {slots * per_slot} "
-            f"blocks of {KV_BLOCK_TOKENS} tokens ({slot_bytes / per_slot / 1e3:,.1f} kB each); blocks no running "
+            f"blocks of {KV_BLOCK_TOKENS} tokens ({_size(slot_bytes / per_slot)} each); blocks no running "
             f"sequence holds keep finished prompts' prefixes for the prefix cache, so caching adds no memory")
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:,.2f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} kB"
 
 
 def _gb(n: float) -> str:

@@ -303,7 +303,7 @@ def add_commands(sub) -> None:
                          "routing: several instructions in runs of one shard, interleaved; the share of prompt "
                          "tokens from the cache on --nodes nodes, with prefix-aware leasing and in queue order, "
                          "against one node. The cache-off runs compute every prompt whole: the default sizes take "
-                         "about half an hour on 2 cores.")
+                         "about 50 minutes on 2 cores (2b4t).")
     add_model_source(bx)
     bx.add_argument("--threads", type=int, default=2, help="worker threads on one node; split among --nodes for "
                     "routing (default: 2)")
