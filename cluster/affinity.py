@@ -9,9 +9,9 @@ other's instructions when there are more of them than one cache holds.
 A shard's signature is the most common start of its rows' prompts (the first SIGNATURE_CHARS
 characters of the text, or of a chat's messages in order), read once from the rows the coordinator
 reads to lease the shard anyway. When a worker asks for work, the coordinator looks at the next
-pieces of its queue (`pieces.CHOICES`, suspects of a lost worker aside) and takes, in order of preference: the first whose signature the worker
-has been leased before; the first whose signature no other worker has; the first. Only which queued
-piece goes next changes: exactly-once, retries and the isolation of suspect pieces (cluster/pieces.py)
+pieces of its queue (`pieces.CHOICES`, suspects of a lost worker aside) and takes, in order of
+preference: the first whose signature the worker has been leased before; the first whose signature
+no other worker has; the first. Only which queued piece goes next changes: exactly-once, retries and the isolation of suspect pieces (cluster/pieces.py)
 are the queue's as before.
 """
 

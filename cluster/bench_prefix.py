@@ -4,7 +4,7 @@ side in one run.
 Every job runs through the real driver, coordinator and workers on a fresh simulated Ray cluster
 (`bench_cluster.run_on_cluster`), with the same prompts each time:
 
-1. shared: ROWS rows of one long instruction (`--instruction-words`) and a short row-specific tail
+1. shared: `--rows` rows of one long instruction (`--instruction-words`) and a short row-specific tail
    (`--tail-words`), on one node: the prefix cache on against off; job tokens/s (prompt + generated
    tokens / processing time) and the ratio.
 2. distinct: rows of as many words with nothing in common, on one node, on against off: the cache's cost
@@ -50,7 +50,7 @@ def bench_prefix(model: str, rows: int = 256, instruction_words: int = 600, tail
 
     from .bench_cluster import run_on_cluster
 
-    engine = replace(engine or EngineConfig(), threads=threads)
+    engine = engine or EngineConfig()
     ensure_native(model, engine.weights_format)  # convert once here, not in every job's workers
     rng = random.Random(0)
     result: dict = {"model": model, "rows": rows, "instruction_words": instruction_words, "tail_words": tail_words,
@@ -70,6 +70,12 @@ def bench_prefix(model: str, rows: int = 256, instruction_words: int = 600, tail
                 f"{100 * r['hit_rate']:5.1f}% of prompt tokens from the cache")
         return r
 
+    def on_off(name: str, src: str) -> None:
+        """The job on one node with the cache on, then off, and the ratio of their tokens/s, into `result`."""
+        on, off = job(f"{name}-cache-on", src, 1, threads, True), job(f"{name}-cache-off", src, 1, threads, False)
+        result[name] = {"on": on, "off": off, "ratio": on["tokens_per_s"] / off["tokens_per_s"]}
+        on_line(f"  prefix cache on / off: {result[name]['ratio']:.2f}x job tokens/s")
+
     with tempfile.TemporaryDirectory() as tmp:
         if "shared" in parts:
             on_line(f"shared: {rows} rows of one {instruction_words}-word instruction + a {tail_words}-word tail, "
@@ -77,17 +83,13 @@ def bench_prefix(model: str, rows: int = 256, instruction_words: int = 600, tail
             head = _words(rng, instruction_words)
             src = _write(Path(tmp) / "shared.parquet",
                          [f"{head}\n\nRow {i}: {_words(rng, tail_words)}" for i in range(rows)], shard_rows)
-            on, off = job("shared-cache-on", src, 1, threads, True), job("shared-cache-off", src, 1, threads, False)
-            result["shared"] = {"on": on, "off": off, "ratio": on["tokens_per_s"] / off["tokens_per_s"]}
-            on_line(f"  prefix cache on / off: {result['shared']['ratio']:.2f}x job tokens/s")
+            on_off("shared", src)
         if "distinct" in parts:
             on_line(f"distinct: {distinct_rows} rows of {instruction_words + tail_words} words with nothing shared, "
                     f"1 node, {threads} threads")
             src = _write(Path(tmp) / "distinct.parquet",
                          [_words(rng, instruction_words + tail_words) for _ in range(distinct_rows)], shard_rows)
-            on, off = job("distinct-cache-on", src, 1, threads, True), job("distinct-cache-off", src, 1, threads, False)
-            result["distinct"] = {"on": on, "off": off, "ratio": on["tokens_per_s"] / off["tokens_per_s"]}
-            on_line(f"  prefix cache on / off: {result['distinct']['ratio']:.2f}x job tokens/s")
+            on_off("distinct", src)
         if "routing" in parts:
             cpus = max(1, threads // nodes)
             on_line(f"routing: {rows} rows of {instructions} instructions in runs of {shard_rows} rows, interleaved; "

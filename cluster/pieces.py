@@ -58,11 +58,10 @@ class PieceQueue:
             return None
         if not held and self._queue[0].losses:
             return self._queue.popleft()
-        innocent = [p for p in itertools.islice(self._queue, CHOICES) if not p.losses]
+        innocent = ([p for p in itertools.islice(self._queue, CHOICES) if not p.losses]
+                    or [p for p in self._queue if not p.losses][:1])  # suspects may fill the front
         if not innocent:
-            innocent = [next((p for p in self._queue if not p.losses), None)]  # suspects fill the front
-            if innocent[0] is None:
-                return None
+            return None
         piece = innocent[choose(innocent) if choose else 0]
         del self._queue[next(i for i, p in enumerate(self._queue) if p is piece)]
         return piece
